@@ -1,0 +1,82 @@
+//! The command line: `agentd run`, `agentd migrate`, and the global options.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// agentd runs the agents of an AI-agent platform: it fires schedules on time, executes
+/// agent and team runs, and streams their logs and artifacts into PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "agentd", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file overriding the built-in defaults (see config/default.toml).
+    #[arg(long, global = true, env = "AGENTD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// agentd's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker daemon until SIGTERM or SIGINT (a second signal exits at once).
+    Run(RunArgs),
+    /// Apply pending database migrations and exit (retries an unreachable database for 60 s).
+    Migrate,
+    /// Ask for an agent or team run now; prints the run's id.
+    Trigger(TriggerArgs),
+    /// Cancel a running (or requested) run.
+    Cancel(CancelArgs),
+    /// Try agentd: demo agents, teams and schedules, a team run at once, the worker printing
+    /// every run's logs until Ctrl-C (on the embedded PostgreSQL unless DATABASE_URL is set).
+    Demo,
+    /// Schedules without a database.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+}
+
+/// `agentd schedule …`.
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Print the next slots of a schedule given as the columns of a row.
+    Preview(crate::schedule::preview::PreviewArgs),
+}
+
+/// Options of `agentd trigger`.
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    /// What to run.
+    #[arg(value_enum)]
+    pub target: TriggerTarget,
+    /// The agent's or team's id.
+    pub id: uuid::Uuid,
+    /// The run's input, as JSON.
+    #[arg(long, value_name = "JSON")]
+    pub input: Option<String>,
+    /// Follow the run's logs until it ends; exit with status 1 if it failed.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// The kinds of target `agentd trigger` accepts.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TriggerTarget {
+    Agent,
+    Team,
+}
+
+/// Options of `agentd cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The run's id (as printed by `agentd trigger`).
+    pub run_id: uuid::Uuid,
+}
+
+/// Options of `agentd run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Apply pending migrations before serving (same as database.migrate = true).
+    #[arg(long)]
+    pub migrate: bool,
+}

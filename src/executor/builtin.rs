@@ -1,0 +1,151 @@
+//! The built-in executor: needs nothing outside the process, so a fresh install does
+//! something visible. It renders the agent's instructions with its variables (`{{name}}`)
+//! and the run's input (`{{input}}`), logs each step (pausing
+//! `executors.builtin.step_delay` between them), completes with the rendered text as
+//! output, and writes it as a Markdown artifact.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{ArtifactFile, BoxFuture, Executor, Outcome, RunContext};
+
+/// See the module documentation.
+pub struct BuiltinExecutor {
+    step_delay: Duration,
+}
+
+impl BuiltinExecutor {
+    /// An executor pausing `step_delay` between steps.
+    pub fn new(step_delay: Duration) -> BuiltinExecutor {
+        BuiltinExecutor { step_delay }
+    }
+
+    async fn pause(&self) {
+        if !self.step_delay.is_zero() {
+            tokio::time::sleep(self.step_delay).await;
+        }
+    }
+}
+
+/// The input as text: a string as is, anything else as JSON; "" when there is none.
+pub fn input_text(input: Option<&Value>) -> String {
+    match input {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Replaces `{{name}}` (spaces inside the braces allowed) by the variable's value and
+/// `{{input}}` by the input; unknown names are left as they are.
+pub fn render(template: &str, variables: &[(String, String)], input: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let name = after[..end].trim();
+        let value = if name == "input" {
+            Some(input)
+        } else {
+            variables
+                .iter()
+                .find(|(variable, _)| variable == name)
+                .map(|(_, value)| value.as_str())
+        };
+        match value {
+            Some(value) => out.push_str(value),
+            None => out.push_str(&rest[start..start + 2 + end + 2]),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+impl Executor for BuiltinExecutor {
+    fn name(&self) -> &'static str {
+        "builtin"
+    }
+
+    fn execute<'a>(&'a self, run: &'a RunContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let claimed = &run.run;
+            let input = input_text(claimed.input.as_ref());
+            let (title, template, variables) = match &run.agent {
+                Some(agent) => (
+                    agent.name.clone(),
+                    agent.instructions.clone().unwrap_or_default(),
+                    agent
+                        .variables
+                        .iter()
+                        .map(|v| (v.name.clone(), v.value.clone().unwrap_or_default()))
+                        .collect::<Vec<_>>(),
+                ),
+                None => (
+                    format!("{} {}", claimed.kind.as_str(), claimed.target_id),
+                    String::new(),
+                    Vec::new(),
+                ),
+            };
+            run.logs.info(format!("starting {title}")).await;
+            self.pause().await;
+            let names: Vec<&str> = variables.iter().map(|(name, _)| name.as_str()).collect();
+            run.logs
+                .info(format!(
+                    "rendering the instructions with {} variable(s){}{}",
+                    names.len(),
+                    if names.is_empty() { "" } else { ": " },
+                    names.join(", ")
+                ))
+                .await;
+            let rendered = render(&template, &variables, &input);
+            self.pause().await;
+            let body = if input.is_empty() {
+                rendered.clone()
+            } else {
+                format!("{rendered}\n\n## Input\n\n{input}")
+            };
+            let markdown = format!("# {title}\n\n{body}\n");
+            run.artifacts
+                .save(ArtifactFile {
+                    name: "result.md".into(),
+                    content_type: Some("text/markdown".into()),
+                    data: markdown.into_bytes(),
+                })
+                .await;
+            run.logs.info(format!("finished {title}")).await;
+            Outcome::Completed {
+                output: json!({
+                    "executor": "builtin",
+                    "agent": title,
+                    "text": rendered,
+                    "input": claimed.input,
+                }),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_variables_and_input() {
+        let variables = vec![("CITY".to_string(), "Oslo".to_string())];
+        assert_eq!(
+            render(
+                "Weather in {{ CITY }} for {{input}}; {{unknown}} {{",
+                &variables,
+                "today"
+            ),
+            "Weather in Oslo for today; {{unknown}} {{"
+        );
+    }
+}

@@ -1,0 +1,378 @@
+//! The `command` executor: runs a configured program (an argument list, never a shell).
+//!
+//! The program gets the run as JSON on stdin (run id, agent, input; variable values only if
+//! `executors.command.variables_in_input`), the agent's variables as environment variables
+//! (and nothing of agentd's own environment but PATH, HOME, LANG, LC_ALL, TZ and TMPDIR, so
+//! the database URL never reaches it), and `AGENTD_RUN_ID` and `AGENTD_ARTIFACTS_DIR`.
+//! Each stdout line becomes an `info` log line, each stderr line a `warn` line; a stdout line
+//! that is a JSON object with an `output` key sets the run's output; files written to
+//! `$AGENTD_ARTIFACTS_DIR` become artifacts; exit status 0 means `completed`.
+//!
+//! The program runs in its own process group. When the run is stopped (timeout,
+//! cancellation, shutdown) the runner drops this executor's future, and the guard sends
+//! SIGTERM to the whole group, then SIGKILL after `kill_grace`; when the program exits on
+//! its own, whatever it left running in its group is killed too, so no child outlives the
+//! run. Lines are read with a bounded buffer: a 10 MiB line costs 64 KiB of memory.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+
+use super::{ArtifactFile, BoxFuture, Executor, Level, LogSink, Outcome, RunContext};
+use crate::config::CommandExecutorSettings;
+use crate::runner::logs::MAX_LINE_BYTES;
+
+/// Environment variables of agentd passed on to programs; everything else stays behind.
+const PASSED_ENVIRONMENT: [&str; 6] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
+/// See the module documentation.
+pub struct CommandExecutor {
+    settings: CommandExecutorSettings,
+}
+
+impl CommandExecutor {
+    /// An executor running `settings.program`.
+    pub fn new(settings: CommandExecutorSettings) -> CommandExecutor {
+        CommandExecutor { settings }
+    }
+}
+
+impl Executor for CommandExecutor {
+    fn name(&self) -> &'static str {
+        "command"
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.settings.timeout)
+    }
+
+    fn execute<'a>(&'a self, run: &'a RunContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            match self.run_program(run).await {
+                Ok(outcome) => outcome,
+                Err(error) => Outcome::Failed {
+                    error,
+                    output: None,
+                },
+            }
+        })
+    }
+}
+
+/// Kills the program's process group when dropped (run stopped, or finished).
+struct GroupGuard {
+    group: Pid,
+    kill_grace: Duration,
+    exited: bool,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.exited {
+            // The program is gone; take down anything it left in its group at once.
+            let _ = killpg(self.group, Signal::SIGKILL);
+            return;
+        }
+        let _ = killpg(self.group, Signal::SIGTERM);
+        let group = self.group;
+        let grace = self.kill_grace;
+        std::thread::spawn(move || {
+            std::thread::sleep(grace);
+            let _ = killpg(group, Signal::SIGKILL);
+        });
+    }
+}
+
+impl CommandExecutor {
+    async fn run_program(&self, run: &RunContext) -> Result<Outcome, String> {
+        let program = &self.settings.program;
+        let Some((binary, arguments)) = program.split_first() else {
+            return Err("the command executor has no program configured".into());
+        };
+        // One folder per run and target: a team's members may run side by side.
+        let artifacts_dir = std::env::temp_dir().join(format!(
+            "agentd-run-{}-{}",
+            run.run.run_id, run.run.target_id
+        ));
+        std::fs::create_dir_all(&artifacts_dir)
+            .map_err(|error| format!("could not create the artifacts folder: {error}"))?;
+        let _cleanup = FolderCleanup(artifacts_dir.clone());
+
+        let mut command = std::process::Command::new(binary);
+        command
+            .args(arguments)
+            .env_clear()
+            .envs(
+                PASSED_ENVIRONMENT
+                    .iter()
+                    .filter_map(|name| std::env::var_os(name).map(|value| (*name, value))),
+            )
+            .env("AGENTD_RUN_ID", run.run.run_id.to_string())
+            .env("AGENTD_ARTIFACTS_DIR", &artifacts_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        for variable in run.agent.iter().flat_map(|agent| agent.variables.iter()) {
+            let valid_name = !variable.name.is_empty()
+                && !variable.name.contains(['=', '\0'])
+                && !variable.name.starts_with("AGENTD_");
+            match (&variable.value, valid_name) {
+                (Some(value), true) if !value.contains('\0') => {
+                    command.env(&variable.name, value);
+                }
+                (_, false) => {
+                    run.logs
+                        .log(Level::Warn, format!("variable {:?} is not a valid environment variable name; not passed", variable.name))
+                        .await;
+                }
+                _ => {}
+            }
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|error| format!("could not start {binary:?}: {error}"))?;
+        let pid = Pid::from_raw(child.id() as i32);
+        let mut guard = GroupGuard {
+            group: pid,
+            kill_grace: self.settings.kill_grace,
+            exited: false,
+        };
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err("could not open the program's standard streams".into());
+        };
+        let stdin = tokio::process::ChildStdin::from_std(stdin).map_err(|e| e.to_string())?;
+        let stdout = tokio::process::ChildStdout::from_std(stdout).map_err(|e| e.to_string())?;
+        let stderr = tokio::process::ChildStderr::from_std(stderr).map_err(|e| e.to_string())?;
+
+        let document = self.stdin_document(run);
+        let feed = async move {
+            let mut stdin = stdin;
+            // A program that does not read its input is fine: ignore a broken pipe.
+            let _ = stdin.write_all(document.to_string().as_bytes()).await;
+            let _ = stdin.write_all(b"\n").await;
+        };
+        let out = pump(stdout, run.logs.clone(), Level::Info, true);
+        let err = pump(stderr, run.logs.clone(), Level::Warn, false);
+        // Reap with wait4 on a blocking thread, for the child's own CPU time and peak memory;
+        // once the program has exited, whatever it left in its group is killed, so that
+        // grandchildren holding its stdout cannot keep the run open.
+        let waited = async move {
+            let waited = tokio::task::spawn_blocking(move || wait_with_usage(pid)).await;
+            let _ = killpg(pid, Signal::SIGKILL);
+            waited
+        };
+        let ((), (output, _), (_, last_error), waited) = tokio::join!(feed, out, err, waited);
+        drop(child);
+        let (status, cpu_ms, max_rss_kib) = waited
+            .map_err(|error| format!("waiting for the program failed: {error}"))?
+            .map_err(|error| format!("waiting for the program failed: {error}"))?;
+        guard.exited = true;
+        drop(guard);
+        run.usage.record("cpu_ms", json!(cpu_ms));
+        run.usage.record("max_rss_kib", json!(max_rss_kib));
+        run.usage.record("exit_status", json!(status));
+
+        self.collect_artifacts(&artifacts_dir, run).await;
+        if status == 0 {
+            Ok(Outcome::Completed {
+                output: output.unwrap_or_else(|| json!({ "exit_status": 0 })),
+            })
+        } else {
+            let detail = last_error
+                .map(|line| format!(": {line}"))
+                .unwrap_or_default();
+            Ok(Outcome::Failed {
+                error: format!("the program exited with status {status}{detail}"),
+                output,
+            })
+        }
+    }
+
+    fn stdin_document(&self, run: &RunContext) -> Value {
+        let agent = run.agent.as_ref().map(|agent| {
+            let mut value = json!({
+                "id": agent.id,
+                "name": agent.name,
+                "description": agent.description,
+                "category": agent.category,
+                "instructions": agent.instructions,
+                "variables": agent.variables.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
+            });
+            if self.settings.variables_in_input {
+                value["variable_values"] = agent
+                    .variables
+                    .iter()
+                    .map(|v| (v.name.clone(), json!(v.value)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+            }
+            value
+        });
+        json!({
+            "run_id": run.run.run_id,
+            "type": run.run.kind.as_str(),
+            "target_id": run.run.target_id,
+            "schedule_id": run.run.schedule_id,
+            "input": run.run.input,
+            "agent": agent,
+        })
+    }
+
+    async fn collect_artifacts(&self, folder: &PathBuf, run: &RunContext) {
+        let Ok(mut entries) = tokio::fs::read_dir(folder).await else {
+            return;
+        };
+        let mut files = Vec::new();
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            if entry.file_type().await.is_ok_and(|kind| kind.is_file()) {
+                files.push(entry.path());
+            }
+        }
+        files.sort();
+        for path in files {
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().to_string())
+                .unwrap_or_default();
+            match tokio::fs::read(&path).await {
+                Ok(data) => {
+                    run.artifacts
+                        .save(ArtifactFile {
+                            name,
+                            content_type: None,
+                            data,
+                        })
+                        .await
+                }
+                Err(error) => {
+                    run.logs
+                        .log(
+                            Level::Warn,
+                            format!("artifact {name:?} could not be read: {error}"),
+                        )
+                        .await
+                }
+            }
+        }
+    }
+}
+
+/// Removes the run's artifacts folder when the execution ends, however it ends.
+struct FolderCleanup(PathBuf);
+
+impl Drop for FolderCleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Forwards a stream's lines to the run's logs with a bounded buffer; for stdout, returns
+/// the last `{"output": …}` object; for stderr, the last line (for the error message).
+async fn pump(
+    stream: impl AsyncRead + Unpin,
+    logs: LogSink,
+    level: Level,
+    parse_output: bool,
+) -> (Option<Value>, Option<String>) {
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let mut output = None;
+    let mut last = None;
+    loop {
+        let (line, complete) = match read_bounded_line(&mut reader).await {
+            Ok(Some(line)) => line,
+            _ => break,
+        };
+        let mut text = String::from_utf8_lossy(&line).into_owned();
+        if !complete {
+            text.push_str(" … [line truncated]");
+        }
+        if parse_output
+            && let Ok(Value::Object(object)) = serde_json::from_str::<Value>(&text)
+            && let Some(value) = object.get("output")
+        {
+            output = Some(value.clone());
+            continue;
+        }
+        last = Some(text.chars().take(500).collect::<String>());
+        logs.log(level, text).await;
+    }
+    if parse_output {
+        (output, None)
+    } else {
+        (None, last)
+    }
+}
+
+/// Reads one line (without its newline), keeping at most [`MAX_LINE_BYTES`] bytes of it and
+/// discarding the rest. `Ok(None)` at the end of the stream; the flag says whether the line
+/// was kept whole.
+async fn read_bounded_line<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+) -> std::io::Result<Option<(Vec<u8>, bool)>> {
+    let mut line = Vec::new();
+    let mut complete = true;
+    let mut seen_any = false;
+    loop {
+        let buffer = reader.fill_buf().await?;
+        if buffer.is_empty() {
+            return Ok(seen_any.then_some((line, complete)));
+        }
+        seen_any = true;
+        let (chunk, found_newline) = match buffer.iter().position(|byte| *byte == b'\n') {
+            Some(index) => (&buffer[..index], true),
+            None => (buffer, false),
+        };
+        // Room for the truncation marker within the stored line's limit.
+        let room = (MAX_LINE_BYTES - 32).saturating_sub(line.len());
+        if chunk.len() > room {
+            complete = false;
+        }
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let consumed = chunk.len() + usize::from(found_newline);
+        reader.consume(consumed);
+        if found_newline {
+            return Ok(Some((line, complete)));
+        }
+    }
+}
+
+/// Waits for `pid` with wait4: exit status (128 + signal when killed), CPU time in ms and
+/// peak resident memory in KiB.
+fn wait_with_usage(pid: Pid) -> std::io::Result<(i32, u64, i64)> {
+    let mut status: nix::libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 writes only into the two out-parameters, which live on this stack.
+        let result = unsafe { nix::libc::wait4(pid.as_raw(), &mut status, 0, &mut usage) };
+        if result == pid.as_raw() {
+            break;
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    let code = if nix::libc::WIFEXITED(status) {
+        nix::libc::WEXITSTATUS(status)
+    } else if nix::libc::WIFSIGNALED(status) {
+        128 + nix::libc::WTERMSIG(status)
+    } else {
+        -1
+    };
+    let to_ms = |time: nix::libc::timeval| time.tv_sec as u64 * 1000 + time.tv_usec as u64 / 1000;
+    Ok((
+        code,
+        to_ms(usage.ru_utime) + to_ms(usage.ru_stime),
+        usage.ru_maxrss,
+    ))
+}

@@ -1,0 +1,294 @@
+//! Executors turn a run (its target, input and context) into log lines and an outcome.
+//!
+//! The runner gives an executor a [`RunContext`] and awaits [`Executor::execute`]. The
+//! runner owns everything around it: the lease, cancellation (it drops the future when the
+//! run is cancelled, the worker shuts down or the lease is lost), writing the logs and the
+//! outcome. So an executor never touches the database and never needs to check for
+//! cancellation itself, though one that holds outside resources (a child process, a
+//! connection) must release them when dropped.
+
+pub mod builtin;
+pub mod command;
+pub mod http;
+pub mod openai;
+pub mod redact;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+pub use crate::store::agents::{AgentDefinition, Variable};
+pub use crate::store::runs::{ClaimedRun, RunKind};
+
+/// The executors the settings ask for: `builtin` always, `command` when a program is
+/// configured, chosen per agent category by `executor.default` and `executor.by_category`.
+pub fn from_settings(settings: &crate::config::Settings) -> Executors {
+    use crate::config::ExecutorKind;
+    let builtin: Arc<dyn Executor> = Arc::new(builtin::BuiltinExecutor::new(
+        settings.executors.builtin.step_delay,
+    ));
+    let command: Option<Arc<dyn Executor>> =
+        (!settings.executors.command.program.is_empty()).then(|| {
+            Arc::new(command::CommandExecutor::new(
+                settings.executors.command.clone(),
+            )) as Arc<dyn Executor>
+        });
+    let client = http::client();
+    let openai: Option<Arc<dyn Executor>> = client.as_ref().ok().map(|client| {
+        Arc::new(openai::OpenAiExecutor::new(
+            settings.executors.openai.clone(),
+            client.clone(),
+        )) as Arc<dyn Executor>
+    });
+    let webhook: Option<Arc<dyn Executor>> = client.as_ref().ok().map(|client| {
+        Arc::new(webhook::WebhookExecutor::new(
+            settings.executors.webhook.clone(),
+            client.clone(),
+        )) as Arc<dyn Executor>
+    });
+    if let Err(error) = &client {
+        tracing::error!(error = %error, "the openai and webhook executors are unavailable; their agents run with builtin");
+    }
+    // Settings validation guarantees what each chosen executor needs.
+    let pick = |kind: ExecutorKind| match kind {
+        ExecutorKind::Builtin => builtin.clone(),
+        ExecutorKind::Command => command.clone().unwrap_or_else(|| builtin.clone()),
+        ExecutorKind::OpenAi => openai.clone().unwrap_or_else(|| builtin.clone()),
+        ExecutorKind::Webhook => webhook.clone().unwrap_or_else(|| builtin.clone()),
+    };
+    let executors = Executors::new(
+        pick(settings.executor.default),
+        settings
+            .executor
+            .by_category
+            .iter()
+            .map(|(category, kind)| (category.clone(), pick(*kind)))
+            .collect(),
+    );
+    match (&client, settings.executor.route_with_model) {
+        (Ok(client), true) => executors.with_router(Arc::new(openai::ModelRouter::new(
+            settings.executors.openai.clone(),
+            client.clone(),
+        ))),
+        _ => executors,
+    }
+}
+
+/// A boxed future, so executors can be trait objects chosen by configuration.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Something that can execute runs.
+pub trait Executor: Send + Sync + 'static {
+    /// The executor's name in logs and configuration (`builtin`, `command`, …).
+    fn name(&self) -> &'static str;
+
+    /// Executes one run to its outcome.
+    fn execute<'a>(&'a self, run: &'a RunContext) -> BoxFuture<'a, Outcome>;
+
+    /// This executor's own limit on a run's duration, when it has one; otherwise
+    /// `executor.timeout` applies.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The executors of a replica and which one runs which agent: a default plus overrides by
+/// agent category.
+#[derive(Clone)]
+pub struct Executors {
+    default: Arc<dyn Executor>,
+    by_category: HashMap<String, Arc<dyn Executor>>,
+    /// Asks the model to route `route` teams, when configured.
+    router: Option<Arc<openai::ModelRouter>>,
+}
+
+impl Executors {
+    /// One executor for every run.
+    pub fn single(executor: Arc<dyn Executor>) -> Executors {
+        Executors {
+            default: executor,
+            by_category: HashMap::new(),
+            router: None,
+        }
+    }
+
+    /// A default and per-category overrides.
+    pub fn new(
+        default: Arc<dyn Executor>,
+        by_category: HashMap<String, Arc<dyn Executor>>,
+    ) -> Executors {
+        Executors {
+            default,
+            by_category,
+            router: None,
+        }
+    }
+
+    /// The same executors, routing `route` teams with `router`.
+    pub fn with_router(mut self, router: Arc<openai::ModelRouter>) -> Executors {
+        self.router = Some(router);
+        self
+    }
+
+    /// The model router, if teams are routed by the model.
+    pub fn router(&self) -> Option<&Arc<openai::ModelRouter>> {
+        self.router.as_ref()
+    }
+
+    /// The executor for an agent of `category` (team runs and unknown categories get the
+    /// default).
+    pub fn for_category(&self, category: Option<&str>) -> &Arc<dyn Executor> {
+        category
+            .and_then(|category| self.by_category.get(category))
+            .unwrap_or(&self.default)
+    }
+}
+
+/// What an executor knows about the run it executes.
+pub struct RunContext {
+    /// The run as claimed: id, target, owner, input, schedule.
+    pub run: ClaimedRun,
+    /// The agent of an agent run, with its variables.
+    pub agent: Option<AgentDefinition>,
+    /// Where the run's log lines go.
+    pub logs: LogSink,
+    /// Where the run's artifacts go.
+    pub artifacts: ArtifactSink,
+    /// The executor's own figures for `resource_usage` (CPU time, tokens, …).
+    pub usage: Usage,
+}
+
+/// Figures an executor reports for `runs.resource_usage`.
+#[derive(Clone, Default)]
+pub struct Usage {
+    figures: Arc<std::sync::Mutex<serde_json::Map<String, Value>>>,
+}
+
+impl Usage {
+    /// Records one figure (a later value of the same name replaces the earlier one).
+    pub fn record(&self, name: &str, value: Value) {
+        if let Ok(mut figures) = self.figures.lock() {
+            figures.insert(name.to_string(), value);
+        }
+    }
+
+    /// Everything recorded.
+    pub fn take(&self) -> serde_json::Map<String, Value> {
+        self.figures
+            .lock()
+            .map(|mut figures| std::mem::take(&mut *figures))
+            .unwrap_or_default()
+    }
+}
+
+/// A file a run produced.
+#[derive(Debug, Clone)]
+pub struct ArtifactFile {
+    pub name: String,
+    /// MIME type; `None`: guessed from the name.
+    pub content_type: Option<String>,
+    pub data: Vec<u8>,
+}
+
+/// The sending end of a run's artifacts; the runner stores them (within limits).
+#[derive(Clone)]
+pub struct ArtifactSink {
+    sender: mpsc::Sender<ArtifactFile>,
+}
+
+impl ArtifactSink {
+    /// A sink and the receiving end the runner drains.
+    pub fn channel(capacity: usize) -> (ArtifactSink, mpsc::Receiver<ArtifactFile>) {
+        let (sender, receiver) = mpsc::channel(capacity);
+        (ArtifactSink { sender }, receiver)
+    }
+
+    /// Hands over one artifact.
+    pub async fn save(&self, artifact: ArtifactFile) {
+        let _ = self.sender.send(artifact).await;
+    }
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The run did what it was asked; `output` becomes `runs.output`.
+    Completed { output: Value },
+    /// It did not; `error` is one readable sentence (plus detail) for `runs.error`.
+    Failed {
+        error: String,
+        output: Option<Value>,
+    },
+}
+
+/// Severity of a run's log line (`run_logs.level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    /// The value stored in `run_logs.level`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
+/// One line a run emitted, stamped when it was emitted.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    /// UUIDv7: with `timestamp`, orders lines exactly as emitted.
+    pub id: Uuid,
+    pub level: Level,
+    pub message: String,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// The sending end of a run's log pipe. Cheap to clone; sending waits when the pipe's
+/// bounded buffer is full, so a chatty run slows down instead of using unbounded memory.
+#[derive(Clone)]
+pub struct LogSink {
+    sender: mpsc::Sender<LogEntry>,
+}
+
+impl LogSink {
+    /// A sink and the receiving end the runner drains. `capacity` bounds the lines in
+    /// flight between the run and the writer.
+    pub fn channel(capacity: usize) -> (LogSink, mpsc::Receiver<LogEntry>) {
+        let (sender, receiver) = mpsc::channel(capacity);
+        (LogSink { sender }, receiver)
+    }
+
+    /// Emits one line. Lines sent after the run stopped are dropped silently: nobody can
+    /// store them any more.
+    pub async fn log(&self, level: Level, message: impl Into<String>) {
+        let entry = LogEntry {
+            id: Uuid::now_v7(),
+            level,
+            message: message.into(),
+            timestamp: Utc::now(),
+        };
+        let _ = self.sender.send(entry).await;
+    }
+
+    /// Shorthand for an `info` line.
+    pub async fn info(&self, message: impl Into<String>) {
+        self.log(Level::Info, message).await;
+    }
+}

@@ -1,0 +1,91 @@
+//! The `agentd` binary: parse the command line, load settings, hand over to the library.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use agentd::cli::{Cli, Command, ScheduleCommand};
+use agentd::config::Settings;
+use agentd::{shutdown, startup, telemetry};
+
+/// Exit status for unusable input (bad configuration), as sysexits' EX_USAGE family uses 2.
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Pure commands need neither settings nor a runtime.
+    if let Command::Schedule(ScheduleCommand::Preview(args)) = &cli.command {
+        return match agentd::schedule::preview::preview(args, chrono::Utc::now()) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                ExitCode::from(EXIT_BAD_INPUT)
+            }
+        };
+    }
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let settings = match Settings::load(cli.config.as_deref(), &env) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let stream = match cli.command {
+        Command::Run(_) => telemetry::LogStream::Stdout,
+        Command::Demo => telemetry::LogStream::Stderr,
+        _ => telemetry::LogStream::Stderr,
+    };
+    telemetry::init(&settings.log, &settings.worker.id, stream);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Input that can be checked before doing anything: a bad value is exit status 2.
+    let input = match &cli.command {
+        Command::Trigger(args) => match args.input.as_deref().map(serde_json::from_str) {
+            None => None,
+            Some(Ok(value)) => Some(value),
+            Some(Err(error)) => {
+                eprintln!("--input: not valid JSON: {error}");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+        },
+        _ => None,
+    };
+    let result = runtime.block_on(async {
+        let shutdown = shutdown::on_signals()?;
+        match &cli.command {
+            Command::Run(args) => startup::run(&settings, args.migrate, &shutdown)
+                .await
+                .map(|()| true),
+            Command::Migrate => startup::migrate(&settings, &shutdown).await.map(|()| true),
+            Command::Trigger(args) => startup::trigger(&settings, args, input, &shutdown).await,
+            Command::Cancel(args) => startup::cancel(&settings, args.run_id, &shutdown)
+                .await
+                .map(|()| true),
+            Command::Demo => startup::demo(&settings, &shutdown).await.map(|()| true),
+            Command::Schedule(_) => Ok(true),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(startup::EXIT_RUN_FAILED),
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "agentd failed");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

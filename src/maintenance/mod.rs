@@ -1,0 +1,5 @@
+//! Periodic services that keep the shared state healthy, one per file, each shaped as
+//! `async fn run(self, stop: CancellationToken)`. Any replica may run them; row locks make
+//! their work happen once.
+
+pub mod reaper;

@@ -1,0 +1,314 @@
+//! The artifact store of one run: files a run produced go to a local folder (one folder per
+//! run, `file://` URLs) or, with the `s3` feature and `artifacts.url = "s3://…"`, to an
+//! S3-compatible bucket (`s3://` URLs), and get a `run_artifacts` row (name, MIME type,
+//! size, URL), within `artifacts.max_bytes` per artifact and `artifacts.max_bytes_per_run`
+//! per run; what is over a limit is not stored and a `warn` line in the run's logs says so.
+
+use std::path::{Path, PathBuf};
+
+use sqlx::postgres::PgPool;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::RunControl;
+use crate::executor::{ArtifactFile, Level, LogSink};
+use crate::store::runs::{ArtifactRow, Fenced, insert_artifact};
+
+/// Limits and place of the artifact store.
+#[derive(Clone)]
+pub struct ArtifactOptions {
+    pub backend: ArtifactBackend,
+    pub max_bytes: u64,
+    pub max_bytes_per_run: u64,
+    /// Longest wait between retries of a row while the database is unreachable.
+    pub max_backoff: std::time::Duration,
+}
+
+/// Where artifact files go.
+#[derive(Clone)]
+pub enum ArtifactBackend {
+    /// A local folder; one sub-folder per run.
+    Local(PathBuf),
+    /// An S3-compatible bucket: objects under `prefix/<run id>/`.
+    #[cfg(feature = "s3")]
+    Bucket {
+        store: std::sync::Arc<dyn object_store::ObjectStore>,
+        bucket: String,
+        prefix: String,
+    },
+    /// A bucket whose client could not be built; every artifact is refused with the reason.
+    Unavailable(String),
+}
+
+impl ArtifactOptions {
+    /// The store the settings describe.
+    pub fn from_settings(
+        settings: &crate::config::ArtifactSettings,
+        max_backoff: std::time::Duration,
+    ) -> ArtifactOptions {
+        let backend = match &settings.url {
+            None => ArtifactBackend::Local(settings.dir.clone()),
+            Some(url) => bucket_backend(url, &settings.s3_options),
+        };
+        if let ArtifactBackend::Unavailable(reason) = &backend {
+            tracing::error!(reason = %reason, "artifact bucket unavailable; artifacts will not be stored");
+        }
+        ArtifactOptions {
+            backend,
+            max_bytes: settings.max_bytes,
+            max_bytes_per_run: settings.max_bytes_per_run,
+            max_backoff,
+        }
+    }
+}
+
+#[cfg(feature = "s3")]
+fn bucket_backend(url: &str, options: &[(String, String)]) -> ArtifactBackend {
+    let rest = url.trim_start_matches("s3://");
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
+    for (name, value) in options {
+        if let Ok(key) = name.parse::<object_store::aws::AmazonS3ConfigKey>() {
+            builder = builder.with_config(key, value.clone());
+        }
+    }
+    match builder.build() {
+        Ok(store) => ArtifactBackend::Bucket {
+            store: std::sync::Arc::new(store),
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+        },
+        Err(error) => ArtifactBackend::Unavailable(format!("artifact bucket {url}: {error}")),
+    }
+}
+
+#[cfg(not(feature = "s3"))]
+fn bucket_backend(url: &str, _options: &[(String, String)]) -> ArtifactBackend {
+    ArtifactBackend::Unavailable(format!(
+        "{url}: this agentd was built without the s3 feature"
+    ))
+}
+
+impl ArtifactBackend {
+    /// Stores one file; returns its URL.
+    async fn write(&self, run_id: Uuid, name: &str, data: &[u8]) -> Result<String, String> {
+        match self {
+            ArtifactBackend::Local(dir) => {
+                let folder = dir.join(run_id.to_string());
+                let path = folder.join(name);
+                tokio::fs::create_dir_all(&folder)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                tokio::fs::write(&path, data)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                Ok(file_url(&path))
+            }
+            #[cfg(feature = "s3")]
+            ArtifactBackend::Bucket {
+                store,
+                bucket,
+                prefix,
+            } => {
+                use object_store::ObjectStoreExt;
+                let key = if prefix.is_empty() {
+                    format!("{run_id}/{name}")
+                } else {
+                    format!("{prefix}/{run_id}/{name}")
+                };
+                let location =
+                    object_store::path::Path::parse(&key).map_err(|error| error.to_string())?;
+                store
+                    .put(&location, object_store::PutPayload::from(data.to_vec()))
+                    .await
+                    .map_err(|error| error.to_string())?;
+                Ok(format!("s3://{bucket}/{location}"))
+            }
+            ArtifactBackend::Unavailable(reason) => Err(reason.clone()),
+        }
+    }
+}
+
+/// What the store kept, for `resource_usage`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ArtifactTotals {
+    pub count: u64,
+    pub bytes: u64,
+    pub rejected: u64,
+}
+
+/// Stores artifacts until every sender is gone.
+pub async fn run_store(
+    pool: PgPool,
+    run_id: Uuid,
+    worker_id: String,
+    control: RunControl,
+    mut receiver: mpsc::Receiver<ArtifactFile>,
+    options: ArtifactOptions,
+    logs: LogSink,
+) -> ArtifactTotals {
+    let mut totals = ArtifactTotals::default();
+    let mut used_names: Vec<String> = Vec::new();
+    while let Some(artifact) = receiver.recv().await {
+        let size = artifact.data.len() as u64;
+        if size > options.max_bytes || totals.bytes + size > options.max_bytes_per_run {
+            totals.rejected += 1;
+            logs.log(
+                Level::Warn,
+                format!(
+                    "artifact {:?} not stored: {size} bytes is over the limit ({} per artifact, {} per run, {} already used)",
+                    artifact.name, options.max_bytes, options.max_bytes_per_run, totals.bytes
+                ),
+            )
+            .await;
+            continue;
+        }
+        if control.lease_lost() {
+            continue;
+        }
+        let name = unique_name(&safe_name(&artifact.name), &mut used_names);
+        let url = match options.backend.write(run_id, &name, &artifact.data).await {
+            Ok(url) => url,
+            Err(error) => {
+                totals.rejected += 1;
+                tracing::warn!(error = %error, "could not store an artifact");
+                logs.log(
+                    Level::Warn,
+                    format!("artifact {:?} not stored: {error}", artifact.name),
+                )
+                .await;
+                continue;
+            }
+        };
+        let row = ArtifactRow {
+            name: artifact.name.clone(),
+            content_type: artifact
+                .content_type
+                .clone()
+                .unwrap_or_else(|| guess_type(&artifact.name).to_string()),
+            size: size.min(i32::MAX as u64) as i32,
+            url,
+        };
+        // The row is retried like log lines while the database is away and the lease holds.
+        let mut attempt = 0;
+        loop {
+            match insert_artifact(&pool, run_id, &worker_id, &row).await {
+                Ok(Fenced::Written) => {
+                    totals.count += 1;
+                    totals.bytes += size;
+                }
+                Ok(Fenced::LeaseLost) => control.lose_lease(),
+                Err(error) if !control.lease_expired_locally() && !control.lease_lost() => {
+                    attempt += 1;
+                    let delay = crate::store::backoff_delay(attempt, options.max_backoff);
+                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "recording an artifact failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+                Err(error) => {
+                    totals.rejected += 1;
+                    tracing::warn!(error = %error, "could not record an artifact");
+                    logs.log(
+                        Level::Warn,
+                        format!("artifact {:?} not recorded: {error}", artifact.name),
+                    )
+                    .await;
+                }
+            }
+            break;
+        }
+    }
+    totals
+}
+
+/// A file name that stays inside the run's folder: path separators and control
+/// characters become `_`, and `.`/`..`/empty names get a neutral one.
+fn safe_name(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let cleaned = cleaned.trim().to_string();
+    if cleaned.is_empty() || cleaned == "." || cleaned == ".." {
+        "artifact".into()
+    } else {
+        cleaned.chars().take(200).collect()
+    }
+}
+
+fn unique_name(name: &str, used: &mut Vec<String>) -> String {
+    let mut candidate = name.to_string();
+    let mut counter = 2;
+    while used.contains(&candidate) {
+        candidate = format!("{counter}-{name}");
+        counter += 1;
+    }
+    used.push(candidate.clone());
+    candidate
+}
+
+/// `file://` URL of an absolute path, with the characters URLs cannot hold escaped.
+fn file_url(path: &Path) -> String {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut url = String::from("file://");
+    for byte in absolute.to_string_lossy().bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
+                url.push(byte as char)
+            }
+            other => url.push_str(&format!("%{other:02X}")),
+        }
+    }
+    url
+}
+
+/// The MIME type for a file name's extension (application/octet-stream when unknown).
+pub fn guess_type(name: &str) -> &'static str {
+    let extension = name
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase());
+    match extension.as_deref() {
+        Some("md" | "markdown") => "text/markdown",
+        Some("txt" | "log") => "text/plain",
+        Some("html" | "htm") => "text/html",
+        Some("csv") => "text/csv",
+        Some("json") => "application/json",
+        Some("xml") => "application/xml",
+        Some("yaml" | "yml") => "application/yaml",
+        Some("pdf") => "application/pdf",
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("svg") => "image/svg+xml",
+        Some("webp") => "image/webp",
+        Some("zip") => "application/zip",
+        Some("gz") => "application/gzip",
+        Some("mp3") => "audio/mpeg",
+        Some("wav") => "audio/wav",
+        Some("mp4") => "video/mp4",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_stay_in_the_folder_and_types_are_guessed() {
+        assert_eq!(safe_name("../../etc/passwd"), ".._.._etc_passwd");
+        assert_eq!(safe_name(".."), "artifact");
+        let mut used = Vec::new();
+        assert_eq!(unique_name("a.md", &mut used), "a.md");
+        assert_eq!(unique_name("a.md", &mut used), "2-a.md");
+        assert_eq!(guess_type("Report.MD"), "text/markdown");
+        assert_eq!(guess_type("data"), "application/octet-stream");
+        assert_eq!(file_url(Path::new("/tmp/a b.md")), "file:///tmp/a%20b.md");
+    }
+}

@@ -1,0 +1,276 @@
+//! The log pipe of one run: drains the executor's lines and writes them in batches.
+//!
+//! A batch is flushed when it reaches [`MAX_BATCH_LINES`] lines or [`FLUSH_INTERVAL`] after
+//! its first line, in one fenced multi-row INSERT, so a chatty run costs few round trips
+//! and a reader sees lines within a fraction of a second. While the database is
+//! unreachable, lines are kept (up to [`MAX_PENDING_LINES`]) and retried with backoff until
+//! the run's lease would have expired; a refused (fenced) write means the lease is lost.
+//!
+//! Bad output gets a clear result: NUL bytes are removed, a line over [`MAX_LINE_BYTES`] is
+//! cut with a marker, and past `logs.max_lines_per_run` lines or `logs.max_bytes_per_run`
+//! bytes nothing more is stored; one `warn` line at the end says how much was dropped. The
+//! run itself goes on, and memory stays bounded whatever it prints.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::postgres::PgPool;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::RunControl;
+use crate::executor::{Level, LogEntry};
+use crate::store::runs::{Fenced, LogLine, insert_log_batch};
+
+/// Longest a line waits before it is written.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Most lines per INSERT.
+pub const MAX_BATCH_LINES: usize = 1000;
+/// Most lines kept while the database is unreachable; older ones beyond it are dropped
+/// (and counted) so memory stays bounded.
+pub const MAX_PENDING_LINES: usize = 100_000;
+/// Longest line stored, in bytes; longer ones are cut and marked.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Per-run storage limits (`logs.max_lines_per_run`, `logs.max_bytes_per_run`).
+#[derive(Debug, Clone, Copy)]
+pub struct LogLimits {
+    pub max_lines: u64,
+    pub max_bytes: u64,
+}
+
+/// Totals of what the pipe stored, for `resource_usage`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogTotals {
+    pub lines: u64,
+    pub bytes: u64,
+    pub dropped_lines: u64,
+    pub dropped_bytes: u64,
+}
+
+/// Applies the limits to incoming lines.
+struct Intake {
+    limits: LogLimits,
+    accepted_lines: u64,
+    accepted_bytes: u64,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+}
+
+impl Intake {
+    fn take(&mut self, entry: LogEntry) -> Option<LogLine> {
+        let line = to_line(entry);
+        let bytes = line.message.len() as u64;
+        if self.accepted_lines >= self.limits.max_lines
+            || self.accepted_bytes + bytes > self.limits.max_bytes
+        {
+            self.dropped_lines += 1;
+            self.dropped_bytes += bytes;
+            return None;
+        }
+        self.accepted_lines += 1;
+        self.accepted_bytes += bytes;
+        Some(line)
+    }
+
+    /// The one warn line saying what the limits dropped, if they dropped anything.
+    fn summary(&self) -> Option<LogLine> {
+        (self.dropped_lines > 0).then(|| LogLine {
+            id: Uuid::now_v7(),
+            level: Level::Warn.as_str(),
+            message: format!(
+                "log limit reached ({} lines or {} bytes per run): {} further lines ({} bytes) were not stored",
+                self.limits.max_lines, self.limits.max_bytes, self.dropped_lines, self.dropped_bytes
+            ),
+            timestamp: Utc::now(),
+        })
+    }
+}
+
+/// Drains `receiver` until every sender is gone, writing batches; returns the totals.
+pub async fn run_pipe(
+    pool: PgPool,
+    run_id: Uuid,
+    worker_id: String,
+    control: RunControl,
+    mut receiver: mpsc::Receiver<LogEntry>,
+    limits: LogLimits,
+    max_backoff: Duration,
+) -> LogTotals {
+    let mut totals = LogTotals::default();
+    let mut intake = Intake {
+        limits,
+        accepted_lines: 0,
+        accepted_bytes: 0,
+        dropped_lines: 0,
+        dropped_bytes: 0,
+    };
+    let mut pending: VecDeque<LogLine> = VecDeque::new();
+    let mut open = true;
+    while open || !pending.is_empty() {
+        if open {
+            // Wait for the first line of a batch, then gather more for up to FLUSH_INTERVAL.
+            if pending.is_empty() {
+                match receiver.recv().await {
+                    Some(entry) => pending.extend(intake.take(entry)),
+                    None => open = false,
+                }
+            }
+            let deadline = tokio::time::Instant::now() + FLUSH_INTERVAL;
+            while open && pending.len() < MAX_BATCH_LINES {
+                match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                    Ok(Some(entry)) => pending.extend(intake.take(entry)),
+                    Ok(None) => open = false,
+                    Err(_) => break,
+                }
+            }
+            if !open {
+                pending.extend(intake.summary());
+            }
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        if control.lease_lost() {
+            // Nobody may write to this run any more; drain and discard.
+            totals.dropped_lines += pending.len() as u64;
+            pending.clear();
+            continue;
+        }
+        let batch_len = pending.len().min(MAX_BATCH_LINES);
+        let batch = &pending.make_contiguous()[..batch_len];
+        match insert_log_batch(&pool, run_id, &worker_id, batch).await {
+            Ok(Fenced::Written) => {
+                totals.lines += batch_len as u64;
+                totals.bytes += batch
+                    .iter()
+                    .map(|line| line.message.len() as u64)
+                    .sum::<u64>();
+                pending.drain(..batch_len);
+                control.reset_write_failures();
+            }
+            Ok(Fenced::LeaseLost) => {
+                tracing::warn!("log write refused: this worker no longer holds the run's lease");
+                control.lose_lease();
+            }
+            Err(error) => {
+                if control.lease_expired_locally() {
+                    tracing::warn!(
+                        lines = pending.len(),
+                        error = %error,
+                        "dropping log lines: the database stayed unreachable until the lease expired"
+                    );
+                    control.lose_lease();
+                    continue;
+                }
+                let attempt = control.note_write_failure();
+                let delay = crate::store::backoff_delay(attempt, max_backoff);
+                tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "log write failed; retrying");
+                // Keep accepting lines meanwhile, within the bound.
+                let sleep = tokio::time::sleep(delay);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        entry = receiver.recv(), if open => match entry {
+                            Some(entry) => {
+                                if let Some(line) = intake.take(entry) {
+                                    if pending.len() >= MAX_PENDING_LINES {
+                                        pending.pop_front();
+                                        totals.dropped_lines += 1;
+                                    }
+                                    pending.push_back(line);
+                                }
+                            }
+                            None => {
+                                open = false;
+                                pending.extend(intake.summary());
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    }
+    totals.dropped_lines += intake.dropped_lines;
+    totals.dropped_bytes += intake.dropped_bytes;
+    totals
+}
+
+/// A stored line: no NUL bytes (PostgreSQL text cannot hold them), at most
+/// [`MAX_LINE_BYTES`] bytes (cut on a character boundary, with a marker).
+fn to_line(entry: LogEntry) -> LogLine {
+    let mut message = if entry.message.contains('\0') {
+        entry.message.replace('\0', "")
+    } else {
+        entry.message
+    };
+    if message.len() > MAX_LINE_BYTES {
+        let original = message.len();
+        let mut cut = MAX_LINE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(&format!(
+            " … [line truncated: {original} bytes, {MAX_LINE_BYTES} kept]"
+        ));
+    }
+    LogLine {
+        id: entry.id,
+        level: entry.level.as_str(),
+        message,
+        timestamp: entry.timestamp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(message: &str) -> LogEntry {
+        LogEntry {
+            id: Uuid::now_v7(),
+            level: Level::Info,
+            message: message.to_string(),
+            timestamp: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn nul_bytes_are_removed_and_long_lines_cut_on_a_character_boundary() {
+        assert_eq!(to_line(entry("a\0b")).message, "ab");
+        let long = "é".repeat(MAX_LINE_BYTES);
+        let line = to_line(entry(&long));
+        assert!(line.message.len() < MAX_LINE_BYTES + 100);
+        assert!(line.message.ends_with(&format!(
+            "[line truncated: {} bytes, {MAX_LINE_BYTES} kept]",
+            long.len()
+        )));
+    }
+
+    #[test]
+    fn limits_drop_and_count() {
+        let mut intake = Intake {
+            limits: LogLimits {
+                max_lines: 2,
+                max_bytes: 1000,
+            },
+            accepted_lines: 0,
+            accepted_bytes: 0,
+            dropped_lines: 0,
+            dropped_bytes: 0,
+        };
+        assert!(intake.take(entry("one")).is_some());
+        assert!(intake.take(entry("two")).is_some());
+        assert!(intake.take(entry("three")).is_none());
+        assert!(
+            intake
+                .summary()
+                .unwrap()
+                .message
+                .ends_with("1 further lines (5 bytes) were not stored")
+        );
+    }
+}

@@ -1,0 +1,601 @@
+//! One run's life after the claim: execute it outside any transaction while its lease is
+//! renewed, pipe its logs into the database, record its outcome, and end its lease, every
+//! write fenced by the lease.
+//!
+//! A run stops early for one of three reasons ([`StopReason`]): its owner cancelled it, the
+//! worker is shutting down past its grace period, or the lease was lost (the worker was cut
+//! off or paused too long and another replica reaped the run). The first two are recorded
+//! as `failed` with a reason; the last is not recorded at all, because the run is no longer
+//! this worker's to write.
+
+pub mod artifacts;
+pub mod leases;
+pub mod logs;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::postgres::PgPool;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::executor::redact::Redactor;
+use crate::executor::{ArtifactSink, Executors, LogSink, Outcome, RunContext, Usage};
+use crate::store::agents::{AgentDefinition, TeamDefinition, load_agent, load_team};
+
+/// What a run executes, loaded before it starts.
+enum Target {
+    Agent(AgentDefinition),
+    Team(TeamDefinition),
+}
+use crate::store::runs::{ClaimedRun, Fenced, RunKind, RunOutcome, finish_run};
+use crate::store::workers::HeldLease;
+use artifacts::ArtifactOptions;
+use logs::LogLimits;
+
+/// Lines buffered between an executor and its log writer.
+const LOG_CHANNEL_CAPACITY: usize = 4096;
+
+/// Why a run stopped before its executor finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Its owner asked (`cancel_run`).
+    Cancelled,
+    /// The worker is shutting down and the grace period is over.
+    ShuttingDown,
+    /// The lease is gone: the run is no longer this worker's.
+    LeaseLost,
+}
+
+impl StopReason {
+    /// `runs.error` for a run stopped for this reason.
+    pub fn error(self) -> &'static str {
+        match self {
+            StopReason::Cancelled => "cancelled",
+            StopReason::ShuttingDown => "worker shutting down",
+            StopReason::LeaseLost => "lease lost",
+        }
+    }
+}
+
+/// Shared state of one running run: how it is stopped, and until when its lease is
+/// certainly valid by this process's clock.
+#[derive(Clone)]
+pub struct RunControl {
+    inner: Arc<ControlInner>,
+}
+
+struct ControlInner {
+    cancel: CancellationToken,
+    reason: OnceLock<StopReason>,
+    lease_deadline: Mutex<Instant>,
+    lost: AtomicBool,
+    write_failures: AtomicU32,
+}
+
+impl RunControl {
+    fn new(lease_deadline: Instant) -> RunControl {
+        RunControl {
+            inner: Arc::new(ControlInner {
+                cancel: CancellationToken::new(),
+                reason: OnceLock::new(),
+                lease_deadline: Mutex::new(lease_deadline),
+                lost: AtomicBool::new(false),
+                write_failures: AtomicU32::new(0),
+            }),
+        }
+    }
+
+    /// Stops the run for `reason`; the first reason given wins.
+    pub fn stop(&self, reason: StopReason) {
+        let _ = self.inner.reason.set(reason);
+        if reason == StopReason::LeaseLost {
+            self.inner.lost.store(true, Ordering::SeqCst);
+        }
+        self.inner.cancel.cancel();
+    }
+
+    /// Marks the lease lost and stops the run.
+    pub fn lose_lease(&self) {
+        self.inner.lost.store(true, Ordering::SeqCst);
+        self.stop(StopReason::LeaseLost);
+    }
+
+    /// Whether the lease is known to be lost.
+    pub fn lease_lost(&self) -> bool {
+        self.inner.lost.load(Ordering::SeqCst)
+    }
+
+    /// Whether the lease has certainly expired by now (no renewal succeeded in time).
+    pub fn lease_expired_locally(&self) -> bool {
+        Instant::now() >= *self.deadline()
+    }
+
+    fn deadline(&self) -> std::sync::MutexGuard<'_, Instant> {
+        self.inner
+            .lease_deadline
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn extend_lease(&self, until: Instant) {
+        let mut deadline = self.deadline();
+        if until > *deadline {
+            *deadline = until;
+        }
+    }
+
+    fn reason(&self) -> Option<StopReason> {
+        self.inner.reason.get().copied()
+    }
+
+    fn note_write_failure(&self) -> u32 {
+        self.inner.write_failures.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn reset_write_failures(&self) {
+        self.inner.write_failures.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Executes claimed runs, at most `concurrency` at once.
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<RunnerInner>,
+}
+
+struct RunnerInner {
+    pool: PgPool,
+    worker_id: String,
+    lease_ttl: Duration,
+    max_backoff: Duration,
+    concurrency: usize,
+    run_timeout: Duration,
+    log_limits: LogLimits,
+    artifacts: ArtifactOptions,
+    executors: Executors,
+    active: Mutex<HashMap<Uuid, RunControl>>,
+    tracker: TaskTracker,
+    freed: Notify,
+}
+
+/// What the runner needs to know, from settings.
+#[derive(Clone)]
+pub struct RunnerOptions {
+    pub worker_id: String,
+    pub lease_ttl: Duration,
+    pub max_backoff: Duration,
+    pub concurrency: usize,
+    /// `executor.timeout`: longest a run may execute unless its executor has its own limit.
+    pub run_timeout: Duration,
+    pub log_limits: LogLimits,
+    pub artifacts: ArtifactOptions,
+}
+
+impl Runner {
+    /// A runner executing with `executors`.
+    pub fn new(pool: PgPool, options: RunnerOptions, executors: Executors) -> Runner {
+        Runner {
+            inner: Arc::new(RunnerInner {
+                pool,
+                worker_id: options.worker_id,
+                lease_ttl: options.lease_ttl,
+                max_backoff: options.max_backoff,
+                concurrency: options.concurrency.max(1),
+                run_timeout: options.run_timeout,
+                log_limits: options.log_limits,
+                artifacts: options.artifacts,
+                executors,
+                active: Mutex::new(HashMap::new()),
+                tracker: TaskTracker::new(),
+                freed: Notify::new(),
+            }),
+        }
+    }
+
+    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, RunControl>> {
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs in flight.
+    pub fn in_flight(&self) -> usize {
+        self.active().len()
+    }
+
+    /// Room for more runs.
+    pub fn free_slots(&self) -> usize {
+        self.inner.concurrency.saturating_sub(self.in_flight())
+    }
+
+    /// Resolves when a run ends (room may have appeared).
+    pub async fn slot_freed(&self) {
+        self.inner.freed.notified().await;
+    }
+
+    /// Ids of the runs in flight (for the heartbeat).
+    pub fn active_ids(&self) -> Vec<Uuid> {
+        self.active().keys().copied().collect()
+    }
+
+    /// Starts executing a claimed run. `claimed_at` is when the claim was sent: the lease
+    /// is certainly valid until `claimed_at + ttl`.
+    pub fn start(&self, run: ClaimedRun, claimed_at: Instant) {
+        let control = RunControl::new(claimed_at + self.inner.lease_ttl);
+        self.active().insert(run.run_id, control.clone());
+        let runner = self.clone();
+        let span = tracing::info_span!(
+            "run",
+            run_id = %run.run_id,
+            schedule_id = run.schedule_id.map(|id| id.to_string()),
+        );
+        self.inner
+            .tracker
+            .spawn(async move { runner.execute(run, control).await }.instrument(span));
+    }
+
+    /// Stops one run, if it runs here.
+    pub fn stop(&self, run_id: Uuid, reason: StopReason) -> bool {
+        match self.active().get(&run_id) {
+            Some(control) => {
+                control.stop(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every run in flight.
+    pub fn stop_all(&self, reason: StopReason) {
+        for control in self.active().values() {
+            control.stop(reason);
+        }
+    }
+
+    /// Applies a heartbeat's answer: extends the leases still held (renewal was sent at
+    /// `sent_at`), stops runs whose owner asked to cancel, and abandons the runs missing
+    /// from `held` that were in flight when the heartbeat was sent (`asked`).
+    pub fn leases_renewed(&self, asked: &[Uuid], held: &[HeldLease], sent_at: Instant) {
+        let active = self.active();
+        for lease in held {
+            if let Some(control) = active.get(&lease.run_id) {
+                control.extend_lease(sent_at + self.inner.lease_ttl);
+                if lease.cancel_requested {
+                    control.stop(StopReason::Cancelled);
+                }
+            }
+        }
+        for run_id in asked {
+            if !held.iter().any(|lease| lease.run_id == *run_id)
+                && let Some(control) = active.get(run_id)
+            {
+                tracing::warn!(run_id = %run_id, "lease lost; abandoning the run");
+                control.lose_lease();
+            }
+        }
+    }
+
+    /// Abandons runs whose lease has expired by this process's clock (heartbeats kept
+    /// failing): they may already be another replica's.
+    pub fn expire_overdue(&self) {
+        for (run_id, control) in self.active().iter() {
+            if control.lease_expired_locally() && !control.lease_lost() {
+                tracing::warn!(run_id = %run_id, "lease expired without renewal; abandoning the run");
+                control.lose_lease();
+            }
+        }
+    }
+
+    /// Waits until every started run has ended. Call after claiming has stopped.
+    pub async fn wait_idle(&self) {
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+
+    async fn execute(&self, run: ClaimedRun, control: RunControl) {
+        let started = Instant::now();
+        let run_id = run.run_id;
+        let (sink, receiver) = LogSink::channel(LOG_CHANNEL_CAPACITY);
+        let pipe = tokio::spawn(
+            logs::run_pipe(
+                self.inner.pool.clone(),
+                run_id,
+                self.inner.worker_id.clone(),
+                control.clone(),
+                receiver,
+                self.inner.log_limits,
+                self.inner.max_backoff,
+            )
+            .in_current_span(),
+        );
+        let (artifact_sink, artifact_receiver) = ArtifactSink::channel(16);
+        let store = tokio::spawn(
+            artifacts::run_store(
+                self.inner.pool.clone(),
+                run_id,
+                self.inner.worker_id.clone(),
+                control.clone(),
+                artifact_receiver,
+                self.inner.artifacts.clone(),
+                sink.clone(),
+            )
+            .in_current_span(),
+        );
+
+        let target = match run.kind {
+            RunKind::Agent => self
+                .load_agent(run.target_id, &control)
+                .await
+                .map(Target::Agent),
+            RunKind::Team => self
+                .load_team(run.target_id, &control)
+                .await
+                .map(Target::Team),
+        };
+        let target = match target {
+            Ok(target) => target,
+            Err(error) => {
+                drop((sink, artifact_sink));
+                let _ = store.await;
+                let _ = pipe.await;
+                let outcome = Some(Outcome::Failed {
+                    error,
+                    output: None,
+                });
+                self.finish(
+                    run_id,
+                    &control,
+                    started,
+                    outcome,
+                    None,
+                    &Redactor::default(),
+                    "none",
+                    Default::default(),
+                    Default::default(),
+                )
+                .await;
+                return;
+            }
+        };
+        let (agent, team) = match target {
+            Target::Agent(agent) => (Some(agent), None),
+            Target::Team(team) => (None, Some(team)),
+        };
+        let redactor = Redactor::new(
+            agent
+                .iter()
+                .chain(team.iter().flat_map(|team| team.members.iter()))
+                .flat_map(|agent| agent.variables.iter())
+                .filter_map(|variable| variable.value.as_deref()),
+        );
+        let executor = self
+            .inner
+            .executors
+            .for_category(agent.as_ref().map(|agent| agent.category.as_str()))
+            .clone();
+        let (executor_name, timeout) = match &team {
+            Some(_) => ("team", self.inner.run_timeout),
+            None => (
+                executor.name(),
+                executor.timeout().unwrap_or(self.inner.run_timeout),
+            ),
+        };
+        tracing::info!(
+            executor = executor_name,
+            kind = run.kind.as_str(),
+            "run started"
+        );
+        let usage = Usage::default();
+        let context = RunContext {
+            run,
+            agent,
+            logs: sink,
+            artifacts: artifact_sink,
+            usage: usage.clone(),
+        };
+        let work: crate::executor::BoxFuture<'_, Outcome> = match &team {
+            Some(team) => Box::pin(crate::team::run_team(
+                team,
+                &context.run,
+                &self.inner.executors,
+                &context.logs,
+                &context.artifacts,
+                self.inner.concurrency,
+            )),
+            None => executor.execute(&context),
+        };
+        let executed = tokio::select! {
+            outcome = tokio::time::timeout(timeout, work) => Some(outcome.unwrap_or_else(|_| Outcome::Failed {
+                error: format!("timed out: the run took longer than {}", humantime::format_duration(timeout)),
+                output: None,
+            })),
+            _ = control.inner.cancel.cancelled() => None,
+        };
+        drop(context);
+        let artifact_totals = store.await.unwrap_or_default();
+        let log_totals = pipe.await.unwrap_or_default();
+
+        let outcome = match (control.reason(), executed) {
+            (Some(StopReason::LeaseLost), _) => None,
+            (Some(reason), _) => Some(Outcome::Failed {
+                error: reason.error().to_string(),
+                output: None,
+            }),
+            (None, Some(outcome)) => Some(outcome),
+            (None, None) => Some(Outcome::Failed {
+                error: StopReason::Cancelled.error().to_string(),
+                output: None,
+            }),
+        };
+        self.finish(
+            run_id,
+            &control,
+            started,
+            outcome,
+            Some(usage),
+            &redactor,
+            executor.name(),
+            log_totals,
+            artifact_totals,
+        )
+        .await;
+    }
+
+    /// Reads the agent of an agent run; a missing agent is an error for the run.
+    async fn load_agent(
+        &self,
+        agent_id: Uuid,
+        control: &RunControl,
+    ) -> Result<AgentDefinition, String> {
+        self.load_target("agent", agent_id, control, || {
+            load_agent(&self.inner.pool, agent_id)
+        })
+        .await
+    }
+
+    /// Reads the team of a team run with its members; a missing team is an error.
+    async fn load_team(
+        &self,
+        team_id: Uuid,
+        control: &RunControl,
+    ) -> Result<TeamDefinition, String> {
+        self.load_target("team", team_id, control, || {
+            load_team(&self.inner.pool, team_id)
+        })
+        .await
+    }
+
+    /// Loads a run's target, retrying while the database is unreachable and the lease is
+    /// valid.
+    async fn load_target<T, F, Fut>(
+        &self,
+        what: &str,
+        id: Uuid,
+        control: &RunControl,
+        load: F,
+    ) -> Result<T, String>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, crate::store::StoreError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match load().await {
+                Ok(Some(target)) => return Ok(target),
+                Ok(None) => return Err(format!("{what} {id} does not exist (any more)")),
+                Err(error) if !control.lease_expired_locally() && !control.lease_lost() => {
+                    attempt += 1;
+                    let delay = crate::store::backoff_delay(attempt, self.inner.max_backoff);
+                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "loading the run's {what} failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(error) => return Err(format!("could not load {what} {id}: {error}")),
+            }
+        }
+    }
+
+    /// Records the outcome (unless the lease was lost) and frees the run's slot.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        run_id: Uuid,
+        control: &RunControl,
+        started: Instant,
+        outcome: Option<Outcome>,
+        usage: Option<Usage>,
+        redactor: &Redactor,
+        executor: &str,
+        log_totals: logs::LogTotals,
+        artifact_totals: artifacts::ArtifactTotals,
+    ) {
+        if let Some(outcome) = outcome.filter(|_| !control.lease_lost()) {
+            let mut figures = usage.map(|usage| usage.take()).unwrap_or_default();
+            figures.insert(
+                "duration_ms".into(),
+                json!(started.elapsed().as_millis() as u64),
+            );
+            figures.insert("log_lines".into(), json!(log_totals.lines));
+            figures.insert("log_bytes".into(), json!(log_totals.bytes));
+            figures.insert("log_lines_dropped".into(), json!(log_totals.dropped_lines));
+            figures.insert("log_bytes_dropped".into(), json!(log_totals.dropped_bytes));
+            figures.insert("artifacts".into(), json!(artifact_totals.count));
+            figures.insert("artifact_bytes".into(), json!(artifact_totals.bytes));
+            figures.insert("artifacts_rejected".into(), json!(artifact_totals.rejected));
+            figures.insert("executor".into(), json!(executor));
+            let usage = serde_json::Value::Object(figures);
+            let record = match outcome {
+                Outcome::Completed { output } => RunOutcome {
+                    completed: true,
+                    output: Some(output),
+                    error: None,
+                    resource_usage: Some(usage),
+                },
+                Outcome::Failed { error, output } => RunOutcome {
+                    completed: false,
+                    output,
+                    error: Some(error),
+                    resource_usage: Some(usage),
+                },
+            };
+            self.record(run_id, control, &record, redactor).await;
+        } else {
+            tracing::warn!(
+                "run abandoned: its lease was lost, so another replica owns its outcome"
+            );
+        }
+        self.active().remove(&run_id);
+        self.inner.freed.notify_one();
+    }
+
+    /// Writes the outcome, retrying with backoff while the database is unreachable and the
+    /// lease is still valid.
+    async fn record(
+        &self,
+        run_id: Uuid,
+        control: &RunControl,
+        outcome: &RunOutcome,
+        redactor: &Redactor,
+    ) {
+        let mut attempt = 0;
+        loop {
+            match finish_run(&self.inner.pool, run_id, &self.inner.worker_id, outcome).await {
+                Ok(Fenced::Written) => {
+                    tracing::info!(
+                        status = if outcome.completed {
+                            "completed"
+                        } else {
+                            "failed"
+                        },
+                        error = outcome.error.as_deref().map(|error| redactor.redact(error)),
+                        "run finished"
+                    );
+                    return;
+                }
+                Ok(Fenced::LeaseLost) => {
+                    tracing::warn!("outcome refused: this worker no longer holds the run's lease");
+                    control.lose_lease();
+                    return;
+                }
+                Err(error) => {
+                    if control.lease_expired_locally() {
+                        tracing::warn!(error = %error, "outcome not recorded: the database stayed unreachable until the lease expired");
+                        return;
+                    }
+                    attempt += 1;
+                    let delay = crate::store::backoff_delay(attempt, self.inner.max_backoff);
+                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "recording the outcome failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}

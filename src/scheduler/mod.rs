@@ -1,0 +1,216 @@
+//! The claim loop: sleep until something is due (the earliest `next_run`, a notification,
+//! or the poll interval as a safety net), claim a batch in one short transaction, hand the
+//! runs to the runner, repeat.
+//!
+//! An idle wake-up costs one cheap query ([`due_summary`]); the claim transaction runs only
+//! when that query says work is waiting. Requests are claimed before schedules.
+
+pub mod listener;
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::{LeaseSettings, SchedulerSettings};
+use crate::runner::Runner;
+use crate::store::StoreError;
+use crate::store::runs::{ClaimedRun, RunKind, claim_requests};
+use crate::store::schedules::{ClaimTransaction, due_summary};
+use plan::{PlanEvent, plan_claim};
+
+/// The scheduler service.
+pub struct Scheduler {
+    pub pool: PgPool,
+    pub runner: Runner,
+    pub worker_id: String,
+    pub settings: SchedulerSettings,
+    pub lease: LeaseSettings,
+    pub max_backoff: Duration,
+    /// Notified by the listener when schedules or requests change.
+    pub wake: Arc<Notify>,
+}
+
+impl Scheduler {
+    /// Claims and dispatches until `shutdown` fires; then returns at once (running runs are
+    /// the runner's to finish).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        while !shutdown.is_cancelled() {
+            if self.runner.free_slots() == 0 {
+                // Full: wait for a run to end (the poll interval keeps it responsive).
+                tokio::select! {
+                    _ = self.runner.slot_freed() => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            let sleep_for = match self.tick().await {
+                Ok(Some(sleep_for)) => {
+                    failures = 0;
+                    sleep_for
+                }
+                Ok(None) => {
+                    failures = 0;
+                    continue;
+                }
+                Err(error) => {
+                    failures += 1;
+                    let delay = crate::store::backoff_delay(failures, self.max_backoff);
+                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claim failed; retrying");
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(sleep_for) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        tracing::info!("scheduler stopped claiming");
+    }
+
+    /// One look at the database. `Ok(None)`: work may remain, look again at once;
+    /// `Ok(Some(d))`: sleep up to `d` (a notification or a freed slot ends it early).
+    async fn tick(&self) -> Result<Option<Duration>, StoreError> {
+        let free = self.runner.free_slots();
+        let summary = due_summary(&self.pool).await?;
+        let limit = free.min(self.settings.batch_size);
+        let mut claimed_full_batch = false;
+
+        if summary.requests_waiting {
+            let sent_at = Instant::now();
+            let runs = claim_requests(&self.pool, limit, &self.worker_id, self.lease.ttl).await?;
+            claimed_full_batch |= runs.len() == limit;
+            for run in runs {
+                tracing::info!(run_id = %run.run_id, kind = run.kind.as_str(), target_id = %run.target_id, "request claimed");
+                self.runner.start(run, sent_at);
+            }
+        }
+        let free = self.runner.free_slots();
+        if summary.schedules_due() && free > 0 {
+            let limit = free.min(self.settings.batch_size);
+            claimed_full_batch |= self.claim_schedules(limit).await? == limit;
+        }
+        if claimed_full_batch {
+            return Ok(None);
+        }
+        // Sleep until the earliest next_run, within the poll interval. The summary was
+        // read before this tick's claims; a claim only moves next_run later, and an
+        // earlier one arrives with a notification.
+        let until_due = summary
+            .next_due
+            .filter(|due| *due > summary.now)
+            .and_then(|due| (due - summary.now).to_std().ok());
+        let sleep_for = until_due.map_or(self.settings.poll_interval, |d| {
+            d.min(self.settings.poll_interval)
+        });
+        if summary.schedules_due() {
+            // Due rows were locked by other replicas or just claimed: look again soon.
+            return Ok(Some(sleep_for.min(Duration::from_millis(50))));
+        }
+        Ok(Some(sleep_for))
+    }
+
+    /// One claim transaction; returns how many schedules it locked.
+    async fn claim_schedules(&self, limit: usize) -> Result<usize, StoreError> {
+        let sent_at = Instant::now();
+        let mut transaction = ClaimTransaction::begin(&self.pool).await?;
+        let (now, rows) = transaction.lock_schedules(limit).await?;
+        if rows.is_empty() {
+            transaction.commit().await?;
+            return Ok(0);
+        }
+        let (writes, events) = plan_claim(&rows, now, &self.settings, Uuid::now_v7);
+        let fired = transaction
+            .apply(&writes, &self.worker_id, self.lease.ttl)
+            .await?;
+        transaction.commit().await?;
+
+        for event in &events {
+            log_event(event, &fired);
+        }
+        // Everything the runs need is in hand: no query between the commit and the start,
+        // so a connection lost right after the commit cannot strand committed runs.
+        for fired_run in &fired {
+            if let Some(new) = writes.fires.iter().find(|f| f.run_id == fired_run.run_id) {
+                self.runner.start(
+                    ClaimedRun {
+                        run_id: new.run_id,
+                        kind: RunKind::Agent,
+                        target_id: new.agent_id,
+                        owner_id: new.owner_id,
+                        input: Some(new.input.clone()),
+                        schedule_id: Some(new.schedule_id),
+                    },
+                    sent_at,
+                );
+            }
+        }
+        Ok(rows.len())
+    }
+}
+
+fn log_event(event: &PlanEvent, fired: &[crate::store::schedules::FiredRun]) {
+    match event {
+        PlanEvent::Fired {
+            schedule_id,
+            run_id,
+            scheduled_for,
+            missed,
+            next_run,
+        } => {
+            if fired.iter().any(|f| f.run_id == *run_id) {
+                tracing::info!(
+                    schedule_id = %schedule_id,
+                    run_id = %run_id,
+                    scheduled_for = %scheduled_for,
+                    missed,
+                    next_run = next_run.map(|t| t.to_string()),
+                    "schedule fired"
+                );
+            } else {
+                tracing::info!(
+                    schedule_id = %schedule_id,
+                    scheduled_for = %scheduled_for,
+                    "slot already fired; not firing it again"
+                );
+            }
+        }
+        PlanEvent::Skipped {
+            schedule_id,
+            scheduled_for,
+            reason,
+            next_run,
+        } => tracing::info!(
+            schedule_id = %schedule_id,
+            scheduled_for = %scheduled_for,
+            reason = reason.as_str(),
+            next_run = next_run.map(|t| t.to_string()),
+            "schedule slot skipped"
+        ),
+        PlanEvent::Planned {
+            schedule_id,
+            next_run,
+        } => tracing::info!(schedule_id = %schedule_id, next_run = %next_run, "schedule planned"),
+        PlanEvent::Exhausted { schedule_id } => {
+            tracing::info!(schedule_id = %schedule_id, "schedule has no further slot")
+        }
+        PlanEvent::Invalid {
+            schedule_id,
+            report_run_id,
+            error,
+        } => tracing::warn!(
+            schedule_id = %schedule_id,
+            run_id = %report_run_id,
+            error = %error,
+            "invalid schedule; reported to its owner, ignored until its definition changes"
+        ),
+    }
+}

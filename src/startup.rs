@@ -1,0 +1,286 @@
+//! Building the application from settings: the database (configured or embedded), and the
+//! commands that use it. Kept apart from `main` so tests and every command share one path.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Settings, redact_url};
+use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use crate::{store, worker};
+
+/// How long `agentd migrate` keeps retrying an unreachable database before failing, so a
+/// one-shot migrate step started alongside the database waits for it but does not hang.
+pub const MIGRATE_CONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A connected database, with the embedded server behind it when there is one.
+pub struct Database {
+    /// The connection pool.
+    pub pool: PgPool,
+    embedded: Option<EmbeddedPostgres>,
+}
+
+impl Database {
+    /// Connects to `database.url`, or starts the embedded server when it is empty. Retries
+    /// with backoff until connected, `give_up_after` passes, or `shutdown` fires.
+    pub async fn open(
+        settings: &Settings,
+        give_up_after: Option<Duration>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Database> {
+        let (options, embedded) = match &settings.database.url {
+            Some(url) => {
+                tracing::info!(database = %redact_url(url), "connecting to the database");
+                (store::parse_url(url)?, None)
+            }
+            None => {
+                let embedded = EmbeddedPostgres::start(&EmbeddedOptions {
+                    data_dir: settings.embedded.data_dir.clone(),
+                    bin_dir: settings.embedded.bin_dir.clone(),
+                    start_timeout: settings.embedded.start_timeout,
+                    unsafe_no_fsync: false,
+                    keep_running: false,
+                })
+                .await?;
+                (embedded.connect_options(), Some(embedded))
+            }
+        };
+        let pool = store::connect(options, &settings.database, give_up_after, shutdown).await;
+        match pool {
+            Ok(pool) => Ok(Database { pool, embedded }),
+            Err(error) => {
+                if let Some(embedded) = embedded {
+                    embedded.stop().await;
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Closes the pool, then stops the embedded server if this process started it.
+    pub async fn close(self) {
+        self.pool.close().await;
+        if let Some(embedded) = self.embedded {
+            embedded.stop().await;
+        }
+    }
+}
+
+/// `agentd migrate`: apply pending migrations and say what changed.
+pub async fn migrate(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
+    let result = store::migrate(&database.pool).await;
+    database.close().await;
+    let report = result?;
+    let current = report
+        .current
+        .map_or_else(|| "none".to_string(), |v| v.to_string());
+    if report.applied.is_empty() {
+        println!("database is up to date (migration {current})");
+    } else {
+        let applied: Vec<String> = report.applied.iter().map(i64::to_string).collect();
+        println!(
+            "applied {} migration(s): {} (now at {current})",
+            report.applied.len(),
+            applied.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `agentd run`: connect (retrying), migrate when asked, then serve until shutdown.
+pub async fn run(
+    settings: &Settings,
+    migrate: bool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let database = match Database::open(settings, None, shutdown).await {
+        Ok(database) => database,
+        Err(error) if shutdown.is_cancelled() => {
+            tracing::info!(reason = %error, "stopped before the database was reachable");
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+    };
+    if migrate || settings.database.migrate {
+        match store::migrate(&database.pool).await {
+            Ok(report) => tracing::info!(
+                applied = report.applied.len(),
+                current = report.current.unwrap_or_default(),
+                "migrations applied"
+            ),
+            Err(error) => {
+                database.close().await;
+                return Err(error.into());
+            }
+        }
+    }
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "agentd running");
+    let executors = crate::executor::from_settings(settings);
+    let served = worker::serve(database.pool.clone(), settings, executors, shutdown.clone()).await;
+    tracing::info!("agentd stopping");
+    database.close().await;
+    tracing::info!("agentd stopped");
+    served.map_err(Into::into)
+}
+
+/// Exit status of `trigger --wait` when the run failed.
+pub const EXIT_RUN_FAILED: u8 = 1;
+
+/// `agentd trigger`: queue a run, print its id, and with `--wait` follow its logs until it
+/// ends. Returns whether the run completed (always true without `--wait`).
+pub async fn trigger(
+    settings: &Settings,
+    args: &crate::cli::TriggerArgs,
+    input: Option<serde_json::Value>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    use crate::cli::TriggerTarget;
+    use crate::store::runs::{RunKind, request_run, run_logs_after, run_state};
+    let kind = match args.target {
+        TriggerTarget::Agent => RunKind::Agent,
+        TriggerTarget::Team => RunKind::Team,
+    };
+    let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
+    let result = async {
+        let run_id = request_run(&database.pool, kind, args.id, input.as_ref()).await?;
+        println!("{run_id}");
+        if !args.wait {
+            return Ok(true);
+        }
+        let mut position = None;
+        loop {
+            let state = run_state(&database.pool, run_id).await?;
+            for (timestamp, id, level, message) in
+                run_logs_after(&database.pool, run_id, position).await?
+            {
+                println!(
+                    "{} {level:>5} {message}",
+                    timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                );
+                position = Some((timestamp, id));
+            }
+            match state {
+                Some(state) if state.status == "completed" => {
+                    println!("run {run_id} completed");
+                    return Ok(true);
+                }
+                Some(state) if state.status == "failed" => {
+                    println!("run {run_id} failed: {}", state.error.unwrap_or_default());
+                    return Ok(false);
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.cancelled() => anyhow::bail!("interrupted; the run goes on"),
+            }
+        }
+    }
+    .await;
+    database.close().await;
+    result
+}
+
+/// `agentd cancel`: ask to cancel a run; fails when there is nothing to cancel.
+pub async fn cancel(
+    settings: &Settings,
+    run_id: uuid::Uuid,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
+    let result = store::runs::cancel_run(&database.pool, run_id).await;
+    database.close().await;
+    if result? {
+        println!("cancellation of run {run_id} requested");
+        Ok(())
+    } else {
+        anyhow::bail!("run {run_id} is not running or queued: nothing to cancel")
+    }
+}
+
+/// `agentd demo`: migrate, seed the demo data (once), queue a team run, and run a worker
+/// that prints every run's log lines until Ctrl-C.
+pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
+    let result = async {
+        store::migrate(&database.pool).await?;
+        let inserted = store::demo::seed(&database.pool).await?;
+        if inserted > 0 {
+            println!("demo data created: a user, 3 agents, 3 teams (route, coordinate, collaborate), 2 schedules firing every minute");
+        } else {
+            println!("demo data already present");
+        }
+        let mut settings = settings.clone();
+        // The "system" agent runs a real program when one is there.
+        if let Some(uname) = find_program("uname") {
+            settings.executors.command.program = vec![uname, "-a".into()];
+            settings
+                .executor
+                .by_category
+                .insert("system".into(), crate::config::ExecutorKind::Command);
+        }
+        if settings.executors.builtin.step_delay.is_zero() {
+            settings.executors.builtin.step_delay = Duration::from_millis(300);
+        }
+        // Lines are stamped by the worker's clock when emitted: everything from now on.
+        let since: (chrono::DateTime<chrono::Utc>, uuid::Uuid) = (chrono::Utc::now(), uuid::Uuid::nil());
+        let run_id = store::runs::request_run(
+            &database.pool,
+            store::runs::RunKind::Team,
+            store::demo::COORDINATE_TEAM,
+            Some(&serde_json::json!("agents that run on time")),
+        )
+        .await?;
+        println!("team run {run_id} queued; the worker runs it now (Ctrl-C stops)");
+        let printer = tokio::spawn(print_logs(database.pool.clone(), since, shutdown.clone()));
+        let executors = crate::executor::from_settings(&settings);
+        let served = worker::serve(database.pool.clone(), &settings, executors, shutdown.clone()).await;
+        let _ = printer.await;
+        served.map_err(anyhow::Error::from)
+    }
+    .await;
+    database.close().await;
+    result
+}
+
+/// Prints new log lines of every run twice a second until shutdown.
+async fn print_logs(
+    pool: sqlx::PgPool,
+    mut position: (chrono::DateTime<chrono::Utc>, uuid::Uuid),
+    shutdown: CancellationToken,
+) {
+    loop {
+        match store::demo::logs_after(&pool, position).await {
+            Ok(lines) => {
+                for line in lines {
+                    let run = line.run_id.to_string();
+                    println!(
+                        "{} run {} {:>5} {}",
+                        line.timestamp.format("%H:%M:%S%.3f"),
+                        &run[..8],
+                        line.level,
+                        line.message
+                    );
+                    position = (line.timestamp, line.id);
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, "reading run logs failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The full path of a program found in PATH.
+fn find_program(name: &str) -> Option<String> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+            .map(|found| found.to_string_lossy().into_owned())
+    })
+}

@@ -1,0 +1,204 @@
+//! Every SQL statement agentd runs, and the connection to PostgreSQL.
+//!
+//! Nothing outside this module writes SQL: callers use one function per statement, named for
+//! what it does, so queries can be read, reviewed and batched in one place. (The schema
+//! itself lives in `migrations/`, compiled into the binary.)
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DatabaseSettings;
+
+pub mod agents;
+pub mod demo;
+pub mod runs;
+pub mod schedules;
+pub mod workers;
+
+/// Where agentd records which migrations ran: in its own schema, so that Supabase's API
+/// (which exposes `public`) never shows it.
+const MIGRATIONS_TABLE: &str = "agentd._sqlx_migrations";
+
+/// Errors of the store layer. Messages never contain connection passwords.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL cannot be parsed.
+    #[error("database.url: not a valid PostgreSQL URL: {0}")]
+    BadUrl(String),
+    /// A query or connection failed.
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Connecting kept failing until the caller's deadline.
+    #[error("database: could not connect within {waited:?}: {last_error}")]
+    GaveUp {
+        waited: Duration,
+        last_error: String,
+    },
+    /// Shutdown was requested while connecting.
+    #[error("shutdown requested while connecting to the database")]
+    ShutDown,
+    /// A row holds something the schema's checks should have prevented.
+    #[error("database: unexpected data: {0}")]
+    Corrupt(String),
+}
+
+/// agentd's migrations, embedded in the binary, with their bookkeeping table in schema
+/// `agentd`.
+pub fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator.create_schema("agentd");
+    migrator
+}
+
+/// Parses a connection URL; the error names what is wrong without repeating the URL (it may
+/// carry a password).
+pub fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
+    PgConnectOptions::from_str(url).map_err(|error| {
+        let reason = match error {
+            sqlx::Error::Configuration(inner) => inner.to_string(),
+            other => other.to_string(),
+        };
+        StoreError::BadUrl(reason)
+    })
+}
+
+/// Opens a pool, retrying failed attempts with exponential backoff and jitter (capped at
+/// `database.max_backoff`) until it succeeds, `give_up_after` passes, or `shutdown` fires.
+/// Each failure is logged once, without the password.
+pub async fn connect(
+    options: PgConnectOptions,
+    settings: &DatabaseSettings,
+    give_up_after: Option<Duration>,
+    shutdown: &CancellationToken,
+) -> Result<PgPool, StoreError> {
+    // agentd.internal marks the worker's own sessions, so the triggers that wake workers
+    // on application changes stay quiet for the worker's own updates.
+    let options = options
+        .application_name("agentd")
+        .options([("agentd.internal", "on")]);
+    let started = tokio::time::Instant::now();
+    let mut attempt: u32 = 0;
+    loop {
+        let result = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.connect_timeout)
+            .connect_with(options.clone())
+            .await;
+        let error = match result {
+            Ok(pool) => {
+                if attempt > 0 {
+                    tracing::info!(attempts = attempt + 1, "connected to the database");
+                }
+                return Ok(pool);
+            }
+            Err(error) => error,
+        };
+        attempt += 1;
+        let delay = backoff_delay(attempt, settings.max_backoff);
+        if let Some(limit) = give_up_after
+            && started.elapsed() + delay > limit
+        {
+            return Err(StoreError::GaveUp {
+                waited: started.elapsed(),
+                last_error: error.to_string(),
+            });
+        }
+        tracing::warn!(
+            attempt,
+            retry_in_ms = delay.as_millis() as u64,
+            error = %error,
+            "cannot connect to the database; retrying"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return Err(StoreError::ShutDown),
+        }
+    }
+}
+
+/// Exponential backoff from 100 ms, capped, with "equal jitter" (half fixed, half random) so
+/// that replicas which lost the database together do not retry in lockstep.
+pub fn backoff_delay(attempt: u32, max: Duration) -> Duration {
+    let exponential = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(20));
+    let capped = exponential.min(max);
+    let random = (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0;
+    capped.mul_f64(0.5 + 0.5 * random)
+}
+
+/// What a migration run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Versions applied by this run, oldest first.
+    pub applied: Vec<i64>,
+    /// The newest version now in the database.
+    pub current: Option<i64>,
+}
+
+/// Applies the pending migrations. Safe with several replicas starting at once: sqlx takes
+/// an advisory lock for the duration.
+pub async fn migrate(pool: &PgPool) -> Result<MigrationReport, StoreError> {
+    let migrator = migrator();
+    let before = applied_versions(pool).await?;
+    migrator.run(pool).await?;
+    let after = applied_versions(pool).await?;
+    let applied = after
+        .iter()
+        .copied()
+        .filter(|version| !before.contains(version))
+        .collect();
+    Ok(MigrationReport {
+        applied,
+        current: after.last().copied(),
+    })
+}
+
+/// The versions recorded as applied (empty before the first migration).
+pub async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(MIGRATIONS_TABLE)
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let versions = sqlx::query_scalar(
+        "SELECT version FROM agentd._sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(versions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let max = Duration::from_secs(30);
+        for attempt in 1..40 {
+            let delay = backoff_delay(attempt, max);
+            let ceiling = Duration::from_millis(100)
+                .saturating_mul(1u32 << attempt.min(20))
+                .min(max);
+            assert!(
+                delay <= ceiling && delay >= ceiling / 2,
+                "{attempt}: {delay:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_url_error_hides_the_url() {
+        let error = parse_url("postgres://user:secret@host:notaport/db").unwrap_err();
+        assert!(!error.to_string().contains("secret"), "{error}");
+    }
+}

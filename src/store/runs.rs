@@ -1,0 +1,337 @@
+//! Runs: requests, fenced writes (log batches, the outcome), and reading a run's state.
+//!
+//! Fencing: every write a worker makes for a run names the worker and succeeds only while
+//! that worker holds an unexpired lease on the run, checked and locked in the same
+//! statement. A worker that lost its lease gets `Fenced` and must abandon the run.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::Row;
+use sqlx::postgres::PgPool;
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// What a run executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    Agent,
+    Team,
+}
+
+impl RunKind {
+    /// The value of `runs.type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Agent => "agent",
+            RunKind::Team => "team",
+        }
+    }
+
+    fn parse(text: &str) -> Result<RunKind, StoreError> {
+        match text {
+            "agent" => Ok(RunKind::Agent),
+            "team" => Ok(RunKind::Team),
+            other => Err(StoreError::Corrupt(format!("unknown run type {other:?}"))),
+        }
+    }
+}
+
+/// A run this worker holds a lease on and must execute.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    pub run_id: Uuid,
+    pub kind: RunKind,
+    pub target_id: Uuid,
+    pub owner_id: Uuid,
+    pub input: Option<Value>,
+    pub schedule_id: Option<Uuid>,
+}
+
+/// Turns up to `limit` waiting requests into running runs leased to `worker_id`, in one
+/// statement (oldest first; requests other replicas are taking are skipped).
+pub async fn claim_requests(
+    pool: &PgPool,
+    limit: usize,
+    worker_id: &str,
+    lease_ttl: std::time::Duration,
+) -> Result<Vec<ClaimedRun>, StoreError> {
+    let rows = sqlx::query(
+        r#"
+        WITH picked AS (
+          SELECT id FROM agentd.requests ORDER BY requested_at LIMIT $1 FOR UPDATE SKIP LOCKED
+        ), taken AS (
+          DELETE FROM agentd.requests r USING picked p WHERE r.id = p.id
+          RETURNING r.id, r.target_type, r.target_id, r.input, r.requested_by, r.requested_at
+        ), new_runs AS (
+          INSERT INTO public.runs (id, type, target_id, status, start_time, triggered_by_id, input)
+          SELECT id, target_type, target_id, 'running', now(), requested_by, input FROM taken
+        ), new_leases AS (
+          INSERT INTO agentd.leases (run_id, worker_id, expires_at)
+          SELECT id, $2, now() + $3 * interval '1 millisecond' FROM taken
+        )
+        SELECT id, target_type, target_id, input, requested_by FROM taken ORDER BY requested_at
+        "#,
+    )
+    .bind(limit as i64)
+    .bind(worker_id)
+    .bind(lease_ttl.as_millis() as f64)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(ClaimedRun {
+                run_id: row.try_get("id")?,
+                kind: RunKind::parse(row.try_get::<&str, _>("target_type")?)?,
+                target_id: row.try_get("target_id")?,
+                owner_id: row.try_get("requested_by")?,
+                input: row.try_get("input")?,
+                schedule_id: None,
+            })
+        })
+        .collect()
+}
+
+/// One log line, as the run emitted it.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// UUIDv7 from the run's generator: `order by timestamp, id` is emission order.
+    pub id: Uuid,
+    pub level: &'static str,
+    pub message: String,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Result of a fenced write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fenced {
+    /// Written: this worker still holds the lease.
+    Written,
+    /// Refused: the lease is gone or expired; the run is no longer this worker's.
+    LeaseLost,
+}
+
+/// Inserts a batch of log lines in one statement, only while `worker_id` holds the run's
+/// lease (the lease row is share-locked, so a reaper cannot end it mid-write).
+pub async fn insert_log_batch(
+    pool: &PgPool,
+    run_id: Uuid,
+    worker_id: &str,
+    lines: &[LogLine],
+) -> Result<Fenced, StoreError> {
+    let held: bool = sqlx::query_scalar(
+        r#"
+        WITH lease AS (
+          SELECT run_id FROM agentd.leases
+           WHERE run_id = $1 AND worker_id = $2 AND expires_at > now()
+           FOR SHARE
+        ), written AS (
+          INSERT INTO public.run_logs (id, run_id, message, level, timestamp)
+          SELECT x.id, lease.run_id, x.message, x.level, x.ts
+            FROM lease, unnest($3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
+                 AS x(id, message, level, ts)
+          ON CONFLICT (id) DO NOTHING
+        )
+        SELECT EXISTS (SELECT 1 FROM lease)
+        "#,
+    )
+    .bind(run_id)
+    .bind(worker_id)
+    .bind(lines.iter().map(|l| l.id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.message.clone()).collect::<Vec<_>>())
+    .bind(
+        lines
+            .iter()
+            .map(|l| l.level.to_string())
+            .collect::<Vec<_>>(),
+    )
+    .bind(lines.iter().map(|l| l.timestamp).collect::<Vec<_>>())
+    .fetch_one(pool)
+    .await?;
+    Ok(if held {
+        Fenced::Written
+    } else {
+        Fenced::LeaseLost
+    })
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub completed: bool,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub resource_usage: Option<Value>,
+}
+
+/// Records the outcome and ends the lease in one statement, only while `worker_id` holds
+/// it. `duration` is computed by the database from `start_time`.
+pub async fn finish_run(
+    pool: &PgPool,
+    run_id: Uuid,
+    worker_id: &str,
+    outcome: &RunOutcome,
+) -> Result<Fenced, StoreError> {
+    let done: Option<Uuid> = sqlx::query_scalar(
+        r#"
+        WITH lease AS (
+          DELETE FROM agentd.leases
+           WHERE run_id = $1 AND worker_id = $2 AND expires_at > now()
+          RETURNING run_id
+        )
+        UPDATE public.runs r
+           SET status = $3, end_time = now(),
+               duration = least(extract(epoch FROM (now() - r.start_time)) * 1000, 2147483647)::integer,
+               output = $4, error = $5, resource_usage = $6
+          FROM lease
+         WHERE r.id = lease.run_id AND r.status = 'running'
+        RETURNING r.id
+        "#,
+    )
+    .bind(run_id)
+    .bind(worker_id)
+    .bind(if outcome.completed { "completed" } else { "failed" })
+    .bind(&outcome.output)
+    .bind(&outcome.error)
+    .bind(&outcome.resource_usage)
+    .fetch_optional(pool)
+    .await?;
+    Ok(if done.is_some() {
+        Fenced::Written
+    } else {
+        Fenced::LeaseLost
+    })
+}
+
+/// `public.request_run`, as the worker's role (any target).
+pub async fn request_run(
+    pool: &PgPool,
+    kind: RunKind,
+    target_id: Uuid,
+    input: Option<&Value>,
+) -> Result<Uuid, StoreError> {
+    let run_id = sqlx::query_scalar("SELECT public.request_run($1, $2, $3)")
+        .bind(kind.as_str())
+        .bind(target_id)
+        .bind(input)
+        .fetch_one(pool)
+        .await?;
+    Ok(run_id)
+}
+
+/// `public.cancel_run`, as the worker's role (any run).
+pub async fn cancel_run(pool: &PgPool, run_id: Uuid) -> Result<bool, StoreError> {
+    let taken = sqlx::query_scalar("SELECT public.cancel_run($1)")
+        .bind(run_id)
+        .fetch_one(pool)
+        .await?;
+    Ok(taken)
+}
+
+/// A run's state as the CLI shows it.
+#[derive(Debug, Clone)]
+pub struct RunState {
+    /// `queued` (requested, not started), `running`, `completed` or `failed`.
+    pub status: String,
+    pub error: Option<String>,
+    pub output: Option<Value>,
+}
+
+/// The state of a run or of a request that will become one; `None` if neither exists.
+pub async fn run_state(pool: &PgPool, run_id: Uuid) -> Result<Option<RunState>, StoreError> {
+    let row = sqlx::query(
+        r#"
+        SELECT status, error, output FROM public.runs WHERE id = $1
+        UNION ALL
+        SELECT 'queued', NULL, NULL FROM agentd.requests WHERE id = $1
+        LIMIT 1
+        "#,
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| {
+        Ok(RunState {
+            status: row.try_get("status")?,
+            error: row.try_get("error")?,
+            output: row.try_get("output")?,
+        })
+    })
+    .transpose()
+}
+
+/// Log lines of a run after the given position, in emission order (for `trigger --wait`).
+pub async fn run_logs_after(
+    pool: &PgPool,
+    run_id: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+) -> Result<Vec<(DateTime<Utc>, Uuid, String, String)>, StoreError> {
+    let (after_ts, after_id) = after.unzip();
+    let rows = sqlx::query(
+        r#"
+        SELECT timestamp, id, level, message FROM public.run_logs
+         WHERE run_id = $1 AND ($2::timestamptz IS NULL OR (timestamp, id) > ($2, $3))
+         ORDER BY timestamp, id
+         LIMIT 1000
+        "#,
+    )
+    .bind(run_id)
+    .bind(after_ts)
+    .bind(after_id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get("timestamp")?,
+                row.try_get("id")?,
+                row.try_get("level")?,
+                row.try_get("message")?,
+            ))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+/// A stored artifact's row.
+#[derive(Debug, Clone)]
+pub struct ArtifactRow {
+    pub name: String,
+    pub content_type: String,
+    pub size: i32,
+    pub url: String,
+}
+
+/// Inserts an artifact's row, only while `worker_id` holds the run's lease.
+pub async fn insert_artifact(
+    pool: &PgPool,
+    run_id: Uuid,
+    worker_id: &str,
+    artifact: &ArtifactRow,
+) -> Result<Fenced, StoreError> {
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        r#"
+        WITH lease AS (
+          SELECT run_id FROM agentd.leases
+           WHERE run_id = $1 AND worker_id = $2 AND expires_at > now()
+           FOR SHARE
+        )
+        INSERT INTO public.run_artifacts (run_id, name, type, size, url)
+        SELECT lease.run_id, $3, $4, $5, $6 FROM lease
+        RETURNING id
+        "#,
+    )
+    .bind(run_id)
+    .bind(worker_id)
+    .bind(&artifact.name)
+    .bind(&artifact.content_type)
+    .bind(artifact.size)
+    .bind(&artifact.url)
+    .fetch_optional(pool)
+    .await?;
+    Ok(if inserted.is_some() {
+        Fenced::Written
+    } else {
+        Fenced::LeaseLost
+    })
+}

@@ -1,0 +1,345 @@
+//! Schedules: the cheap look at what is due, and the claim transaction.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::schedule::ScheduleSpec;
+
+/// What the scheduler needs to know to decide whether and how long to sleep, in one query.
+#[derive(Debug, Clone)]
+pub struct DueSummary {
+    /// The database's clock: every replica decides by the same one.
+    pub now: DateTime<Utc>,
+    /// The earliest `next_run` of an enabled schedule, if any.
+    pub next_due: Option<DateTime<Utc>>,
+    /// An enabled schedule has no `next_run` yet (new or edited) and is not known to be
+    /// invalid or exhausted for its current definition.
+    pub unplanned: bool,
+    /// Requests are waiting.
+    pub requests_waiting: bool,
+}
+
+impl DueSummary {
+    /// Whether a claim transaction would find schedules to work on.
+    pub fn schedules_due(&self) -> bool {
+        self.unplanned || self.next_due.is_some_and(|due| due <= self.now)
+    }
+}
+
+/// One cheap query: index-only lookups on the partial indexes and the requests table.
+pub async fn due_summary(pool: &PgPool) -> Result<DueSummary, StoreError> {
+    let row = sqlx::query(
+        r#"
+        SELECT now() AS now,
+               (SELECT s.next_run FROM public.agent_schedules s
+                 WHERE s.enabled AND s.next_run IS NOT NULL
+                 ORDER BY s.next_run LIMIT 1) AS next_due,
+               EXISTS (SELECT 1 FROM public.agent_schedules s
+                        WHERE s.enabled AND s.next_run IS NULL
+                          AND NOT EXISTS (SELECT 1 FROM agentd.schedule_states st
+                                           WHERE st.schedule_id = s.id
+                                             AND st.definition_hash = agentd.schedule_definition_hash(s))
+                      ) AS unplanned,
+               EXISTS (SELECT 1 FROM agentd.requests) AS requests_waiting
+        "#,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(DueSummary {
+        now: row.try_get("now")?,
+        next_due: row.try_get("next_due")?,
+        unplanned: row.try_get("unplanned")?,
+        requests_waiting: row.try_get("requests_waiting")?,
+    })
+}
+
+/// A schedule locked by the claim transaction.
+#[derive(Debug, Clone)]
+pub struct LockedSchedule {
+    pub id: Uuid,
+    pub agent_id: Uuid,
+    /// The agent's owner: the runs' `triggered_by_id`.
+    pub owner_id: Uuid,
+    pub spec: ScheduleSpec,
+    /// `None`: new or edited; the worker must compute it.
+    pub next_run: Option<DateTime<Utc>>,
+    pub definition_hash: String,
+    /// A previous run of this schedule is still running (it holds a lease).
+    pub running: bool,
+    /// `days` held NULL elements (left out of `spec.days`): the row is invalid.
+    pub days_has_null: bool,
+}
+
+/// The claim's locking query (public so a test can check its plan on a large table).
+/// `$1`: the most rows of each kind (due, unplanned) to lock.
+pub const LOCK_SCHEDULES_SQL: &str = r#"
+    WITH due AS (
+      SELECT s.id FROM public.agent_schedules s
+       WHERE s.enabled AND s.next_run IS NOT NULL AND s.next_run <= now()
+       ORDER BY s.next_run
+       LIMIT $1
+       FOR UPDATE SKIP LOCKED
+    ), unplanned AS (
+      SELECT s.id FROM public.agent_schedules s
+       WHERE s.enabled AND s.next_run IS NULL
+         AND NOT EXISTS (SELECT 1 FROM agentd.schedule_states st
+                          WHERE st.schedule_id = s.id
+                            AND st.definition_hash = agentd.schedule_definition_hash(s))
+       LIMIT $1
+       FOR UPDATE SKIP LOCKED
+    )
+    SELECT now() AS now, s.id, s.agent_id, a.user_id AS owner_id, s.frequency, s.interval,
+           s.time, s.date, s.timezone, s.created_at, s.next_run,
+           -- Flattened, so a multi-dimensional or NULL-holding array cannot make the
+           -- whole claim fail to decode; NULL elements are reported as invalid.
+           (SELECT array_agg(d) FROM unnest(s.days) d WHERE d IS NOT NULL) AS days,
+           EXISTS (SELECT 1 FROM unnest(s.days) d WHERE d IS NULL) AS days_has_null,
+           agentd.schedule_definition_hash(s) AS definition_hash,
+           EXISTS (SELECT 1 FROM agentd.leases l WHERE l.schedule_id = s.id) AS running
+      FROM public.agent_schedules s
+      JOIN public.agents a ON a.id = s.agent_id
+     WHERE s.id IN (SELECT id FROM due UNION ALL SELECT id FROM unplanned)
+     ORDER BY s.next_run NULLS FIRST
+    "#;
+
+/// An open claim transaction. Dropping it without [`ClaimTransaction::commit`] rolls back.
+pub struct ClaimTransaction {
+    tx: Transaction<'static, Postgres>,
+}
+
+/// Everything one claim writes, applied in one statement.
+#[derive(Debug, Default)]
+pub struct ClaimWrites {
+    pub fires: Vec<NewScheduledRun>,
+    pub updates: Vec<ScheduleUpdate>,
+    pub states: Vec<ScheduleStateChange>,
+}
+
+/// A run to create for a slot.
+#[derive(Debug, Clone)]
+pub struct NewScheduledRun {
+    pub run_id: Uuid,
+    pub schedule_id: Uuid,
+    pub scheduled_for: DateTime<Utc>,
+    pub agent_id: Uuid,
+    pub owner_id: Uuid,
+    pub input: Value,
+}
+
+/// New `next_run` (and `last_run` when a slot fired) of a schedule.
+#[derive(Debug, Clone)]
+pub struct ScheduleUpdate {
+    pub id: Uuid,
+    pub next_run: Option<DateTime<Utc>>,
+    /// `None` keeps the current value.
+    pub last_run: Option<DateTime<Utc>>,
+}
+
+/// A schedule with nothing to fire for its current definition.
+#[derive(Debug, Clone)]
+pub struct ScheduleStateChange {
+    pub schedule_id: Uuid,
+    pub definition_hash: String,
+    pub state: ScheduleState,
+}
+
+/// Why a schedule has nothing to fire.
+#[derive(Debug, Clone)]
+pub enum ScheduleState {
+    /// `once` after firing, or a rule past its last slot.
+    Exhausted,
+    /// The row is invalid: reported to its owner by a failed run with this error.
+    Invalid {
+        error: String,
+        report_run_id: Uuid,
+        agent_id: Uuid,
+        owner_id: Uuid,
+        input: Value,
+    },
+}
+
+/// A run created by the claim, now leased to this worker.
+#[derive(Debug, Clone)]
+pub struct FiredRun {
+    pub run_id: Uuid,
+    pub schedule_id: Uuid,
+}
+
+impl ClaimTransaction {
+    /// Begins the transaction.
+    pub async fn begin(pool: &PgPool) -> Result<ClaimTransaction, StoreError> {
+        Ok(ClaimTransaction {
+            tx: pool.begin().await?,
+        })
+    }
+
+    /// Locks up to `limit` due schedules (oldest `next_run` first) and up to `limit`
+    /// unplanned ones, skipping rows other replicas hold. Returns the database's `now`.
+    pub async fn lock_schedules(
+        &mut self,
+        limit: usize,
+    ) -> Result<(DateTime<Utc>, Vec<LockedSchedule>), StoreError> {
+        let rows = sqlx::query(LOCK_SCHEDULES_SQL)
+            .bind(limit as i64)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        let now = match rows.first() {
+            Some(row) => row.try_get("now")?,
+            None => {
+                sqlx::query_scalar("SELECT now()")
+                    .fetch_one(&mut *self.tx)
+                    .await?
+            }
+        };
+        let schedules = rows
+            .iter()
+            .map(locked_schedule)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok((now, schedules))
+    }
+
+    /// Writes the claim in one statement: fire records (the unique key that forbids a
+    /// second run for a slot), runs, leases, schedule updates, states and invalid-row
+    /// reports. Returns the runs actually created (a slot fired before is left out).
+    pub async fn apply(
+        &mut self,
+        writes: &ClaimWrites,
+        worker_id: &str,
+        lease_ttl: std::time::Duration,
+    ) -> Result<Vec<FiredRun>, StoreError> {
+        let fires = &writes.fires;
+        let (mut state_ids, mut hashes, mut kinds, mut errors) = (vec![], vec![], vec![], vec![]);
+        let (
+            mut report_ids,
+            mut report_agents,
+            mut report_owners,
+            mut report_inputs,
+            mut report_errors,
+        ) = (vec![], vec![], vec![], vec![], vec![]);
+        for change in &writes.states {
+            state_ids.push(change.schedule_id);
+            hashes.push(change.definition_hash.clone());
+            match &change.state {
+                ScheduleState::Exhausted => {
+                    kinds.push("exhausted".to_string());
+                    errors.push(None);
+                }
+                ScheduleState::Invalid {
+                    error,
+                    report_run_id,
+                    agent_id,
+                    owner_id,
+                    input,
+                } => {
+                    kinds.push("invalid".to_string());
+                    errors.push(Some(error.clone()));
+                    report_ids.push(*report_run_id);
+                    report_agents.push(*agent_id);
+                    report_owners.push(*owner_id);
+                    report_inputs.push(input.clone());
+                    report_errors.push(error.clone());
+                }
+            }
+        }
+        let rows = sqlx::query(
+            r#"
+            WITH fires AS (
+              INSERT INTO agentd.schedule_fires (schedule_id, scheduled_for, run_id)
+              SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[])
+              ON CONFLICT DO NOTHING
+              RETURNING schedule_id, run_id
+            ), new_runs AS (
+              INSERT INTO public.runs (id, type, target_id, status, start_time, triggered_by_id, input)
+              SELECT x.run_id, 'agent', x.agent_id, 'running', now(), x.owner_id, x.input
+                FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::jsonb[])
+                     AS x(run_id, agent_id, owner_id, input)
+                JOIN fires f ON f.run_id = x.run_id
+              RETURNING id
+            ), new_leases AS (
+              INSERT INTO agentd.leases (run_id, worker_id, schedule_id, expires_at)
+              SELECT f.run_id, $7, f.schedule_id, now() + $8 * interval '1 millisecond' FROM fires f
+            ), advanced AS (
+              UPDATE public.agent_schedules s
+                 SET next_run = u.next_run, last_run = coalesce(u.last_run, s.last_run)
+                FROM unnest($9::uuid[], $10::timestamptz[], $11::timestamptz[]) AS u(id, next_run, last_run)
+               WHERE s.id = u.id
+            ), states AS (
+              INSERT INTO agentd.schedule_states (schedule_id, definition_hash, state, error)
+              SELECT * FROM unnest($12::uuid[], $13::text[], $14::text[], $15::text[])
+              ON CONFLICT (schedule_id) DO UPDATE
+                 SET definition_hash = excluded.definition_hash, state = excluded.state,
+                     error = excluded.error, updated_at = now()
+            ), reports AS (
+              INSERT INTO public.runs (id, type, target_id, status, start_time, end_time, duration,
+                                       triggered_by_id, input, error)
+              SELECT x.run_id, 'agent', x.agent_id, 'failed', now(), now(), 0, x.owner_id, x.input, x.error
+                FROM unnest($16::uuid[], $17::uuid[], $18::uuid[], $19::jsonb[], $20::text[])
+                     AS x(run_id, agent_id, owner_id, input, error)
+            )
+            SELECT run_id, schedule_id FROM fires
+            "#,
+        )
+        .bind(fires.iter().map(|f| f.schedule_id).collect::<Vec<_>>())
+        .bind(fires.iter().map(|f| f.scheduled_for).collect::<Vec<_>>())
+        .bind(fires.iter().map(|f| f.run_id).collect::<Vec<_>>())
+        .bind(fires.iter().map(|f| f.agent_id).collect::<Vec<_>>())
+        .bind(fires.iter().map(|f| f.owner_id).collect::<Vec<_>>())
+        .bind(fires.iter().map(|f| f.input.clone()).collect::<Vec<_>>())
+        .bind(worker_id)
+        .bind(lease_ttl.as_millis() as f64)
+        .bind(writes.updates.iter().map(|u| u.id).collect::<Vec<_>>())
+        .bind(writes.updates.iter().map(|u| u.next_run).collect::<Vec<_>>())
+        .bind(writes.updates.iter().map(|u| u.last_run).collect::<Vec<_>>())
+        .bind(state_ids)
+        .bind(hashes)
+        .bind(kinds)
+        .bind(errors)
+        .bind(report_ids)
+        .bind(report_agents)
+        .bind(report_owners)
+        .bind(report_inputs)
+        .bind(report_errors)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(FiredRun {
+                    run_id: row.try_get("run_id")?,
+                    schedule_id: row.try_get("schedule_id")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Commits the claim.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn locked_schedule(row: &PgRow) -> Result<LockedSchedule, sqlx::Error> {
+    Ok(LockedSchedule {
+        id: row.try_get("id")?,
+        agent_id: row.try_get("agent_id")?,
+        owner_id: row.try_get("owner_id")?,
+        spec: ScheduleSpec {
+            frequency: row.try_get("frequency")?,
+            interval: row.try_get("interval")?,
+            time: row.try_get("time")?,
+            days: row.try_get("days")?,
+            date: row.try_get("date")?,
+            timezone: row.try_get("timezone")?,
+            created_at: row.try_get("created_at")?,
+        },
+        next_run: row.try_get("next_run")?,
+        definition_hash: row.try_get("definition_hash")?,
+        running: row.try_get("running")?,
+        days_has_null: row.try_get("days_has_null")?,
+    })
+}

@@ -1,0 +1,152 @@
+//! Workers and leases: registration, the batched heartbeat, and the reaper's statement.
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::postgres::PgPool;
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// What a replica says about itself.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+}
+
+/// Registers (or re-registers) this worker; `started_at` is reset on every start.
+pub async fn register_worker(pool: &PgPool, worker: &WorkerInfo) -> Result<(), StoreError> {
+    sqlx::query(
+        r#"
+        INSERT INTO agentd.workers (id, host, pid, version, started_at, last_seen_at)
+        VALUES ($1, $2, $3, $4, now(), now())
+        ON CONFLICT (id) DO UPDATE
+           SET host = excluded.host, pid = excluded.pid, version = excluded.version,
+               started_at = now(), last_seen_at = now()
+        "#,
+    )
+    .bind(&worker.id)
+    .bind(&worker.host)
+    .bind(worker.pid as i32)
+    .bind(&worker.version)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Removes this worker from the registry on a clean stop.
+pub async fn deregister_worker(pool: &PgPool, worker_id: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM agentd.workers WHERE id = $1")
+        .bind(worker_id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// A lease this worker still holds after a heartbeat.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldLease {
+    pub run_id: Uuid,
+    /// The run's owner asked to cancel it.
+    pub cancel_requested: bool,
+}
+
+/// The heartbeat, one statement: extends every unexpired lease of `worker_id` among
+/// `run_ids` by `ttl`, marks the worker as seen, and returns the leases still held (a run
+/// missing from the answer is no longer this worker's).
+pub async fn renew_leases(
+    pool: &PgPool,
+    worker_id: &str,
+    run_ids: &[Uuid],
+    ttl: std::time::Duration,
+) -> Result<Vec<HeldLease>, StoreError> {
+    let rows = sqlx::query(
+        r#"
+        WITH seen AS (
+          UPDATE agentd.workers SET last_seen_at = now() WHERE id = $1
+        )
+        UPDATE agentd.leases
+           SET expires_at = now() + $3 * interval '1 millisecond'
+         WHERE worker_id = $1 AND run_id = ANY($2) AND expires_at > now()
+        RETURNING run_id, cancel_requested
+        "#,
+    )
+    .bind(worker_id)
+    .bind(run_ids)
+    .bind(ttl.as_millis() as f64)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(HeldLease {
+                run_id: row.try_get("run_id")?,
+                cancel_requested: row.try_get("cancel_requested")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+/// A run whose worker stopped renewing its lease.
+#[derive(Debug, Clone)]
+pub struct ReapedRun {
+    pub run_id: Uuid,
+    pub worker_id: String,
+    pub expired_at: DateTime<Utc>,
+}
+
+/// Ends up to `limit` expired leases and marks their runs failed ("worker lost"), in one
+/// statement. Any replica may run it; row locks make each lease reaped once.
+pub async fn reap_expired_leases(
+    pool: &PgPool,
+    limit: usize,
+) -> Result<Vec<ReapedRun>, StoreError> {
+    let rows = sqlx::query(
+        r#"
+        WITH expired AS (
+          SELECT run_id FROM agentd.leases
+           WHERE expires_at <= now()
+           ORDER BY expires_at
+           LIMIT $1
+           FOR UPDATE SKIP LOCKED
+        ), ended AS (
+          DELETE FROM agentd.leases l USING expired e WHERE l.run_id = e.run_id
+          RETURNING l.run_id, l.worker_id, l.expires_at
+        ), failed AS (
+          UPDATE public.runs r
+             SET status = 'failed', end_time = now(),
+                 duration = least(extract(epoch FROM (now() - r.start_time)) * 1000, 2147483647)::integer,
+                 error = 'worker lost: ' || e.worker_id || ' stopped renewing its lease, which expired at '
+                         || to_char(e.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+            FROM ended e
+           WHERE r.id = e.run_id AND r.status = 'running'
+        )
+        SELECT run_id, worker_id, expires_at FROM ended
+        "#,
+    )
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(ReapedRun {
+                run_id: row.try_get("run_id")?,
+                worker_id: row.try_get("worker_id")?,
+                expired_at: row.try_get("expires_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+/// When the earliest lease expires, relative to the database's clock (`None`: no leases).
+pub async fn next_lease_expiry(pool: &PgPool) -> Result<Option<std::time::Duration>, StoreError> {
+    let seconds: Option<f64> = sqlx::query_scalar(
+        "SELECT greatest(extract(epoch FROM min(expires_at) - now()), 0)::float8 FROM agentd.leases",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(seconds.map(std::time::Duration::from_secs_f64))
+}

@@ -1,0 +1,301 @@
+//! Team runs: one `runs` row of type `team`, its members run by their own executors.
+//!
+//! - `route`: the one member best suited to the input runs: chosen by the model when
+//!   `executor.team_router = "openai"` (from the members' names, descriptions and
+//!   categories), otherwise (or when the model's answer names no member) the highest
+//!   word-overlap score between the input and the member's name, description and category
+//!   (ties: lowest position). The choice and its reason are logged and recorded.
+//! - `coordinate`: members run in position order, each receiving the previous member's
+//!   output as its input; the first failure stops the team.
+//! - `collaborate`: all members run at once on the same input (at most `concurrency` at a
+//!   time) and their outputs are combined.
+//!
+//! Each step is logged with the member's name; the team's output records every step
+//! (agent id, name, status, duration, output or error); the team fails if a needed step
+//! failed; an empty team fails with a clear error.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::executor::builtin::input_text;
+use crate::executor::{
+    AgentDefinition, ArtifactSink, ClaimedRun, Executors, LogSink, Outcome, RunContext, RunKind,
+    Usage,
+};
+use crate::store::agents::TeamDefinition;
+
+/// What one member's step produced.
+struct Step {
+    record: Value,
+    outcome: Outcome,
+}
+
+/// Runs `team` for the team run `run`.
+pub async fn run_team(
+    team: &TeamDefinition,
+    run: &ClaimedRun,
+    executors: &Executors,
+    logs: &LogSink,
+    artifacts: &ArtifactSink,
+    concurrency: usize,
+) -> Outcome {
+    if team.members.is_empty() {
+        return Outcome::Failed {
+            error: format!("team {:?} has no members", team.name),
+            output: None,
+        };
+    }
+    let input = run.input.clone();
+    logs.info(format!(
+        "team {:?} ({}) with {} member(s)",
+        team.name,
+        team.strategy,
+        team.members.len()
+    ))
+    .await;
+    match team.strategy.as_str() {
+        "route" => {
+            let text = input_text(input.as_ref());
+            let (index, reason) = match executors.router() {
+                Some(router) => match router.choose(&team.members, &text).await {
+                    Ok(index) => (index, "chosen by the model".to_string()),
+                    Err(why) => {
+                        let (index, reason) = route(&team.members, &text);
+                        (index, format!("{why}; by word overlap instead: {reason}"))
+                    }
+                },
+                None => route(&team.members, &text),
+            };
+            let member = &team.members[index];
+            logs.info(format!("route: chose {:?} ({reason})", member.name))
+                .await;
+            let step = run_step(1, member, input, run, executors, logs, artifacts).await;
+            let output = json!({
+                "strategy": "route",
+                "chosen": { "agent_id": member.id, "name": member.name, "reason": reason },
+                "steps": [step.record],
+                "output": output_of(&step.outcome),
+            });
+            finish(step.outcome, output, &member.name)
+        }
+        "coordinate" => {
+            let mut steps = Vec::new();
+            let mut current = input;
+            for (index, member) in team.members.iter().enumerate() {
+                let step = run_step(
+                    index + 1,
+                    member,
+                    current.clone(),
+                    run,
+                    executors,
+                    logs,
+                    artifacts,
+                )
+                .await;
+                steps.push(step.record);
+                match step.outcome {
+                    Outcome::Completed { output } => current = Some(output),
+                    Outcome::Failed { error, .. } => {
+                        return Outcome::Failed {
+                            error: format!("step {} ({}) failed: {error}", index + 1, member.name),
+                            output: Some(json!({ "strategy": "coordinate", "steps": steps })),
+                        };
+                    }
+                }
+            }
+            Outcome::Completed {
+                output: json!({ "strategy": "coordinate", "steps": steps, "output": current }),
+            }
+        }
+        _ => {
+            let steps: Vec<crate::executor::BoxFuture<'_, (usize, Step)>> = team
+                .members
+                .iter()
+                .enumerate()
+                .map(|(index, member)| {
+                    let input = input.clone();
+                    Box::pin(async move {
+                        (
+                            index,
+                            run_step(index + 1, member, input, run, executors, logs, artifacts)
+                                .await,
+                        )
+                    }) as crate::executor::BoxFuture<'_, (usize, Step)>
+                })
+                .collect();
+            let results: Vec<(usize, Step)> = futures_util::stream::iter(steps)
+                .buffer_unordered(concurrency.max(1))
+                .collect()
+                .await;
+            let mut results = results;
+            results.sort_by_key(|(index, _)| *index);
+            let failed: Vec<String> = results
+                .iter()
+                .filter_map(|(index, step)| match &step.outcome {
+                    Outcome::Failed { error, .. } => {
+                        Some(format!("{} ({error})", team.members[*index].name))
+                    }
+                    Outcome::Completed { .. } => None,
+                })
+                .collect();
+            let outputs: Vec<Value> = results
+                .iter()
+                .map(|(index, step)| json!({ "name": team.members[*index].name, "output": output_of(&step.outcome) }))
+                .collect();
+            let steps: Vec<Value> = results.into_iter().map(|(_, step)| step.record).collect();
+            let output = json!({ "strategy": "collaborate", "steps": steps, "outputs": outputs });
+            if failed.is_empty() {
+                Outcome::Completed { output }
+            } else {
+                Outcome::Failed {
+                    error: format!(
+                        "{} of {} members failed: {}",
+                        failed.len(),
+                        team.members.len(),
+                        failed.join("; ")
+                    ),
+                    output: Some(output),
+                }
+            }
+        }
+    }
+}
+
+fn output_of(outcome: &Outcome) -> Value {
+    match outcome {
+        Outcome::Completed { output } => output.clone(),
+        Outcome::Failed { output, .. } => output.clone().unwrap_or(Value::Null),
+    }
+}
+
+fn finish(outcome: Outcome, output: Value, name: &str) -> Outcome {
+    match outcome {
+        Outcome::Completed { .. } => Outcome::Completed { output },
+        Outcome::Failed { error, .. } => Outcome::Failed {
+            error: format!("{name} failed: {error}"),
+            output: Some(output),
+        },
+    }
+}
+
+/// Runs one member with its own executor, logging the step with the member's name.
+async fn run_step(
+    number: usize,
+    member: &AgentDefinition,
+    input: Option<Value>,
+    run: &ClaimedRun,
+    executors: &Executors,
+    logs: &LogSink,
+    artifacts: &ArtifactSink,
+) -> Step {
+    let executor = executors.for_category(Some(&member.category)).clone();
+    logs.info(format!(
+        "step {number}: {} ({}) starts",
+        member.name,
+        executor.name()
+    ))
+    .await;
+    let started = Instant::now();
+    let context = RunContext {
+        run: ClaimedRun {
+            run_id: run.run_id,
+            kind: RunKind::Agent,
+            target_id: member.id,
+            owner_id: run.owner_id,
+            input,
+            schedule_id: run.schedule_id,
+        },
+        agent: Some(member.clone()),
+        logs: logs.clone(),
+        artifacts: artifacts.clone(),
+        usage: Usage::default(),
+    };
+    let outcome = executor.execute(&context).await;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let (status, detail) = match &outcome {
+        Outcome::Completed { output } => ("completed", json!({ "output": output })),
+        Outcome::Failed { error, .. } => ("failed", json!({ "error": error })),
+    };
+    logs.info(format!(
+        "step {number}: {} {status} in {duration_ms} ms",
+        member.name
+    ))
+    .await;
+    let mut record = json!({
+        "step": number,
+        "agent_id": member.id,
+        "name": member.name,
+        "status": status,
+        "duration_ms": duration_ms,
+    });
+    if let (Some(record), Some(detail)) = (record.as_object_mut(), detail.as_object()) {
+        record.extend(detail.clone());
+    }
+    Step { record, outcome }
+}
+
+/// Lower-case words of three or more letters or digits.
+fn words(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|word| word.chars().count() >= 3)
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// The member whose name, description and category share the most words with the input
+/// (ties: the lowest position), and why.
+pub fn route(members: &[AgentDefinition], input: &str) -> (usize, String) {
+    let wanted = words(input);
+    let mut best = (0, 0usize, Vec::new());
+    for (index, member) in members.iter().enumerate() {
+        let profile = words(&format!(
+            "{} {} {}",
+            member.name,
+            member.description.as_deref().unwrap_or_default(),
+            member.category
+        ));
+        let shared: Vec<String> = wanted.intersection(&profile).cloned().collect();
+        if shared.len() > best.1 {
+            best = (index, shared.len(), shared);
+        }
+    }
+    let reason = if best.1 == 0 {
+        "no member matches the input's words; the first member by position".to_string()
+    } else {
+        format!("{} shared word(s): {}", best.1, best.2.join(", "))
+    };
+    (best.0, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn agent(name: &str, description: &str, category: &str) -> AgentDefinition {
+        AgentDefinition {
+            id: Uuid::new_v4(),
+            name: name.into(),
+            description: Some(description.into()),
+            category: category.into(),
+            instructions: None,
+            variables: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn routes_by_word_overlap_with_ties_to_the_lowest_position() {
+        let members = [
+            agent("Writer", "drafts blog posts", "writing"),
+            agent("Analyst", "reads sales numbers and charts", "data"),
+        ];
+        assert_eq!(route(&members, "chart the sales numbers").0, 1);
+        assert_eq!(route(&members, "write a blog post draft about posts").0, 0);
+        let (index, reason) = route(&members, "hello");
+        assert_eq!(index, 0);
+        assert!(reason.starts_with("no member matches"));
+    }
+}

@@ -1,0 +1,258 @@
+//! Logging, set up once per process.
+//!
+//! agentd writes one line per event: JSON objects for log collectors (when stdout is not a
+//! terminal, or `log.format = "json"`), readable text on a terminal. Every line carries
+//! `timestamp`, `level`, `message`, `target`, `worker_id`, the fields of the event, and the
+//! fields of every span it happened in, flattened to the top level, so a line about a run
+//! has `run_id` and a line about a schedule has `schedule_id` without callers repeating
+//! them. The formatter is ours rather than tracing-subscriber's because that one nests span
+//! fields under `span`/`spans`, and log queries want `run_id` at the top.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::{LogFormat, LogSettings};
+
+/// Where log lines go: the daemon logs to stdout (where service managers and container
+/// runtimes collect it); one-shot commands log to stderr so their stdout holds only their
+/// result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set, wins over `log.level`. Calling it
+/// twice is harmless (the second call does nothing), which keeps tests simple.
+pub fn init(settings: &LogSettings, worker_id: &str, stream: LogStream) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| EnvFilter::new(default_directives(&settings.level)));
+    let json = match settings.format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => match stream {
+            LogStream::Stdout => !std::io::stdout().is_terminal(),
+            LogStream::Stderr => !std::io::stderr().is_terminal(),
+        },
+    };
+    let sink: Box<dyn Write + Send> = match stream {
+        LogStream::Stdout => Box::new(std::io::stdout()),
+        LogStream::Stderr => Box::new(std::io::stderr()),
+    };
+    let layer = LineLayer::new(worker_id, json, sink);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .try_init();
+}
+
+/// `log.level`, plus: PostgreSQL's NOTICE messages (which sqlx logs at info, such as
+/// "relation already exists, skipping" while adopting a database) only as warnings, unless
+/// the configured filter says something about sqlx itself.
+fn default_directives(level: &str) -> String {
+    if level.contains("sqlx") {
+        level.to_string()
+    } else {
+        format!("{level},sqlx::postgres::notice=warn")
+    }
+}
+
+/// Formats each event as one line (JSON or text) and writes it to a sink.
+pub struct LineLayer {
+    worker_id: String,
+    json: bool,
+    sink: Mutex<Box<dyn Write + Send>>,
+}
+
+impl LineLayer {
+    /// A layer writing to `sink`; tests pass a buffer to read what would be logged.
+    pub fn new(worker_id: &str, json: bool, sink: Box<dyn Write + Send>) -> LineLayer {
+        LineLayer {
+            worker_id: worker_id.to_string(),
+            json,
+            sink: Mutex::new(sink),
+        }
+    }
+
+    fn render(&self, level: &tracing::Level, target: &str, fields: Map<String, Value>) -> String {
+        let timestamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let mut fields = fields;
+        let message = match fields.remove("message") {
+            Some(Value::String(text)) => text,
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        if self.json {
+            let mut line = Map::new();
+            line.insert("timestamp".into(), Value::String(timestamp));
+            line.insert("level".into(), Value::String(level.as_str().to_lowercase()));
+            line.insert("message".into(), Value::String(message));
+            line.insert("target".into(), Value::String(target.to_string()));
+            line.insert("worker_id".into(), Value::String(self.worker_id.clone()));
+            for (key, value) in fields {
+                line.entry(key).or_insert(value);
+            }
+            let mut text = Value::Object(line).to_string();
+            text.push('\n');
+            text
+        } else {
+            let mut text = format!("{timestamp} {:>5} {message}", level.as_str());
+            for (key, value) in &fields {
+                match value {
+                    Value::String(s) => {
+                        let _ = write!(text, " {key}={s:?}");
+                    }
+                    other => {
+                        let _ = write!(text, " {key}={other}");
+                    }
+                }
+            }
+            let _ = writeln!(text, " worker_id={:?}", self.worker_id);
+            text
+        }
+    }
+}
+
+/// Fields recorded on a span, kept in its extensions until it closes.
+struct SpanFields(Map<String, Value>);
+
+impl<S> Layer<S> for LineLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut visitor = JsonVisitor(Map::new());
+        attrs.record(&mut visitor);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanFields(visitor.0));
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            let mut extensions = span.extensions_mut();
+            if let Some(SpanFields(fields)) = extensions.get_mut::<SpanFields>() {
+                let mut visitor = JsonVisitor(std::mem::take(fields));
+                values.record(&mut visitor);
+                *fields = visitor.0;
+            }
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut fields = Map::new();
+        // Outer spans first, so inner spans and the event itself win on equal names.
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope.from_root() {
+                if let Some(SpanFields(span_fields)) = span.extensions().get::<SpanFields>() {
+                    for (key, value) in span_fields {
+                        fields.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        let mut visitor = JsonVisitor(fields);
+        event.record(&mut visitor);
+        let metadata = event.metadata();
+        let line = self.render(metadata.level(), metadata.target(), visitor.0);
+        if let Ok(mut sink) = self.sink.lock() {
+            let _ = sink.write_all(line.as_bytes());
+            let _ = sink.flush();
+        }
+    }
+}
+
+/// Collects tracing fields as JSON values, keeping numbers and booleans typed.
+struct JsonVisitor(Map<String, Value>);
+
+impl Visit for JsonVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0
+            .insert(field.name().into(), Value::String(value.into()));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), Value::from(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), Value::from(value));
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0
+            .insert(field.name().into(), Value::String(value.to_string()));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), Value::String(format!("{value:?}")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_flatten_span_fields_and_carry_worker_id() {
+        let buffer = Buffer::default();
+        let layer = LineLayer::new("w-1", true, Box::new(buffer.clone()));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("run", run_id = "r-9");
+            let _entered = span.enter();
+            tracing::warn!(lines = 3_u64, "log batch \"written\"");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let line: Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(line["run_id"], "r-9");
+        assert_eq!(line["worker_id"], "w-1");
+        assert_eq!(line["level"], "warn");
+        assert_eq!(line["lines"], 3);
+        assert_eq!(line["message"], "log batch \"written\"");
+        assert!(line["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn text_lines_are_readable() {
+        let buffer = Buffer::default();
+        let layer = LineLayer::new("w-2", false, Box::new(buffer.clone()));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(schedule_id = "s-1", "fired");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains(" INFO fired schedule_id=\"s-1\" worker_id=\"w-2\""),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! The command line and the daemon's life: version and help, configuration errors, start on
+//! the embedded default, retrying an unreachable database, and a clean stop on SIGTERM.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::{Daemon, TestDb, agentd};
+
+#[test]
+fn version_and_help_for_every_command() {
+    let output = agentd().arg("--version").output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("agentd {}", env!("CARGO_PKG_VERSION"))
+    );
+    for args in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["migrate", "--help"],
+        vec!["help", "run"],
+    ] {
+        let output = agentd().args(&args).output().unwrap();
+        assert!(output.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("Usage: agentd"), "{args:?}: {text}");
+    }
+    let run_help = agentd().args(["run", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&run_help.stdout).contains("--migrate"));
+}
+
+/// Runs agentd expecting a configuration error: exit status 2 and exactly one stderr line.
+fn config_error(command: &mut Command) -> String {
+    let output = command.arg("run").output().unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr.trim().to_string()
+}
+
+#[test]
+fn bad_configuration_stops_start_up_with_one_line_naming_key_and_value() {
+    let line = config_error(agentd().env("AGENTD__DATABASE__MAX_CONNECTIONS", "lots"));
+    assert_eq!(
+        line,
+        "config: database.max_connections = \"lots\" (from environment variable \
+         AGENTD__DATABASE__MAX_CONNECTIONS): expected a whole number"
+    );
+    let line = config_error(agentd().env("AGENTD__DATABASE__MAX_CONNECTIONS", "0"));
+    assert!(line.contains("database.max_connections = 0"), "{line}");
+
+    let folder = tempfile::tempdir().unwrap();
+    let file = folder.path().join("agentd.toml");
+    std::fs::write(&file, "[database]\nconnect_timeout = \"forever\"\n").unwrap();
+    let line = config_error(agentd().arg("--config").arg(&file));
+    assert!(
+        line.starts_with("config: database.connect_timeout = \"forever\" (from ")
+            && line.contains("agentd.toml"),
+        "{line}"
+    );
+
+    std::fs::write(&file, "[schedular]\nbatch_size = 10\n").unwrap();
+    let line = config_error(agentd().env("AGENTD_CONFIG", &file));
+    assert!(
+        line.starts_with("config: unknown key schedular.batch_size"),
+        "{line}"
+    );
+
+    std::fs::write(&file, "[database\nurl=").unwrap();
+    let line = config_error(agentd().arg("--config").arg(&file));
+    assert!(line.contains("is not valid TOML"), "{line}");
+
+    let line = config_error(
+        agentd()
+            .arg("--config")
+            .arg(folder.path().join("missing.toml")),
+    );
+    assert!(line.starts_with("config: cannot read"), "{line}");
+
+    let line = config_error(agentd().env("DATABASE_URL", "mysql://root:hunter2@db/app"));
+    assert!(
+        line.contains("database.url") && !line.contains("hunter2"),
+        "{line}"
+    );
+}
+
+#[test]
+fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
+    let folder = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start({
+        let mut command = agentd();
+        command
+            .arg("run")
+            .arg("--migrate")
+            .current_dir(folder.path());
+        command
+    });
+    daemon.wait_for("embedded PostgreSQL started", Duration::from_secs(60));
+    let applied = daemon.wait_for("migrations applied", Duration::from_secs(30));
+    assert!(applied["applied"].as_u64().unwrap() >= 4);
+    let running = daemon.wait_for("agentd running", Duration::from_secs(10));
+    assert!(
+        running["worker_id"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("-{}", daemon.child.id()))
+    );
+    let pid_file = folder.path().join(".agentd/postgres/postmaster.pid");
+    assert!(
+        pid_file.exists(),
+        "the embedded server keeps its data under .agentd/postgres"
+    );
+
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}: {:#?}", daemon.seen);
+    assert!(!pid_file.exists(), "the embedded server was not stopped");
+
+    // A second start reuses the data folder (no initdb) and finds the schema current.
+    let mut again = Daemon::start({
+        let mut command = agentd();
+        command
+            .arg("run")
+            .arg("--migrate")
+            .current_dir(folder.path());
+        command
+    });
+    let applied = again.wait_for("migrations applied", Duration::from_secs(60));
+    assert_eq!(applied["applied"], 0);
+    again.signal(Signal::SIGINT);
+    assert!(again.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn an_unreachable_database_is_retried_with_backoff_until_shutdown() {
+    // A port nothing listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut daemon = Daemon::start({
+        let mut command = agentd();
+        command
+            .arg("run")
+            .env(
+                "DATABASE_URL",
+                format!("postgres://agentd:s3cret@127.0.0.1:{port}/app"),
+            )
+            .env("AGENTD__DATABASE__CONNECT_TIMEOUT", "1s");
+        command
+    });
+    let first = daemon.wait_for("cannot connect to the database", Duration::from_secs(20));
+    let second = daemon.wait_for("cannot connect to the database", Duration::from_secs(20));
+    assert_eq!(first["level"], "warn");
+    assert!(second["attempt"].as_u64() > first["attempt"].as_u64());
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        daemon.seen.iter().all(|line| !line.contains("s3cret")),
+        "the password leaked into the logs: {:#?}",
+        daemon.seen
+    );
+}
+
+#[test]
+fn missing_server_binaries_give_one_clear_line() {
+    let folder = tempfile::tempdir().unwrap();
+    let output = agentd()
+        .arg("migrate")
+        .current_dir(folder.path())
+        .env("AGENTD__EMBEDDED__BIN_DIR", folder.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: embedded PostgreSQL: ")
+            && last.contains("does not contain the postgres and initdb binaries"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn run_with_migrate_applies_migrations_to_the_configured_database() {
+    let db = TestDb::new().await;
+    let mut daemon = Daemon::start({
+        let mut command = agentd();
+        command
+            .arg("run")
+            .arg("--migrate")
+            .env("DATABASE_URL", &db.url);
+        command
+    });
+    daemon.wait_for("agentd running", Duration::from_secs(30));
+    let versions = agentd::store::applied_versions(&db.pool).await.unwrap();
+    assert_eq!(versions.len(), agentd::store::migrator().iter().count());
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+}

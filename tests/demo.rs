@@ -1,0 +1,107 @@
+//! `agentd demo`: seeds once, runs a team at once, prints the logs, stops on Ctrl-C.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use support::{TestDb, agentd, count};
+
+/// Runs `agentd demo` until its own team run prints `expected`, then sends SIGINT;
+/// returns stdout.
+fn demo_until(url: &str, expected: &str) -> Vec<String> {
+    let mut child = agentd()
+        .arg("demo")
+        .env("DATABASE_URL", url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let ours = |seen: &[String]| {
+        let run = seen
+            .iter()
+            .find_map(|line| line.strip_prefix("team run "))
+            .map(|rest| rest[..8].to_string());
+        run.is_some_and(|run| {
+            seen.iter()
+                .any(|line| line.contains(&format!("run {run} ")) && line.contains(expected))
+        })
+    };
+    while !ours(&seen) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no {expected:?} within 30 s; saw {seen:#?}");
+            }
+        }
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_runs_a_team_prints_its_logs_and_does_not_duplicate_its_data() {
+    let db = TestDb::new().await;
+    let url = db.url.clone();
+    let first =
+        tokio::task::spawn_blocking(move || demo_until(&url, "step 2: Summarizer completed"))
+            .await
+            .unwrap();
+    assert!(first[0].starts_with("demo data created"), "{first:#?}");
+    assert!(
+        first
+            .iter()
+            .any(|line| line.contains("info step 1: Greeter (builtin) starts"))
+    );
+    let counts = || async {
+        (
+            count(
+                &db.pool,
+                "SELECT count(*) FROM users WHERE email = 'demo@agentd.local'",
+            )
+            .await,
+            count(&db.pool, "SELECT count(*) FROM agents").await,
+            count(&db.pool, "SELECT count(*) FROM teams").await,
+            count(&db.pool, "SELECT count(*) FROM agent_schedules").await,
+            count(&db.pool, "SELECT count(*) FROM team_agents").await,
+        )
+    };
+    assert_eq!(counts().await, (1, 3, 3, 2, 7));
+    let url = db.url.clone();
+    let second =
+        tokio::task::spawn_blocking(move || demo_until(&url, "step 2: Summarizer completed"))
+            .await
+            .unwrap();
+    assert_eq!(second[0], "demo data already present");
+    assert_eq!(counts().await, (1, 3, 3, 2, 7));
+    let statuses: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, error FROM runs WHERE type = 'team' ORDER BY start_time")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        statuses,
+        vec![
+            ("completed".to_string(), None),
+            ("completed".to_string(), None)
+        ],
+        "{first:#?} {second:#?}"
+    );
+}

@@ -1,0 +1,528 @@
+//! Shared helpers for the integration tests: a fresh database per test on a real server.
+//!
+//! The server is the one `DATABASE_URL` names when it is set; otherwise one private server
+//! that the test run starts itself from the machine's PostgreSQL binaries (with agentd's own
+//! embedded-server code), in `target/tmp/agentd-test-pg`, shared by every test process and
+//! left running for the next run (stop it with `pg_ctl -D target/tmp/agentd-test-pg stop`).
+//! No test skips for want of a database: if neither works, the test fails and says why.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::{OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use agentd::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
+
+/// How to reach the test server.
+struct Server {
+    /// Options for the maintenance database, used to create and drop test databases.
+    admin: PgConnectOptions,
+    /// A URL template: `{db}` is replaced by a database name.
+    url_template: String,
+}
+
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+
+fn server() -> &'static Server {
+    let server = SERVER.get_or_init(|| {
+        // Started on a thread of its own with its own runtime: each #[tokio::test] has a
+        // runtime that ends with the test, and this must outlive them all.
+        std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(start_server())
+        })
+        .join()
+        .unwrap_or_else(|_| Err("starting the test server panicked".into()))
+    });
+    match server {
+        Ok(server) => server,
+        Err(reason) => panic!("no PostgreSQL for the tests: {reason}"),
+    }
+}
+
+async fn start_server() -> Result<Server, String> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        let admin = PgConnectOptions::from_str(&url).map_err(|e| format!("DATABASE_URL: {e}"))?;
+        return Ok(Server {
+            admin,
+            url_template: replace_database(&url, "{db}"),
+        });
+    }
+    let data_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agentd-test-pg");
+    let embedded = EmbeddedPostgres::start(&EmbeddedOptions {
+        data_dir,
+        bin_dir: None,
+        start_timeout: Duration::from_secs(60),
+        unsafe_no_fsync: true,
+        keep_running: true,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(Server {
+        admin: embedded.admin_options(),
+        url_template: embedded.url("{db}"),
+    })
+}
+
+/// `postgres://u@h:5432/old?x=y` → `postgres://u@h:5432/{database}?x=y`.
+fn replace_database(url: &str, database: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[scheme_end..];
+    let path_start = rest.find('/').map(|i| scheme_end + i);
+    let query_start = url[scheme_end..].find('?').map(|i| scheme_end + i);
+    match (path_start, query_start) {
+        (Some(p), Some(q)) if p < q => format!("{}/{database}{}", &url[..p], &url[q..]),
+        (Some(p), None) => format!("{}/{database}", &url[..p]),
+        (_, Some(q)) => format!("{}/{database}{}", &url[..q], &url[q..]),
+        (None, None) => format!("{url}/{database}"),
+    }
+}
+
+/// A database of its own for one test, dropped when the value is dropped.
+pub struct TestDb {
+    /// A pool connected as the server's superuser (the role agentd itself would use).
+    pub pool: PgPool,
+    /// The database's name.
+    pub name: String,
+    /// A URL for child processes (`agentd` itself).
+    pub url: String,
+}
+
+impl TestDb {
+    /// An empty database.
+    pub async fn new() -> TestDb {
+        let server = server();
+        let name = format!("agentd_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect_with(&server.admin)
+            .await
+            .expect("connect to the test server");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create the test database");
+        let _ = admin.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect_with(server.admin.clone().database(&name))
+            .await
+            .expect("connect to the test database");
+        TestDb {
+            pool,
+            url: server.url_template.replace("{db}", &name),
+            name,
+        }
+    }
+
+    /// A database with agentd's migrations applied.
+    pub async fn migrated() -> TestDb {
+        let db = TestDb::new().await;
+        agentd::store::migrate(&db.pool)
+            .await
+            .expect("migrate the test database");
+        db
+    }
+
+    /// Connection options for this database, as the superuser.
+    pub fn options(&self) -> PgConnectOptions {
+        server().admin.clone().database(&self.name)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let admin = server().admin.clone();
+        // Drop cannot await; a short-lived thread with its own runtime does the cleanup.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok(mut admin) = PgConnection::connect_with(&admin).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await;
+                    let _ = admin.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Runs `sql` (several statements allowed) on the database.
+pub async fn execute_script(pool: &PgPool, sql: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("script failed: {e}"));
+}
+
+/// The path of the `agentd` binary built for these tests.
+pub fn agentd_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_agentd"))
+}
+
+/// `agentd` with a clean environment: no inherited AGENTD_*/DATABASE_URL/RUST_LOG.
+pub fn agentd() -> Command {
+    let mut command = Command::new(agentd_binary());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("AGENTD") || name == "DATABASE_URL" || name == "RUST_LOG" {
+            command.env_remove(name);
+        }
+    }
+    command.env("AGENTD__LOG__FORMAT", "json");
+    command
+}
+
+/// A running `agentd` whose stdout lines arrive on a channel.
+pub struct Daemon {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Daemon {
+    pub fn start(mut command: Command) -> Daemon {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        let stderr_sender = sender.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Read stderr too, so a chatty child never blocks on a full pipe; its lines are
+        // kept (as JSON strings, so every line in `seen` parses as JSON).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let wrapped = serde_json::json!({ "stderr": line, "message": "" }).to_string();
+                if stderr_sender.send(wrapped).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a JSON log line whose message contains `text`; returns it parsed.
+    pub fn wait_for(&mut self, text: &str, limit: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    let parsed: serde_json::Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+                    if parsed["message"].as_str().unwrap_or("").contains(text) {
+                        return parsed;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no log line with {text:?} within {limit:?}; saw: {:#?}",
+            self.seen
+        );
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// Waits for the exit status; fails the test after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "agentd did not exit within {limit:?}; saw: {:#?}",
+                    self.seen
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Daemon {
+    /// Every line received so far (and any waiting now), without blocking.
+    pub fn drain(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A failed test must not leave replicas behind.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(self.pid(), Signal::SIGCONT);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `agentd run` as one replica against `url`, with JSON logs and extra settings.
+pub fn replica(url: &str, worker_id: &str, settings: &[(&str, &str)]) -> Daemon {
+    let mut command = agentd();
+    let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("replica-artifacts");
+    command
+        .arg("run")
+        .env("DATABASE_URL", url)
+        .env("AGENTD__WORKER__ID", worker_id)
+        .env("AGENTD__ARTIFACTS__DIR", artifacts);
+    for (name, value) in settings {
+        command.env(name, value);
+    }
+    Daemon::start(command)
+}
+
+/// A user, with a unique email.
+pub async fn create_user(pool: &sqlx::PgPool) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO users (id, email, name) VALUES ($1, $2, 'Test user')")
+        .bind(id)
+        .bind(format!("{id}@example.com"))
+        .execute(pool)
+        .await
+        .unwrap();
+    id
+}
+
+/// An agent of `user_id`.
+pub async fn create_agent(pool: &sqlx::PgPool, user_id: uuid::Uuid) -> uuid::Uuid {
+    sqlx::query_scalar(
+        "INSERT INTO agents (name, icon, category, instructions, user_id) \
+         VALUES ('Test agent', 'bot', 'test', 'Say hello', $1) RETURNING id",
+    )
+    .bind(user_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// An enabled schedule of `agent_id`.
+pub async fn create_schedule(
+    pool: &sqlx::PgPool,
+    agent_id: uuid::Uuid,
+    frequency: &str,
+    time: Option<&str>,
+    timezone: &str,
+) -> uuid::Uuid {
+    sqlx::query_scalar(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone) \
+         VALUES ($1, true, $2, 1, $3, $4) RETURNING id",
+    )
+    .bind(agent_id)
+    .bind(frequency)
+    .bind(time)
+    .bind(timezone)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until `probe` returns true, polling; fails the test with `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if probe().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Scheduled runs as (schedule_id, scheduled_for, status, error, missed).
+pub async fn scheduled_runs(
+    pool: &sqlx::PgPool,
+) -> Vec<(String, String, String, Option<String>, i64)> {
+    sqlx::query_as(
+        "SELECT input->>'schedule_id', coalesce(input->>'scheduled_for', ''), status, error, \
+                coalesce((input->>'missed')::bigint, 0) \
+           FROM runs WHERE input->>'trigger' = 'schedule' ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// A worker running inside the test process (the library's real services, with an
+/// executor the test provides), on its own pool.
+pub struct InProcessWorker {
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessWorker {
+    /// Starts a worker on `db` with settings overridden as environment variables would
+    /// (`("AGENTD__LEASE__TTL", "3s")`).
+    pub async fn start(
+        db: &TestDb,
+        worker_id: &str,
+        overrides: &[(&str, &str)],
+        executor: std::sync::Arc<dyn agentd::executor::Executor>,
+    ) -> InProcessWorker {
+        Self::start_with(db, worker_id, overrides, Some(executor)).await
+    }
+
+    /// A worker whose executors come from its settings, as `agentd run` builds them.
+    pub async fn start_configured(
+        db: &TestDb,
+        worker_id: &str,
+        overrides: &[(&str, &str)],
+    ) -> InProcessWorker {
+        Self::start_with(db, worker_id, overrides, None).await
+    }
+
+    async fn start_with(
+        db: &TestDb,
+        worker_id: &str,
+        overrides: &[(&str, &str)],
+        executor: Option<std::sync::Arc<dyn agentd::executor::Executor>>,
+    ) -> InProcessWorker {
+        let mut env: std::collections::HashMap<String, String> = overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.insert("AGENTD__WORKER__ID".into(), worker_id.into());
+        let settings = agentd::config::Settings::load(None, &env).unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let pool = agentd::store::connect(
+            db.options(),
+            &settings.database,
+            Some(Duration::from_secs(10)),
+            &shutdown,
+        )
+        .await
+        .unwrap();
+        let token = shutdown.clone();
+        let handle = tokio::spawn(async move {
+            let executors = match executor {
+                Some(executor) => agentd::executor::Executors::single(executor),
+                None => agentd::executor::from_settings(&settings),
+            };
+            agentd::worker::serve(pool.clone(), &settings, executors, token)
+                .await
+                .unwrap();
+            pool.close().await;
+        });
+        InProcessWorker { shutdown, handle }
+    }
+
+    /// Signals shutdown and waits for the worker to stop.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap();
+    }
+}
+
+/// A real in-process executor: logs, sleeps `delay`, logs again, completes.
+pub struct SleepyExecutor {
+    pub delay: Duration,
+}
+
+impl agentd::executor::Executor for SleepyExecutor {
+    fn name(&self) -> &'static str {
+        "sleepy"
+    }
+
+    fn execute<'a>(
+        &'a self,
+        run: &'a agentd::executor::RunContext,
+    ) -> agentd::executor::BoxFuture<'a, agentd::executor::Outcome> {
+        Box::pin(async move {
+            run.logs.info("working").await;
+            tokio::time::sleep(self.delay).await;
+            run.logs.info("done").await;
+            agentd::executor::Outcome::Completed {
+                output: serde_json::json!({ "slept_ms": self.delay.as_millis() as u64 }),
+            }
+        })
+    }
+}
+
+/// Runs one statement as `authenticated` user `user_id` (PostgREST's way: SET ROLE plus JWT
+/// claims) and returns its single value.
+pub async fn as_user<T>(
+    pool: &sqlx::PgPool,
+    user_id: uuid::Uuid,
+    sql: &str,
+) -> Result<T, sqlx::Error>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL ROLE authenticated")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT set_config('request.jwt.claims', $1, true)")
+        .bind(format!(r#"{{"sub":"{user_id}","role":"authenticated"}}"#))
+        .execute(&mut *tx)
+        .await?;
+    let value = sqlx::query_scalar::<_, T>(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(value)
+}
+
+/// The single `bigint` a query returns (counts, mostly).
+pub async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
