@@ -1,4 +1,5 @@
-//! The command line: `agentd run`, `agentd migrate`, and the global options.
+//! The command line: `agentd run`, `agentd migrate`, the operators' commands, and the global
+//! options.
 
 use std::path::PathBuf;
 
@@ -34,6 +35,29 @@ pub enum Command {
     /// Schedules without a database.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// For operators: live workers, runs in flight, the schedule backlog, invalid schedules
+    /// and the last hour's runs.
+    Status(StatusArgs),
+    /// Exit 0 when GET /healthz of the local agentd answers 200 (container health checks;
+    /// no curl needed).
+    Healthcheck(HealthcheckArgs),
+}
+
+/// Options of `agentd status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// `table` (readable) or `json`.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::status::StatusFormat,
+}
+
+/// Options of `agentd healthcheck`.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The URL to check. Default: /healthz on http.listen (a wildcard address is reached
+    /// through 127.0.0.1).
+    #[arg(long)]
+    pub url: Option<String>,
 }
 
 /// `agentd schedule …`.

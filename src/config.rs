@@ -75,6 +75,32 @@ pub struct Settings {
     pub executors: ExecutorSettings,
     pub logs: LogLimitSettings,
     pub artifacts: ArtifactSettings,
+    pub http: HttpSettings,
+    pub retention: RetentionSettings,
+}
+
+/// The operations endpoints.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// `None`: no HTTP server.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// How long run history is kept (`None`: forever).
+#[derive(Debug, Clone)]
+pub struct RetentionSettings {
+    pub run_logs: Option<Duration>,
+    pub artifacts: Option<Duration>,
+    pub runs: Option<Duration>,
+    pub interval: Duration,
+    pub batch_size: u32,
+}
+
+impl RetentionSettings {
+    /// Whether anything is ever deleted.
+    pub fn enabled(&self) -> bool {
+        self.run_logs.is_some() || self.artifacts.is_some() || self.runs.is_some()
+    }
 }
 
 /// How to reach PostgreSQL.
@@ -305,6 +331,8 @@ pub struct ArtifactSettings {
 pub struct BuiltinExecutorSettings {
     /// Pause between steps (may be zero).
     pub step_delay: Duration,
+    /// 0: normal; N: a no-op logging N lines (benchmarks).
+    pub noop_lines: u64,
 }
 
 impl Settings {
@@ -672,6 +700,7 @@ impl Layers {
             webhook,
             builtin: BuiltinExecutorSettings {
                 step_delay: self.duration("executors.builtin.step_delay")?,
+                noop_lines: self.integer("executors.builtin.noop_lines", 0, 10_000_000)? as u64,
             },
             command: CommandExecutorSettings {
                 program,
@@ -719,6 +748,26 @@ impl Layers {
             max_bytes: self.integer("artifacts.max_bytes", 1, i64::MAX)? as u64,
             max_bytes_per_run: self.integer("artifacts.max_bytes_per_run", 1, i64::MAX)? as u64,
         };
+        let listen = self.string("http.listen")?;
+        let http = HttpSettings {
+            listen: if listen.trim().is_empty() {
+                None
+            } else {
+                Some(listen.trim().parse().map_err(|_| {
+                    self.invalid(
+                        "http.listen",
+                        "expected an address and port such as \"127.0.0.1:9464\", or empty",
+                    )
+                })?)
+            },
+        };
+        let retention = RetentionSettings {
+            run_logs: self.optional_age("retention.run_logs")?,
+            artifacts: self.optional_age("retention.artifacts")?,
+            runs: self.optional_age("retention.runs")?,
+            interval: self.positive_duration("retention.interval")?,
+            batch_size: self.integer("retention.batch_size", 1, 100_000)? as u32,
+        };
 
         Ok(Settings {
             database,
@@ -732,6 +781,8 @@ impl Layers {
             executors,
             logs,
             artifacts,
+            http,
+            retention,
         })
     }
 
@@ -741,6 +792,14 @@ impl Layers {
             .get(name.trim())
             .filter(|value| !value.is_empty())
             .cloned()
+    }
+
+    /// A retention age: empty means keep forever; otherwise a duration above zero.
+    fn optional_age(&self, key: &str) -> Result<Option<Duration>, ConfigError> {
+        if self.string(key)?.trim().is_empty() {
+            return Ok(None);
+        }
+        self.positive_duration(key).map(Some)
     }
 
     fn positive_duration(&self, key: &str) -> Result<Duration, ConfigError> {
@@ -960,6 +1019,44 @@ mod tests {
         assert_eq!(
             error,
             "config: unknown key nope.key (from environment variable AGENTD__NOPE__KEY)"
+        );
+    }
+
+    #[test]
+    fn http_and_retention_settings() {
+        let defaults = Settings::load(None, &env(&[])).unwrap();
+        assert_eq!(
+            defaults.http.listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert!(!defaults.retention.enabled(), "keeps everything by default");
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("AGENTD__HTTP__LISTEN", ""),
+                ("AGENTD__RETENTION__RUN_LOGS", "30d"),
+                ("AGENTD__RETENTION__BATCH_SIZE", "50"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.http.listen, None);
+        assert_eq!(
+            settings.retention.run_logs,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(settings.retention.runs, None);
+        assert_eq!(settings.retention.batch_size, 50);
+        assert!(settings.retention.enabled());
+        let error = Settings::load(None, &env(&[("AGENTD__HTTP__LISTEN", "localhost")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("http.listen = \"localhost\""), "{error}");
+        let error = Settings::load(None, &env(&[("AGENTD__RETENTION__RUNS", "0s")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("retention.runs = \"0s\"") && error.contains("above zero"),
+            "{error}"
         );
     }
 

@@ -22,13 +22,17 @@
 pub mod cli;
 pub mod config;
 pub mod embedded_pg;
+pub mod endpoints;
 pub mod executor;
+pub mod health;
 pub mod maintenance;
+pub mod measure;
 pub mod runner;
 pub mod schedule;
 pub mod scheduler;
 pub mod shutdown;
 pub mod startup;
+pub mod status;
 pub mod store;
 pub mod team;
 pub mod telemetry;

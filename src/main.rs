@@ -76,6 +76,12 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| true),
             Command::Demo => startup::demo(&settings, &shutdown).await.map(|()| true),
+            Command::Status(args) => startup::status(&settings, args.format, &shutdown)
+                .await
+                .map(|()| true),
+            Command::Healthcheck(args) => startup::healthcheck(&settings, args.url.as_deref())
+                .await
+                .map(|()| true),
             Command::Schedule(_) => Ok(true),
         }
     });

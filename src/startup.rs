@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, redact_url};
 use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use crate::endpoints::Endpoints;
+use crate::health::Health;
 use crate::{store, worker};
 
 /// How long `agentd migrate` keeps retrying an unreachable database before failing, so a
@@ -95,14 +97,37 @@ pub async fn run(
     migrate: bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    // The endpoints come up first: live (and not ready) while the database is reached.
+    let health = Health::new();
+    let http_stop = CancellationToken::new();
+    let mut endpoints = None;
+    if let Some(addr) = settings.http.listen {
+        let metrics = crate::measure::install(&settings.worker.id);
+        let served = Endpoints::new(health.clone(), metrics);
+        let task = served.bind(addr, http_stop.clone()).await?;
+        endpoints = Some((served, task));
+    }
+    let stop_endpoints = |endpoints: Option<(Endpoints, tokio::task::JoinHandle<()>)>| async {
+        http_stop.cancel();
+        if let Some((_, task)) = endpoints {
+            let _ = task.await;
+        }
+    };
     let database = match Database::open(settings, None, shutdown).await {
         Ok(database) => database,
         Err(error) if shutdown.is_cancelled() => {
             tracing::info!(reason = %error, "stopped before the database was reachable");
+            stop_endpoints(endpoints).await;
             return Ok(());
         }
-        Err(error) => return Err(error),
+        Err(error) => {
+            stop_endpoints(endpoints).await;
+            return Err(error);
+        }
     };
+    if let Some((served, _)) = &endpoints {
+        served.set_pool(database.pool.clone());
+    }
     if migrate || settings.database.migrate {
         match store::migrate(&database.pool).await {
             Ok(report) => tracing::info!(
@@ -112,17 +137,67 @@ pub async fn run(
             ),
             Err(error) => {
                 database.close().await;
+                stop_endpoints(endpoints).await;
                 return Err(error.into());
             }
         }
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "agentd running");
     let executors = crate::executor::from_settings(settings);
-    let served = worker::serve(database.pool.clone(), settings, executors, shutdown.clone()).await;
+    let served = worker::serve(
+        database.pool.clone(),
+        settings,
+        executors,
+        health,
+        shutdown.clone(),
+    )
+    .await;
     tracing::info!("agentd stopping");
+    stop_endpoints(endpoints).await;
     database.close().await;
     tracing::info!("agentd stopped");
     served.map_err(Into::into)
+}
+
+/// `agentd status`: one snapshot of the fleet, printed as a table or JSON.
+pub async fn status(
+    settings: &Settings,
+    format: crate::status::StatusFormat,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
+    let snapshot = store::status::snapshot(&database.pool).await;
+    database.close().await;
+    let snapshot = snapshot?;
+    // A worker renews its heartbeat every lease.ttl / 3: past a whole ttl it is gone.
+    let stale_after = settings.lease.ttl;
+    match format {
+        crate::status::StatusFormat::Table => {
+            print!("{}", crate::status::to_table(&snapshot, stale_after))
+        }
+        crate::status::StatusFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&crate::status::to_json(&snapshot, stale_after))?
+        ),
+    }
+    Ok(())
+}
+
+/// `agentd healthcheck`: GET the liveness endpoint; an error says why it failed.
+pub async fn healthcheck(settings: &Settings, url: Option<&str>) -> anyhow::Result<()> {
+    let url = match url {
+        Some(url) => url.to_string(),
+        None => {
+            let Some(mut addr) = settings.http.listen else {
+                anyhow::bail!("http.listen is empty: the endpoints are off (give --url)");
+            };
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}/healthz")
+        }
+    };
+    crate::endpoints::probe(&url).await
 }
 
 /// Exit status of `trigger --wait` when the run failed.
@@ -236,7 +311,14 @@ pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::
         println!("team run {run_id} queued; the worker runs it now (Ctrl-C stops)");
         let printer = tokio::spawn(print_logs(database.pool.clone(), since, shutdown.clone()));
         let executors = crate::executor::from_settings(&settings);
-        let served = worker::serve(database.pool.clone(), &settings, executors, shutdown.clone()).await;
+        let served = worker::serve(
+            database.pool.clone(),
+            &settings,
+            executors,
+            Health::new(),
+            shutdown.clone(),
+        )
+        .await;
         let _ = printer.await;
         served.map_err(anyhow::Error::from)
     }

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::executor::Executors;
+use crate::health::Health;
 use crate::maintenance::reaper::Reaper;
+use crate::maintenance::retention::Retention;
 use crate::runner::artifacts::ArtifactOptions;
 use crate::runner::leases::LeaseKeeper;
 use crate::runner::logs::LogLimits;
@@ -28,10 +30,13 @@ use crate::store::workers::{WorkerInfo, deregister_worker, register_worker};
 const CANCEL_SETTLE: Duration = Duration::from_secs(10);
 
 /// Runs one replica's services on `pool` until `shutdown` fires, then stops them in order.
+/// `health` learns when the services are up, when shutdown begins, and of any service
+/// that ends unexpectedly.
 pub async fn serve(
     pool: PgPool,
     settings: &Settings,
     executors: Executors,
+    health: Health,
     shutdown: CancellationToken,
 ) -> Result<(), crate::store::StoreError> {
     let worker_id = settings.worker.id.clone();
@@ -69,47 +74,88 @@ pub async fn serve(
     // Services that must outlive the runs (leases are renewed during the grace period).
     let services_stop = CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
+    // A service that ends before it is told to is dead, and so is the process (/healthz).
+    let until = |token: &CancellationToken| {
+        let token = token.clone();
+        move || token.is_cancelled()
+    };
     tracker.spawn(
-        Listener {
-            pool: pool.clone(),
-            runner: runner.clone(),
-            wake: wake.clone(),
-            max_backoff: settings.database.max_backoff,
-        }
-        .run(services_stop.clone()),
+        health.watch(
+            "listener",
+            until(&services_stop),
+            Listener {
+                pool: pool.clone(),
+                runner: runner.clone(),
+                wake: wake.clone(),
+                max_backoff: settings.database.max_backoff,
+            }
+            .run(services_stop.clone()),
+        ),
     );
     tracker.spawn(
-        LeaseKeeper {
-            pool: pool.clone(),
-            runner: runner.clone(),
-            worker_id: worker_id.clone(),
-            ttl: settings.lease.ttl,
-            interval: settings.lease.renew_interval(),
-        }
-        .run(services_stop.clone()),
+        health.watch(
+            "lease keeper",
+            until(&services_stop),
+            LeaseKeeper {
+                pool: pool.clone(),
+                runner: runner.clone(),
+                worker_id: worker_id.clone(),
+                ttl: settings.lease.ttl,
+                interval: settings.lease.renew_interval(),
+            }
+            .run(services_stop.clone()),
+        ),
     );
     tracker.spawn(
-        Reaper {
-            pool: pool.clone(),
-            interval: settings.lease.renew_interval(),
-        }
-        .run(services_stop.clone()),
+        health.watch(
+            "reaper",
+            until(&services_stop),
+            Reaper {
+                pool: pool.clone(),
+                interval: settings.lease.renew_interval(),
+            }
+            .run(services_stop.clone()),
+        ),
     );
+    if settings.retention.enabled() {
+        tracker.spawn(
+            health.watch(
+                "retention",
+                until(&services_stop),
+                Retention {
+                    pool: pool.clone(),
+                    worker_id: worker_id.clone(),
+                    settings: settings.retention.clone(),
+                    artifacts: ArtifactOptions::from_settings(
+                        &settings.artifacts,
+                        settings.database.max_backoff,
+                    ),
+                }
+                .run(services_stop.clone()),
+            ),
+        );
+    }
     let scheduler = tokio::spawn(
-        Scheduler {
-            pool: pool.clone(),
-            runner: runner.clone(),
-            worker_id: worker_id.clone(),
-            settings: settings.scheduler.clone(),
-            lease: settings.lease.clone(),
-            max_backoff: settings.database.max_backoff,
-            wake,
-        }
-        .run(shutdown.clone()),
+        health.watch(
+            "scheduler",
+            until(&shutdown),
+            Scheduler {
+                pool: pool.clone(),
+                runner: runner.clone(),
+                worker_id: worker_id.clone(),
+                settings: settings.scheduler.clone(),
+                lease: settings.lease.clone(),
+                max_backoff: settings.database.max_backoff,
+                wake,
+            }
+            .run(shutdown.clone()),
+        ),
     );
+    health.set_serving(true);
     tracing::info!(concurrency = settings.worker.concurrency, "worker started");
 
     shutdown.cancelled().await;
+    health.set_stopping();
     let _ = scheduler.await;
     let in_flight = runner.in_flight();
     if in_flight > 0 {
@@ -144,6 +190,7 @@ pub async fn serve(
     if let Err(error) = deregister_worker(&pool, &worker_id).await {
         tracing::warn!(error = %error, "could not deregister the worker");
     }
+    health.set_serving(false);
     tracing::info!("worker stopped");
     Ok(())
 }

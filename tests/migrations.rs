@@ -281,3 +281,40 @@ async fn the_migrate_command_applies_then_reports_up_to_date() {
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(stdout.contains("database is up to date"), "{stdout}");
 }
+
+#[tokio::test]
+async fn an_older_agentd_accepts_a_database_migrated_by_a_newer_one() {
+    let db = TestDb::migrated().await;
+    assert!(
+        agentd::store::pending_migrations(&db.pool)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A migration this binary does not know, as a newer agentd would have recorded it.
+    sqlx::query(
+        "INSERT INTO agentd._sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (29991231000000, 'from the future', true, '\\x00', 1)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let report = agentd::store::migrate(&db.pool).await.unwrap();
+    assert!(report.applied.is_empty(), "{report:?}");
+    assert!(
+        agentd::store::pending_migrations(&db.pool)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a newer migration is not pending for an older binary"
+    );
+    // One of ours missing is pending (what /readyz reports).
+    sqlx::query("DELETE FROM agentd._sqlx_migrations WHERE version = 20260101000006")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        agentd::store::pending_migrations(&db.pool).await.unwrap(),
+        vec![20260101000006]
+    );
+}

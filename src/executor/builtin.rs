@@ -13,12 +13,23 @@ use super::{ArtifactFile, BoxFuture, Executor, Outcome, RunContext};
 /// See the module documentation.
 pub struct BuiltinExecutor {
     step_delay: Duration,
+    noop_lines: u64,
 }
 
 impl BuiltinExecutor {
     /// An executor pausing `step_delay` between steps.
     pub fn new(step_delay: Duration) -> BuiltinExecutor {
-        BuiltinExecutor { step_delay }
+        BuiltinExecutor {
+            step_delay,
+            noop_lines: 0,
+        }
+    }
+
+    /// With `lines > 0`, a no-op (benchmarks): each run only logs `lines` short lines and
+    /// completes.
+    pub fn with_noop_lines(mut self, lines: u64) -> BuiltinExecutor {
+        self.noop_lines = lines;
+        self
     }
 
     async fn pause(&self) {
@@ -75,6 +86,14 @@ impl Executor for BuiltinExecutor {
 
     fn execute<'a>(&'a self, run: &'a RunContext) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
+            if self.noop_lines > 0 {
+                for line in 1..=self.noop_lines {
+                    run.logs.info(format!("noop line {line}")).await;
+                }
+                return Outcome::Completed {
+                    output: json!({"noop": true, "lines": self.noop_lines}),
+                };
+            }
             let claimed = &run.run;
             let input = input_text(claimed.input.as_ref());
             let (title, template, variables) = match &run.agent {

@@ -32,9 +32,10 @@ pub use crate::store::runs::{ClaimedRun, RunKind};
 /// configured, chosen per agent category by `executor.default` and `executor.by_category`.
 pub fn from_settings(settings: &crate::config::Settings) -> Executors {
     use crate::config::ExecutorKind;
-    let builtin: Arc<dyn Executor> = Arc::new(builtin::BuiltinExecutor::new(
-        settings.executors.builtin.step_delay,
-    ));
+    let builtin: Arc<dyn Executor> = Arc::new(
+        builtin::BuiltinExecutor::new(settings.executors.builtin.step_delay)
+            .with_noop_lines(settings.executors.builtin.noop_lines),
+    );
     let command: Option<Arc<dyn Executor>> =
         (!settings.executors.command.program.is_empty()).then(|| {
             Arc::new(command::CommandExecutor::new(

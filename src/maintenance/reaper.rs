@@ -35,6 +35,7 @@ impl Reaper {
                 Ok(Some(until)) => (until + EXPIRY_MARGIN).min(self.interval),
                 Ok(None) => self.interval,
                 Err(error) => {
+                    crate::measure::database_error("reap");
                     tracing::warn!(error = %error, "reading lease expiries failed");
                     self.interval
                 }
@@ -46,6 +47,7 @@ impl Reaper {
         loop {
             match reap_expired_leases(&self.pool, REAP_BATCH).await {
                 Ok(reaped) => {
+                    crate::measure::leases_reaped(reaped.len());
                     for run in &reaped {
                         tracing::warn!(
                             run_id = %run.run_id,
@@ -59,6 +61,7 @@ impl Reaper {
                     }
                 }
                 Err(error) => {
+                    crate::measure::database_error("reap");
                     tracing::warn!(error = %error, "reaping expired leases failed");
                     return;
                 }

@@ -127,6 +127,71 @@ impl ArtifactBackend {
             ArtifactBackend::Unavailable(reason) => Err(reason.clone()),
         }
     }
+
+    /// Deletes the stored file or object behind `url` (retention). One already gone counts
+    /// as deleted. Refuses URLs outside this store (another folder, another bucket): those
+    /// are not agentd's to delete.
+    pub async fn delete(&self, url: &str) -> Result<(), String> {
+        match self {
+            ArtifactBackend::Local(dir) => {
+                let path = path_of_file_url(url)
+                    .ok_or_else(|| format!("{url}: not a file:// URL of this artifact store"))?;
+                let root = std::path::absolute(dir).map_err(|error| error.to_string())?;
+                let inside = path.starts_with(&root)
+                    && path
+                        .components()
+                        .all(|part| !matches!(part, std::path::Component::ParentDir));
+                if !inside {
+                    return Err(format!("{url}: outside artifacts.dir ({})", root.display()));
+                }
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => return Err(format!("{}: {error}", path.display())),
+                }
+                // The run's folder goes with its last file.
+                if let Some(folder) = path.parent().filter(|folder| *folder != root) {
+                    let _ = tokio::fs::remove_dir(folder).await;
+                }
+                Ok(())
+            }
+            #[cfg(feature = "s3")]
+            ArtifactBackend::Bucket { store, bucket, .. } => {
+                use object_store::ObjectStoreExt;
+                let key = url
+                    .strip_prefix("s3://")
+                    .and_then(|rest| rest.strip_prefix(bucket.as_str()))
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .ok_or_else(|| format!("{url}: not an object of bucket {bucket}"))?;
+                let location =
+                    object_store::path::Path::parse(key).map_err(|error| error.to_string())?;
+                match store.delete(&location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(error) => Err(error.to_string()),
+                }
+            }
+            ArtifactBackend::Unavailable(reason) => Err(reason.clone()),
+        }
+    }
+}
+
+/// The path a `file://` URL made by [`file_url`] names.
+fn path_of_file_url(url: &str) -> Option<PathBuf> {
+    let encoded = url.strip_prefix("file://")?.as_bytes();
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut index = 0;
+    while index < encoded.len() {
+        if encoded[index] == b'%' {
+            let hex = std::str::from_utf8(encoded.get(index + 1..index + 3)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            bytes.push(encoded[index]);
+            index += 1;
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    Some(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
 }
 
 /// What the store kept, for `resource_usage`.
@@ -153,6 +218,7 @@ pub async fn run_store(
         let size = artifact.data.len() as u64;
         if size > options.max_bytes || totals.bytes + size > options.max_bytes_per_run {
             totals.rejected += 1;
+            crate::measure::artifact_rejected();
             logs.log(
                 Level::Warn,
                 format!(
@@ -196,9 +262,11 @@ pub async fn run_store(
                 Ok(Fenced::Written) => {
                     totals.count += 1;
                     totals.bytes += size;
+                    crate::measure::artifact_stored(size);
                 }
                 Ok(Fenced::LeaseLost) => control.lose_lease(),
                 Err(error) if !control.lease_expired_locally() && !control.lease_lost() => {
+                    crate::measure::database_error("artifact");
                     attempt += 1;
                     let delay = crate::store::backoff_delay(attempt, options.max_backoff);
                     tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "recording an artifact failed; retrying");
@@ -309,6 +377,10 @@ mod tests {
         assert_eq!(unique_name("a.md", &mut used), "2-a.md");
         assert_eq!(guess_type("Report.MD"), "text/markdown");
         assert_eq!(guess_type("data"), "application/octet-stream");
+        let path = Path::new("/var/lib/agentd/a b/résumé%.md");
+        assert_eq!(path_of_file_url(&file_url(path)).as_deref(), Some(path));
+        assert_eq!(path_of_file_url("file:///x/%zz"), None);
+        assert_eq!(path_of_file_url("s3://b/k"), None);
         assert_eq!(file_url(Path::new("/tmp/a b.md")), "file:///tmp/a%20b.md");
     }
 }

@@ -36,6 +36,7 @@ impl LeaseKeeper {
             match renew_leases(&self.pool, &self.worker_id, &asked, self.ttl).await {
                 Ok(held) => self.runner.leases_renewed(&asked, &held, sent_at),
                 Err(error) => {
+                    crate::measure::database_error("heartbeat");
                     tracing::warn!(error = %error, runs = asked.len(), "lease renewal failed");
                 }
             }

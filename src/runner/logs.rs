@@ -142,11 +142,10 @@ pub async fn run_pipe(
         let batch = &pending.make_contiguous()[..batch_len];
         match insert_log_batch(&pool, run_id, &worker_id, batch).await {
             Ok(Fenced::Written) => {
+                let bytes = batch.iter().map(|line| line.message.len()).sum::<usize>();
                 totals.lines += batch_len as u64;
-                totals.bytes += batch
-                    .iter()
-                    .map(|line| line.message.len() as u64)
-                    .sum::<u64>();
+                totals.bytes += bytes as u64;
+                crate::measure::log_lines_written(batch_len, bytes);
                 pending.drain(..batch_len);
                 control.reset_write_failures();
             }
@@ -164,6 +163,7 @@ pub async fn run_pipe(
                     control.lose_lease();
                     continue;
                 }
+                crate::measure::database_error("logs");
                 let attempt = control.note_write_failure();
                 let delay = crate::store::backoff_delay(attempt, max_backoff);
                 tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "log write failed; retrying");
@@ -195,6 +195,7 @@ pub async fn run_pipe(
     }
     totals.dropped_lines += intake.dropped_lines;
     totals.dropped_bytes += intake.dropped_bytes;
+    crate::measure::log_lines_dropped(totals.dropped_lines);
     totals
 }
 

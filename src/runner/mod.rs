@@ -232,6 +232,14 @@ impl Runner {
     pub fn start(&self, run: ClaimedRun, claimed_at: Instant) {
         let control = RunControl::new(claimed_at + self.inner.lease_ttl);
         self.active().insert(run.run_id, control.clone());
+        crate::measure::run_started(
+            run.kind.as_str(),
+            if run.schedule_id.is_some() {
+                "schedule"
+            } else {
+                "request"
+            },
+        );
         let runner = self.clone();
         let span = tracing::info_span!(
             "run",
@@ -304,6 +312,7 @@ impl Runner {
     async fn execute(&self, run: ClaimedRun, control: RunControl) {
         let started = Instant::now();
         let run_id = run.run_id;
+        let kind = run.kind.as_str();
         let (sink, receiver) = LogSink::channel(LOG_CHANNEL_CAPACITY);
         let pipe = tokio::spawn(
             logs::run_pipe(
@@ -353,6 +362,7 @@ impl Runner {
                 });
                 self.finish(
                     run_id,
+                    kind,
                     &control,
                     started,
                     outcome,
@@ -438,6 +448,7 @@ impl Runner {
         };
         self.finish(
             run_id,
+            kind,
             &control,
             started,
             outcome,
@@ -493,6 +504,7 @@ impl Runner {
                 Ok(Some(target)) => return Ok(target),
                 Ok(None) => return Err(format!("{what} {id} does not exist (any more)")),
                 Err(error) if !control.lease_expired_locally() && !control.lease_lost() => {
+                    crate::measure::database_error("load_target");
                     attempt += 1;
                     let delay = crate::store::backoff_delay(attempt, self.inner.max_backoff);
                     tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "loading the run's {what} failed; retrying");
@@ -508,6 +520,7 @@ impl Runner {
     async fn finish(
         &self,
         run_id: Uuid,
+        kind: &'static str,
         control: &RunControl,
         started: Instant,
         outcome: Option<Outcome>,
@@ -532,6 +545,10 @@ impl Runner {
             figures.insert("artifacts_rejected".into(), json!(artifact_totals.rejected));
             figures.insert("executor".into(), json!(executor));
             let usage = serde_json::Value::Object(figures);
+            let status = match outcome {
+                Outcome::Completed { .. } => "completed",
+                Outcome::Failed { .. } => "failed",
+            };
             let record = match outcome {
                 Outcome::Completed { output } => RunOutcome {
                     completed: true,
@@ -546,25 +563,28 @@ impl Runner {
                     resource_usage: Some(usage),
                 },
             };
-            self.record(run_id, control, &record, redactor).await;
+            if self.record(run_id, control, &record, redactor).await {
+                crate::measure::run_finished(kind, status, started.elapsed());
+            }
         } else {
             tracing::warn!(
                 "run abandoned: its lease was lost, so another replica owns its outcome"
             );
         }
         self.active().remove(&run_id);
+        crate::measure::run_ended();
         self.inner.freed.notify_one();
     }
 
     /// Writes the outcome, retrying with backoff while the database is unreachable and the
-    /// lease is still valid.
+    /// lease is still valid. Returns whether it was written.
     async fn record(
         &self,
         run_id: Uuid,
         control: &RunControl,
         outcome: &RunOutcome,
         redactor: &Redactor,
-    ) {
+    ) -> bool {
         let mut attempt = 0;
         loop {
             match finish_run(&self.inner.pool, run_id, &self.inner.worker_id, outcome).await {
@@ -578,17 +598,18 @@ impl Runner {
                         error = outcome.error.as_deref().map(|error| redactor.redact(error)),
                         "run finished"
                     );
-                    return;
+                    return true;
                 }
                 Ok(Fenced::LeaseLost) => {
                     tracing::warn!("outcome refused: this worker no longer holds the run's lease");
                     control.lose_lease();
-                    return;
+                    return false;
                 }
                 Err(error) => {
+                    crate::measure::database_error("record_outcome");
                     if control.lease_expired_locally() {
                         tracing::warn!(error = %error, "outcome not recorded: the database stayed unreachable until the lease expired");
-                        return;
+                        return false;
                     }
                     attempt += 1;
                     let delay = crate::store::backoff_delay(attempt, self.inner.max_backoff);

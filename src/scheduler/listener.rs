@@ -42,6 +42,7 @@ impl Listener {
                     Ok(listener) => listener,
                     Err(error) => {
                         failures += 1;
+                        crate::measure::database_error("listen");
                         let delay = crate::store::backoff_delay(failures, self.max_backoff);
                         tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot listen for notifications; retrying");
                         tokio::select! {
@@ -54,6 +55,7 @@ impl Listener {
                 _ = stop.cancelled() => return,
             };
             if failures > 0 {
+                crate::measure::database_reconnected();
                 tracing::info!("listening for notifications again");
             }
             failures = 0;

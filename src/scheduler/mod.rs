@@ -62,6 +62,7 @@ impl Scheduler {
                 }
                 Err(error) => {
                     failures += 1;
+                    crate::measure::database_error("claim");
                     let delay = crate::store::backoff_delay(failures, self.max_backoff);
                     tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claim failed; retrying");
                     delay
@@ -88,6 +89,7 @@ impl Scheduler {
             let sent_at = Instant::now();
             let runs = claim_requests(&self.pool, limit, &self.worker_id, self.lease.ttl).await?;
             claimed_full_batch |= runs.len() == limit;
+            crate::measure::claim_batch(runs.len());
             for run in runs {
                 tracing::info!(run_id = %run.run_id, kind = run.kind.as_str(), target_id = %run.target_id, "request claimed");
                 self.runner.start(run, sent_at);
@@ -132,6 +134,7 @@ impl Scheduler {
             .apply(&writes, &self.worker_id, self.lease.ttl)
             .await?;
         transaction.commit().await?;
+        crate::measure::claim_batch(rows.len());
 
         for event in &events {
             log_event(event, &fired);
@@ -140,6 +143,10 @@ impl Scheduler {
         // so a connection lost right after the commit cannot strand committed runs.
         for fired_run in &fired {
             if let Some(new) = writes.fires.iter().find(|f| f.run_id == fired_run.run_id) {
+                // start_time is the claim transaction's now().
+                crate::measure::scheduling_lag(
+                    (now - new.scheduled_for).to_std().unwrap_or_default(),
+                );
                 self.runner.start(
                     ClaimedRun {
                         run_id: new.run_id,
@@ -167,6 +174,7 @@ fn log_event(event: &PlanEvent, fired: &[crate::store::schedules::FiredRun]) {
             next_run,
         } => {
             if fired.iter().any(|f| f.run_id == *run_id) {
+                crate::measure::schedule_fired();
                 tracing::info!(
                     schedule_id = %schedule_id,
                     run_id = %run_id,
@@ -188,13 +196,16 @@ fn log_event(event: &PlanEvent, fired: &[crate::store::schedules::FiredRun]) {
             scheduled_for,
             reason,
             next_run,
-        } => tracing::info!(
-            schedule_id = %schedule_id,
-            scheduled_for = %scheduled_for,
-            reason = reason.as_str(),
-            next_run = next_run.map(|t| t.to_string()),
-            "schedule slot skipped"
-        ),
+        } => {
+            crate::measure::schedule_skipped(reason.as_str());
+            tracing::info!(
+                schedule_id = %schedule_id,
+                scheduled_for = %scheduled_for,
+                reason = reason.as_str(),
+                next_run = next_run.map(|t| t.to_string()),
+                "schedule slot skipped"
+            )
+        }
         PlanEvent::Planned {
             schedule_id,
             next_run,
@@ -206,11 +217,14 @@ fn log_event(event: &PlanEvent, fired: &[crate::store::schedules::FiredRun]) {
             schedule_id,
             report_run_id,
             error,
-        } => tracing::warn!(
-            schedule_id = %schedule_id,
-            run_id = %report_run_id,
-            error = %error,
-            "invalid schedule; reported to its owner, ignored until its definition changes"
-        ),
+        } => {
+            crate::measure::schedule_invalid();
+            tracing::warn!(
+                schedule_id = %schedule_id,
+                run_id = %report_run_id,
+                error = %error,
+                "invalid schedule; reported to its owner, ignored until its definition changes"
+            )
+        }
     }
 }

@@ -15,8 +15,10 @@ use crate::config::DatabaseSettings;
 
 pub mod agents;
 pub mod demo;
+pub mod maintenance;
 pub mod runs;
 pub mod schedules;
+pub mod status;
 pub mod workers;
 
 /// Where agentd records which migrations ran: in its own schema, so that Supabase's API
@@ -50,11 +52,13 @@ pub enum StoreError {
 }
 
 /// agentd's migrations, embedded in the binary, with their bookkeeping table in schema
-/// `agentd`.
+/// `agentd`. Migrations applied by a newer agentd are ignored, not an error, so rolling the
+/// binary back (its `migrate` included) works on the newer schema.
 pub fn migrator() -> Migrator {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
     migrator.create_schema("agentd");
+    migrator.set_ignore_missing(true);
     migrator
 }
 
@@ -175,6 +179,18 @@ pub async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
     .fetch_all(pool)
     .await?;
     Ok(versions)
+}
+
+/// The migrations this binary knows that the database has not applied (empty: current).
+/// Migrations the database has and this binary does not know (a newer agentd ran them) do
+/// not count: replicas of the previous version keep working during a rolling upgrade.
+pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
+    let applied = applied_versions(pool).await?;
+    Ok(migrator()
+        .iter()
+        .map(|migration| migration.version)
+        .filter(|version| !applied.contains(version))
+        .collect())
 }
 
 #[cfg(test)]

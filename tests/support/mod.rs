@@ -188,6 +188,9 @@ pub fn agentd() -> Command {
         }
     }
     command.env("AGENTD__LOG__FORMAT", "json");
+    // Tests run daemons side by side: each gets a free port for its endpoints (the bound
+    // address is in the "operations endpoints listening" line).
+    command.env("AGENTD__HTTP__LISTEN", "127.0.0.1:0");
     command
 }
 
@@ -454,9 +457,15 @@ impl InProcessWorker {
                 Some(executor) => agentd::executor::Executors::single(executor),
                 None => agentd::executor::from_settings(&settings),
             };
-            agentd::worker::serve(pool.clone(), &settings, executors, token)
-                .await
-                .unwrap();
+            agentd::worker::serve(
+                pool.clone(),
+                &settings,
+                executors,
+                agentd::health::Health::new(),
+                token,
+            )
+            .await
+            .unwrap();
             pool.close().await;
         });
         InProcessWorker { shutdown, handle }

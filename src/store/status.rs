@@ -1,0 +1,183 @@
+//! What `agentd status` reads: one consistent snapshot of the fleet and its backlog.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::PgPool;
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// A registered replica.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct WorkerRow {
+    pub id: String,
+    pub host: String,
+    pub pid: i32,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    /// Runs it holds an unexpired lease on.
+    pub runs_in_flight: i64,
+}
+
+/// Leases held by a worker id, registered or not (a replica killed without deregistering,
+/// whose runs the reaper has not settled yet).
+#[derive(Debug, Clone, Serialize)]
+pub struct InFlightRow {
+    pub worker_id: String,
+    pub runs: i64,
+    /// Of those, leases already expired (the reaper will fail them).
+    pub expired: i64,
+}
+
+/// A schedule whose current definition is invalid.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvalidRow {
+    pub schedule_id: Uuid,
+    pub agent_id: Uuid,
+    pub error: String,
+    pub since: DateTime<Utc>,
+}
+
+/// The snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusSnapshot {
+    pub now: DateTime<Utc>,
+    pub workers: Vec<WorkerRow>,
+    pub in_flight: Vec<InFlightRow>,
+    pub schedules_due: i64,
+    pub oldest_due: Option<DateTime<Utc>>,
+    /// Enabled schedules waiting for a worker to compute their first `next_run`.
+    pub schedules_unplanned: i64,
+    pub requests_waiting: i64,
+    pub oldest_request: Option<DateTime<Utc>>,
+    pub invalid_total: i64,
+    /// The most recent invalid schedules (at most [`INVALID_LISTED`]).
+    pub invalid: Vec<InvalidRow>,
+    /// Runs that ended in the last hour, by status, and runs running now.
+    pub completed_last_hour: i64,
+    pub failed_last_hour: i64,
+    pub running: i64,
+}
+
+/// Most invalid schedules listed one by one.
+pub const INVALID_LISTED: i64 = 20;
+
+/// Reads the snapshot in one read-only, repeatable-read transaction.
+pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let workers: Vec<WorkerRow> = sqlx::query_as(
+        r#"
+        SELECT w.id, w.host, w.pid, w.version, w.started_at, w.last_seen_at,
+               count(l.run_id) FILTER (WHERE l.expires_at > now()) AS runs_in_flight
+          FROM agentd.workers w
+          LEFT JOIN agentd.leases l ON l.worker_id = w.id
+         GROUP BY w.id
+         ORDER BY w.id
+        "#,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let in_flight: Vec<(String, i64, i64)> = sqlx::query_as(
+        r#"
+        SELECT worker_id, count(*), count(*) FILTER (WHERE expires_at <= now())
+          FROM agentd.leases
+         GROUP BY worker_id
+         ORDER BY worker_id
+        "#,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let (schedules_due, oldest_due): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT count(*), min(next_run) FROM public.agent_schedules \
+         WHERE enabled AND next_run IS NOT NULL AND next_run <= now()",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let schedules_unplanned: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM public.agent_schedules WHERE enabled AND next_run IS NULL",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let (requests_waiting, oldest_request): (i64, Option<DateTime<Utc>>) =
+        sqlx::query_as("SELECT count(*), min(requested_at) FROM agentd.requests")
+            .fetch_one(&mut *tx)
+            .await?;
+    // Only invalid states that still describe the current definition (an edited schedule
+    // is looked at again).
+    let invalid_total: i64 = sqlx::query_scalar(
+        r#"
+        SELECT count(*)
+          FROM agentd.schedule_states st
+          JOIN public.agent_schedules s ON s.id = st.schedule_id
+         WHERE st.state = 'invalid'
+           AND st.definition_hash = agentd.schedule_definition_hash(s)
+        "#,
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let invalid: Vec<(Uuid, Uuid, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+        r#"
+        SELECT s.id, s.agent_id, st.error, st.updated_at
+          FROM agentd.schedule_states st
+          JOIN public.agent_schedules s ON s.id = st.schedule_id
+         WHERE st.state = 'invalid'
+           AND st.definition_hash = agentd.schedule_definition_hash(s)
+         ORDER BY st.updated_at DESC, s.id
+         LIMIT $1
+        "#,
+    )
+    .bind(INVALID_LISTED)
+    .fetch_all(&mut *tx)
+    .await?;
+    let (completed_last_hour, failed_last_hour): (i64, i64) = sqlx::query_as(
+        r#"
+        SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed')
+          FROM public.runs
+         WHERE status <> 'running' AND end_time > now() - interval '1 hour'
+        "#,
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM public.runs WHERE status = 'running'")
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok(StatusSnapshot {
+        now,
+        workers,
+        in_flight: in_flight
+            .into_iter()
+            .map(|(worker_id, runs, expired)| InFlightRow {
+                worker_id,
+                runs,
+                expired,
+            })
+            .collect(),
+        schedules_due,
+        oldest_due,
+        schedules_unplanned,
+        requests_waiting,
+        oldest_request,
+        invalid_total,
+        invalid: invalid
+            .into_iter()
+            .map(|(schedule_id, agent_id, error, since)| InvalidRow {
+                schedule_id,
+                agent_id,
+                error: error.unwrap_or_default(),
+                since,
+            })
+            .collect(),
+        completed_last_hour,
+        failed_last_hour,
+        running,
+    })
+}

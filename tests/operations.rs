@@ -1,0 +1,658 @@
+//! Operations: the health, readiness and metrics endpoints of a real `agentd run`, the JSON
+//! log lines of a run, retention, and `agentd status`.
+
+mod support;
+
+use std::time::Duration;
+
+use agentd::config::Settings;
+use agentd::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use agentd::maintenance::retention::{Deleted, Retention};
+use agentd::runner::artifacts::ArtifactOptions;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use support::{
+    Daemon, InProcessWorker, SleepyExecutor, TestDb, agentd, count, create_agent, create_user,
+    eventually, replica,
+};
+use uuid::Uuid;
+
+/// GET `url`: status code and body.
+async fn get(url: &str) -> (u16, String) {
+    let client = agentd::executor::http::client().unwrap();
+    let response = client
+        .get(url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+/// The endpoints' base URL, from the daemon's "listening" line.
+fn endpoints_of(daemon: &mut Daemon) -> String {
+    let line = daemon.wait_for("operations endpoints listening", Duration::from_secs(20));
+    format!("http://{}", line["addr"].as_str().unwrap())
+}
+
+/// The value of a sample line of the Prometheus text (`name{labels} value`), summed over
+/// the lines whose name and labels contain every one of `parts`.
+fn sample(metrics: &str, name: &str, parts: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.split([' ', '{']).next() == Some(name)
+                && parts.iter().all(|part| line.contains(part))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_status(url: &str, status: u16, what: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (got, body) = get(url).await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {url} still answers {got}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_follow_the_database_and_metrics_move_with_runs() {
+    let folder = tempfile::tempdir().unwrap();
+    let options = EmbeddedOptions {
+        data_dir: folder.path().join("pg"),
+        bin_dir: None,
+        start_timeout: Duration::from_secs(60),
+        unsafe_no_fsync: true,
+        keep_running: false,
+    };
+    let server = EmbeddedPostgres::start(&options).await.unwrap();
+    let url = server.url(agentd::embedded_pg::DATABASE_NAME);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(server.connect_options())
+        .await
+        .unwrap();
+    agentd::store::migrate(&pool).await.unwrap();
+    let user = create_user(&pool).await;
+    let agent = create_agent(&pool, user).await;
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone) \
+         VALUES ($1, true, 'cron', 1, '* * * * * *', 'UTC')",
+    )
+    .bind(agent)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let mut daemon = replica(
+        &url,
+        "ops-1",
+        &[
+            ("AGENTD__DATABASE__MAX_BACKOFF", "500ms"),
+            ("AGENTD__SHUTDOWN__GRACE", "10s"),
+        ],
+    );
+    let base = endpoints_of(&mut daemon);
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    let ready = wait_status(&format!("{base}/readyz"), 200, "ready once serving").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&ready).unwrap()["status"],
+        "ready"
+    );
+
+    // Metrics are there and move as runs complete.
+    let finished = |text: &str| {
+        sample(
+            text,
+            "agentd_runs_finished_total",
+            &["type=\"agent\"", "status=\"completed\""],
+        )
+    };
+    let first = wait_status(&format!("{base}/metrics"), 200, "metrics").await;
+    assert!(
+        first.contains("agentd_worker_info{") && first.contains("worker_id=\"ops-1\""),
+        "{first}"
+    );
+    let mut later = first.clone();
+    for _ in 0..100 {
+        later = get(&format!("{base}/metrics")).await.1;
+        if finished(&later) >= finished(&first) + 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        finished(&later) >= finished(&first) + 2.0,
+        "runs finished did not move: {later}"
+    );
+    for name in [
+        "agentd_schedules_fired_total",
+        "agentd_runs_started_total",
+        "agentd_scheduling_lag_seconds_bucket",
+        "agentd_run_duration_seconds_bucket",
+        "agentd_log_lines_written_total",
+        "agentd_log_bytes_written_total",
+        "agentd_artifacts_stored_total",
+        "agentd_claim_batch_size_bucket",
+    ] {
+        assert!(
+            sample(&later, name, &[]) > 0.0,
+            "{name} not moving: {later}"
+        );
+    }
+    assert!(later.contains("agentd_runs_in_flight"), "{later}");
+    assert!(
+        later.contains("# HELP agentd_scheduling_lag_seconds"),
+        "{later}"
+    );
+
+    // The database goes away: not ready (with the reason), still alive; back: ready.
+    server.stop().await;
+    let body = wait_status(
+        &format!("{base}/readyz"),
+        503,
+        "not ready without the database",
+    )
+    .await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "not ready");
+    assert!(
+        body["reason"].as_str().unwrap().starts_with("database"),
+        "{body}"
+    );
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    let server = EmbeddedPostgres::start(&options).await.unwrap();
+    wait_status(&format!("{base}/readyz"), 200, "ready again").await;
+    let metrics = get(&format!("{base}/metrics")).await.1;
+    assert!(
+        sample(&metrics, "agentd_database_errors_total", &[]) > 0.0,
+        "{metrics}"
+    );
+
+    // Shutdown: not ready at once, alive until the process ends.
+    daemon.signal(Signal::SIGTERM);
+    let body = wait_status(&format!("{base}/readyz"), 503, "not ready while stopping").await;
+    assert!(body.contains("shutting down"), "{body}");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runs_json_log_lines_carry_run_id_worker_id_level_message_and_timestamp() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let mut daemon = replica(&db.url, "json-1", &[("AGENTD__HTTP__LISTEN", "")]);
+    daemon.wait_for("worker started", Duration::from_secs(20));
+    let run_id = agentd::store::runs::request_run(
+        &db.pool,
+        agentd::store::runs::RunKind::Agent,
+        agent,
+        None,
+    )
+    .await
+    .unwrap();
+    daemon.wait_for("run finished", Duration::from_secs(20));
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+    let run_lines: Vec<Value> = daemon
+        .seen
+        .iter()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+        })
+        .filter(|line| line["run_id"] == run_id.to_string())
+        .collect();
+    assert!(run_lines.len() >= 3, "{run_lines:#?}");
+    for line in &run_lines {
+        assert_eq!(line["worker_id"], "json-1", "{line}");
+        assert!(
+            ["info", "warn", "error", "debug"].contains(&line["level"].as_str().unwrap()),
+            "{line}"
+        );
+        assert!(!line["message"].as_str().unwrap().is_empty(), "{line}");
+        let timestamp = line["timestamp"].as_str().unwrap();
+        chrono::DateTime::parse_from_rfc3339(timestamp)
+            .unwrap_or_else(|e| panic!("timestamp {timestamp}: {e}"));
+    }
+    assert!(
+        run_lines
+            .iter()
+            .any(|line| line["message"] == "run started")
+    );
+}
+
+/// A finished run (`ended_days_ago`), with `logs` log lines and one artifact file.
+async fn history(
+    db: &TestDb,
+    agent: Uuid,
+    user: Uuid,
+    ended_days_ago: i64,
+    logs: i64,
+    artifacts: &std::path::Path,
+) -> (Uuid, std::path::PathBuf) {
+    let run: Uuid = sqlx::query_scalar(
+        "INSERT INTO runs (type, target_id, status, start_time, end_time, triggered_by_id, created_at) \
+         VALUES ('agent', $1, 'completed', now() - make_interval(days => $2::int) - interval '1 minute', \
+                 now() - make_interval(days => $2::int), $3, now() - make_interval(days => $2::int)) RETURNING id",
+    )
+    .bind(agent)
+    .bind(ended_days_ago as i32)
+    .bind(user)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO run_logs (run_id, message, timestamp) \
+         SELECT $1, 'line ' || g, now() - make_interval(days => $2::int) FROM generate_series(1, $3) g",
+    )
+    .bind(run)
+    .bind(ended_days_ago as i32)
+    .bind(logs)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let folder = artifacts.join(run.to_string());
+    std::fs::create_dir_all(&folder).unwrap();
+    let file = folder.join("result.md");
+    std::fs::write(&file, "# result").unwrap();
+    sqlx::query(
+        "INSERT INTO run_artifacts (run_id, name, type, size, url, created_at) \
+         VALUES ($1, 'result.md', 'text/markdown', 8, $2, now() - make_interval(days => $3::int))",
+    )
+    .bind(run)
+    .bind(format!("file://{}", file.display()))
+    .bind(ended_days_ago as i32)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    (run, file)
+}
+
+fn retention(db: &TestDb, worker_id: &str, settings: &[(&str, &str)], dir: &str) -> Retention {
+    let mut env: std::collections::HashMap<String, String> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.insert("AGENTD__ARTIFACTS__DIR".into(), dir.into());
+    let settings = Settings::load(None, &env).unwrap();
+    Retention {
+        pool: db.pool.clone(),
+        worker_id: worker_id.into(),
+        artifacts: ArtifactOptions::from_settings(&settings.artifacts, Duration::from_secs(1)),
+        settings: settings.retention,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_only_older_history_in_batches_from_one_replica() {
+    let db = TestDb::migrated().await;
+    let folder = tempfile::tempdir().unwrap();
+    let artifacts = folder.path().canonicalize().unwrap();
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let mut old = Vec::new();
+    for _ in 0..3 {
+        old.push(history(&db, agent, user, 40, 10, &artifacts).await);
+    }
+    let recent = history(&db, agent, user, 1, 10, &artifacts).await;
+    // A run still running since long ago is never deleted, nor are its lines of today.
+    let running: Uuid = sqlx::query_scalar(
+        "INSERT INTO runs (type, target_id, status, start_time, triggered_by_id) \
+         VALUES ('agent', $1, 'running', now() - interval '50 days', $2) RETURNING id",
+    )
+    .bind(agent)
+    .bind(user)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO run_logs (run_id, message) VALUES ($1, 'still going')")
+        .bind(running)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let settings = [
+        ("AGENTD__RETENTION__RUN_LOGS", "30d"),
+        ("AGENTD__RETENTION__ARTIFACTS", "30d"),
+        ("AGENTD__RETENTION__RUNS", "30d"),
+        ("AGENTD__RETENTION__BATCH_SIZE", "4"),
+    ];
+    let dir = artifacts.to_str().unwrap();
+    let one = retention(&db, "r1", &settings, dir);
+    let two = retention(&db, "r2", &settings, dir);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (a, b) = tokio::join!(one.pass(&stop), two.pass(&stop));
+    let passes: Vec<Deleted> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
+    assert_eq!(passes.len(), 1, "exactly one replica does the pass");
+    let deleted = passes[0];
+    assert_eq!(deleted.run_logs, 30);
+    assert_eq!(deleted.artifacts, 3);
+    assert_eq!(deleted.runs, 3);
+    assert_eq!(deleted.files_not_removed, 0);
+    // 30 old lines in 8 statements of at most 4, the 3 artifacts in one, the (no longer
+    // any) lines of the old runs in one, the 3 runs in one.
+    assert_eq!(deleted.batches, 8 + 1 + 1 + 1, "{deleted:?}");
+
+    for (run, file) in &old {
+        assert!(!file.exists(), "{} still there", file.display());
+        assert_eq!(
+            count(
+                &db.pool,
+                &format!("SELECT count(*) FROM runs WHERE id = '{run}'")
+            )
+            .await,
+            0
+        );
+    }
+    assert!(recent.1.exists());
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!(
+                "SELECT count(*) FROM run_logs WHERE run_id = '{}'",
+                recent.0
+            )
+        )
+        .await,
+        10
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM run_artifacts").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!(
+                "SELECT count(*) FROM runs WHERE id IN ('{}', '{running}')",
+                recent.0
+            )
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM run_logs WHERE run_id = '{running}'")
+        )
+        .await,
+        1
+    );
+
+    // Done for this interval, whichever replica asks.
+    let (a, b) = tokio::join!(one.pass(&stop), two.pass(&stop));
+    assert!(a.unwrap().is_none() && b.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_retention_age_applies_to_its_own_kind_only() {
+    let db = TestDb::migrated().await;
+    let folder = tempfile::tempdir().unwrap();
+    let artifacts = folder.path().canonicalize().unwrap();
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let (run, file) = history(&db, agent, user, 40, 5, &artifacts).await;
+    let dir = artifacts.to_str().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+
+    // Logs only: the run and its artifact stay.
+    let logs_only = retention(&db, "r1", &[("AGENTD__RETENTION__RUN_LOGS", "30d")], dir);
+    let deleted = logs_only.pass(&stop).await.unwrap().unwrap();
+    assert_eq!(
+        (deleted.run_logs, deleted.artifacts, deleted.runs),
+        (5, 0, 0)
+    );
+    assert!(file.exists());
+
+    // Artifacts only (a fresh interval: the task's record is per database).
+    sqlx::query("UPDATE agentd.maintenance SET last_finished_at = NULL")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let artifacts_only = retention(&db, "r1", &[("AGENTD__RETENTION__ARTIFACTS", "30d")], dir);
+    let deleted = artifacts_only.pass(&stop).await.unwrap().unwrap();
+    assert_eq!(
+        (deleted.run_logs, deleted.artifacts, deleted.runs),
+        (0, 1, 0)
+    );
+    assert!(!file.exists());
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM runs WHERE id = '{run}'")
+        )
+        .await,
+        1
+    );
+
+    // A longer age keeps what is younger than it.
+    sqlx::query("UPDATE agentd.maintenance SET last_finished_at = NULL")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let runs_60d = retention(&db, "r1", &[("AGENTD__RETENTION__RUNS", "60d")], dir);
+    let deleted = runs_60d.pass(&stop).await.unwrap().unwrap();
+    assert_eq!(deleted.runs, 0);
+
+    // An artifact URL outside artifacts.dir is not agentd's to delete; its row goes, the
+    // file stays, and the pass says so.
+    let outside = tempfile::tempdir().unwrap();
+    let stray = outside.path().join("keep.txt");
+    std::fs::write(&stray, "x").unwrap();
+    sqlx::query(
+        "INSERT INTO run_artifacts (run_id, name, type, size, url, created_at) \
+         VALUES ($1, 'keep.txt', 'text/plain', 1, $2, now() - interval '40 days')",
+    )
+    .bind(run)
+    .bind(format!("file://{}", stray.display()))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE agentd.maintenance SET last_finished_at = NULL")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let deleted = artifacts_only.pass(&stop).await.unwrap().unwrap();
+    assert_eq!((deleted.artifacts, deleted.files_not_removed), (1, 1));
+    assert!(stray.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_with_retention_log_one_pass_with_counts() {
+    let db = TestDb::migrated().await;
+    let folder = tempfile::tempdir().unwrap();
+    let artifacts = folder.path().canonicalize().unwrap();
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    history(&db, agent, user, 40, 3, &artifacts).await;
+    let settings = [
+        ("AGENTD__RETENTION__RUNS", "30d"),
+        ("AGENTD__ARTIFACTS__DIR", artifacts.to_str().unwrap()),
+        ("AGENTD__HTTP__LISTEN", ""),
+    ];
+    let mut replicas = [
+        replica(&db.url, "keep-1", &settings),
+        replica(&db.url, "keep-2", &settings),
+    ];
+    eventually(
+        Duration::from_secs(20),
+        "the old run is deleted",
+        || async { count(&db.pool, "SELECT count(*) FROM runs").await == 0 },
+    )
+    .await;
+    // Both replicas had their chance (first attempts are spread over 5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut finished = Vec::new();
+    for daemon in replicas.iter_mut() {
+        daemon.signal(Signal::SIGTERM);
+        assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+        for line in &daemon.seen {
+            let line: Value = serde_json::from_str(line).unwrap();
+            if line["message"] == "retention pass finished" {
+                finished.push(line);
+            }
+        }
+    }
+    assert_eq!(finished.len(), 1, "{finished:#?}");
+    assert_eq!(finished[0]["runs"], 1);
+    assert_eq!(finished[0]["run_logs"], 3);
+    assert_eq!(finished[0]["artifacts"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_workers_runs_in_flight_backlog_invalid_schedules_and_the_last_hour() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let sleepy = || {
+        std::sync::Arc::new(SleepyExecutor {
+            delay: Duration::from_secs(60),
+        })
+    };
+    let one_at_a_time = [
+        ("AGENTD__WORKER__CONCURRENCY", "1"),
+        ("AGENTD__SHUTDOWN__GRACE", "100ms"),
+    ];
+    let workers = vec![
+        InProcessWorker::start(&db, "status-a", &one_at_a_time, sleepy()).await,
+        InProcessWorker::start(&db, "status-b", &one_at_a_time, sleepy()).await,
+    ];
+    // An invalid schedule, reported by a worker (a failed run of the last hour).
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone) \
+         VALUES ($1, true, 'daily', 1, '09:00', 'Mars/Olympus')",
+    )
+    .bind(agent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the invalid schedule reported",
+        || async {
+            count(
+                &db.pool,
+                "SELECT count(*) FROM runs WHERE status = 'failed'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    // A run completed in the last hour.
+    sqlx::query(
+        "INSERT INTO runs (type, target_id, status, start_time, end_time, triggered_by_id) \
+         VALUES ('agent', $1, 'completed', now() - interval '10 minutes', now() - interval '9 minutes', $2)",
+    )
+    .bind(agent)
+    .bind(user)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // One long run on each worker; then both are full, so a third request waits and a due
+    // schedule stays due.
+    for _ in 0..2 {
+        agentd::store::runs::request_run(
+            &db.pool,
+            agentd::store::runs::RunKind::Agent,
+            agent,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    eventually(Duration::from_secs(10), "both runs in flight", || async {
+        count(&db.pool, "SELECT count(*) FROM agentd.leases").await == 2
+    })
+    .await;
+    agentd::store::runs::request_run(&db.pool, agentd::store::runs::RunKind::Agent, agent, None)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone, next_run) \
+         VALUES ($1, true, 'daily', 1, '09:00', 'UTC', now() - interval '90 seconds')",
+    )
+    .bind(agent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let output = agentd()
+        .args(["status", "--format", "json"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let workers_seen = status["workers"].as_array().unwrap();
+    assert_eq!(workers_seen.len(), 2, "{status:#}");
+    for worker in workers_seen {
+        assert!(["status-a", "status-b"].contains(&worker["id"].as_str().unwrap()));
+        assert_eq!(worker["runs_in_flight"], 1, "{worker}");
+        assert_eq!(worker["stale"], false, "{worker}");
+        assert_eq!(worker["version"], env!("CARGO_PKG_VERSION"));
+    }
+    let in_flight = status["runs_in_flight_by_worker"].as_array().unwrap();
+    assert_eq!(in_flight.len(), 2, "{status:#}");
+    assert!(
+        in_flight
+            .iter()
+            .all(|row| row["runs"] == 1 && row["registered"] == true)
+    );
+    assert_eq!(status["schedules"]["due_now"], 1, "{status:#}");
+    assert!(status["schedules"]["backlog_seconds"].as_f64().unwrap() >= 89.0);
+    assert_eq!(status["schedules"]["invalid"], 1, "{status:#}");
+    assert_eq!(
+        status["invalid_schedules"][0]["error"],
+        "invalid schedule: timezone: unknown time zone \"Mars/Olympus\"",
+        "{status:#}"
+    );
+    assert_eq!(status["requests"]["waiting"], 1, "{status:#}");
+    assert_eq!(status["runs"]["running"], 2, "{status:#}");
+    assert_eq!(status["runs"]["last_hour"]["completed"], 1, "{status:#}");
+    assert_eq!(status["runs"]["last_hour"]["failed"], 1, "{status:#}");
+
+    let table = agentd()
+        .arg("status")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("Workers: 2"), "{table}");
+    assert!(
+        table.contains("status-a") && table.contains("status-b"),
+        "{table}"
+    );
+    assert!(table.contains("due now: 1 (oldest next_run"), "{table}");
+    assert!(table.contains("requested runs waiting: 1"), "{table}");
+    assert!(
+        table.contains("unknown time zone \"Mars/Olympus\""),
+        "{table}"
+    );
+    assert!(
+        table.contains("last hour: 1 completed, 1 failed"),
+        "{table}"
+    );
+
+    for worker in workers {
+        worker.stop().await;
+    }
+}
