@@ -38,6 +38,9 @@ pub enum Command {
     /// For operators: live workers, runs in flight, the schedule backlog, invalid schedules
     /// and the last hour's runs.
     Status(StatusArgs),
+    /// Measure agentd on a scratch database of the configured server (or the embedded
+    /// one): burst, steady, throughput, logs, idle, scale; with the server's own ceiling.
+    Bench(crate::bench::BenchArgs),
     /// Exit 0 when GET /healthz of the local agentd answers 200 (container health checks;
     /// no curl needed).
     Healthcheck(HealthcheckArgs),

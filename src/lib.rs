@@ -19,6 +19,7 @@
 //! - [`shutdown`]: the cancellation token that SIGTERM/SIGINT fire.
 //! - [`cli`]: the command line.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod embedded_pg;

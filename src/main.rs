@@ -76,6 +76,19 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| true),
             Command::Demo => startup::demo(&settings, &shutdown).await.map(|()| true),
+            Command::Bench(args) => {
+                let report = agentd::bench::run(&settings, args, &shutdown).await;
+                report.and_then(|report| {
+                    use agentd::bench::BenchFormat;
+                    if args.format != BenchFormat::Json {
+                        print!("{}", agentd::bench::table(&report));
+                    }
+                    if args.format != BenchFormat::Table {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    }
+                    Ok(true)
+                })
+            }
             Command::Status(args) => startup::status(&settings, args.format, &shutdown)
                 .await
                 .map(|()| true),

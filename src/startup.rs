@@ -60,6 +60,28 @@ impl Database {
         }
     }
 
+    /// The URL of database `name` on the same server (for child processes).
+    pub fn url_of(&self, settings: &Settings, name: &str) -> String {
+        match (&self.embedded, &settings.database.url) {
+            (Some(embedded), _) => embedded.url(name),
+            (None, Some(url)) => store::url_with_database(url, name),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// Connection options for database `name` on the same server, as the application
+    /// connects (its changes notify the workers).
+    pub fn options_of(
+        &self,
+        settings: &Settings,
+        name: &str,
+    ) -> anyhow::Result<sqlx::postgres::PgConnectOptions> {
+        Ok(match &self.embedded {
+            Some(embedded) => embedded.connect_options().database(name),
+            None => store::parse_url(&self.url_of(settings, name))?,
+        })
+    }
+
     /// Closes the pool, then stops the embedded server if this process started it.
     pub async fn close(self) {
         self.pool.close().await;
@@ -169,8 +191,9 @@ pub async fn status(
     let snapshot = store::status::snapshot(&database.pool).await;
     database.close().await;
     let snapshot = snapshot?;
-    // A worker renews its heartbeat every lease.ttl / 3: past a whole ttl it is gone.
-    let stale_after = settings.lease.ttl;
+    // A busy worker is seen every lease.ttl / 3, an idle one at each look at the database
+    // (every scheduler.poll_interval at the latest): past that and a ttl more, it is gone.
+    let stale_after = settings.lease.ttl.max(settings.scheduler.poll_interval) + settings.lease.ttl;
     match format {
         crate::status::StatusFormat::Table => {
             print!("{}", crate::status::to_table(&snapshot, stale_after))

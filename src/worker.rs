@@ -71,6 +71,7 @@ pub async fn serve(
         executors,
     );
     let wake = Arc::new(Notify::new());
+    let leases = Arc::new(Notify::new());
     // Services that must outlive the runs (leases are renewed during the grace period).
     let services_stop = CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
@@ -87,6 +88,7 @@ pub async fn serve(
                 pool: pool.clone(),
                 runner: runner.clone(),
                 wake: wake.clone(),
+                leases: leases.clone(),
                 max_backoff: settings.database.max_backoff,
             }
             .run(services_stop.clone()),
@@ -112,7 +114,8 @@ pub async fn serve(
             until(&services_stop),
             Reaper {
                 pool: pool.clone(),
-                interval: settings.lease.renew_interval(),
+                retry: settings.lease.renew_interval(),
+                leases,
             }
             .run(services_stop.clone()),
         ),

@@ -1,10 +1,18 @@
 //! The reaper: marks runs whose worker stopped renewing their lease as failed ("worker
-//! lost") and ends those leases. It sleeps until the earliest lease expires (at most
-//! `interval`), so a dead replica's runs are settled moments after their leases expire.
+//! lost") and ends those leases.
+//!
+//! It follows the earliest lease expiry of all replicas: it sleeps until then, reaps what
+//! has expired, and looks up the next one, so a dead replica's runs are settled moments
+//! after their leases expire. With no lease anywhere it sleeps until a replica takes one
+//! (the `agentd_leases` notification), so an idle fleet costs nothing. A lease taken while
+//! it follows an expiry cannot expire before that one (every lease lasts at most `ttl`), so
+//! notifications are ignored then.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgPool;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::workers::{next_lease_expiry, reap_expired_leases};
@@ -13,31 +21,43 @@ use crate::store::workers::{next_lease_expiry, reap_expired_leases};
 const REAP_BATCH: usize = 500;
 /// Margin after a lease's expiry before looking, so the look finds it expired.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
+/// With no lease known, look anyway this often (a safety net for lost notifications).
+const IDLE_LOOK: Duration = Duration::from_secs(600);
 
 /// The reaper service.
 pub struct Reaper {
     pub pool: PgPool,
-    /// Longest sleep between two looks.
-    pub interval: Duration,
+    /// Wait before looking again after a failed look.
+    pub retry: Duration,
+    /// Notified when some replica took leases.
+    pub leases: Arc<Notify>,
 }
 
 impl Reaper {
     /// Reaps until `stop` fires.
     pub async fn run(self, stop: CancellationToken) {
-        let mut sleep_for = Duration::ZERO;
+        // Look once at start: a replica that died before this one started left leases.
+        let mut next: Option<Duration> = Some(Duration::ZERO);
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(sleep_for) => {}
-                _ = stop.cancelled() => return,
+            match next {
+                Some(after) => tokio::select! {
+                    _ = tokio::time::sleep(after) => {}
+                    _ = stop.cancelled() => return,
+                },
+                None => tokio::select! {
+                    _ = self.leases.notified() => {}
+                    _ = tokio::time::sleep(IDLE_LOOK) => {}
+                    _ = stop.cancelled() => return,
+                },
             }
             self.reap().await;
-            sleep_for = match next_lease_expiry(&self.pool).await {
-                Ok(Some(until)) => (until + EXPIRY_MARGIN).min(self.interval),
-                Ok(None) => self.interval,
+            next = match next_lease_expiry(&self.pool).await {
+                Ok(Some(until)) => Some(until + EXPIRY_MARGIN),
+                Ok(None) => None,
                 Err(error) => {
                     crate::measure::database_error("reap");
                     tracing::warn!(error = %error, "reading lease expiries failed");
-                    self.interval
+                    Some(self.retry)
                 }
             };
         }

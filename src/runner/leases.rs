@@ -32,6 +32,10 @@ impl LeaseKeeper {
                 _ = stop.cancelled() => return,
             }
             let asked = self.runner.active_ids();
+            if asked.is_empty() {
+                // Nothing to renew; the scheduler's look at the database marks us as seen.
+                continue;
+            }
             let sent_at = Instant::now();
             match renew_leases(&self.pool, &self.worker_id, &asked, self.ttl).await {
                 Ok(held) => self.runner.leases_renewed(&asked, &held, sent_at),

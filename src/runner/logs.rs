@@ -1,8 +1,9 @@
 //! The log pipe of one run: drains the executor's lines and writes them in batches.
 //!
 //! A batch is flushed when it reaches [`MAX_BATCH_LINES`] lines or [`FLUSH_INTERVAL`] after
-//! its first line, in one fenced multi-row INSERT, so a chatty run costs few round trips
-//! and a reader sees lines within a fraction of a second. While the database is
+//! its first line, in one fenced multi-row INSERT shared with the batches of the other runs
+//! ready at the same moment ([`LogWriter`]), so a chatty run costs few round trips, many
+//! runs cost one, and a reader sees lines within a fraction of a second. While the database is
 //! unreachable, lines are kept (up to [`MAX_PENDING_LINES`]) and retried with backoff until
 //! the run's lease would have expired; a refused (fenced) write means the lease is lost.
 //!
@@ -20,8 +21,37 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::RunControl;
+use super::batch::Batcher;
 use crate::executor::{Level, LogEntry};
-use crate::store::runs::{Fenced, LogLine, insert_log_batch};
+use crate::store::runs::{Fenced, LogLine, insert_log_batches};
+
+/// The replica's writer of log batches: one statement for the batches of every run that
+/// are ready at the same time.
+pub type LogWriter = Batcher<(Uuid, Vec<LogLine>), Fenced>;
+
+/// Most runs' batches in one statement (each batch holds up to [`MAX_BATCH_LINES`]).
+const MAX_RUNS_PER_STATEMENT: usize = 64;
+
+/// Starts the log writer of a replica (`worker_id`).
+pub fn log_writer(pool: PgPool, worker_id: String) -> LogWriter {
+    Batcher::spawn(
+        2,
+        MAX_RUNS_PER_STATEMENT,
+        move |batches: Vec<(Uuid, Vec<LogLine>)>| {
+            let pool = pool.clone();
+            let worker_id = worker_id.clone();
+            async move {
+                let views: Vec<(Uuid, &[LogLine])> = batches
+                    .iter()
+                    .map(|(run_id, lines)| (*run_id, lines.as_slice()))
+                    .collect();
+                let written = insert_log_batches(&pool, &worker_id, &views).await;
+                drop(views);
+                (batches, written)
+            }
+        },
+    )
+}
 
 /// Longest a line waits before it is written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -90,9 +120,8 @@ impl Intake {
 
 /// Drains `receiver` until every sender is gone, writing batches; returns the totals.
 pub async fn run_pipe(
-    pool: PgPool,
+    writer: LogWriter,
     run_id: Uuid,
-    worker_id: String,
     control: RunControl,
     mut receiver: mpsc::Receiver<LogEntry>,
     limits: LogLimits,
@@ -140,7 +169,7 @@ pub async fn run_pipe(
         }
         let batch_len = pending.len().min(MAX_BATCH_LINES);
         let batch = &pending.make_contiguous()[..batch_len];
-        match insert_log_batch(&pool, run_id, &worker_id, batch).await {
+        match writer.call((run_id, batch.to_vec())).await {
             Ok(Fenced::Written) => {
                 let bytes = batch.iter().map(|line| line.message.len()).sum::<usize>();
                 totals.lines += batch_len as u64;

@@ -9,6 +9,7 @@
 //! this worker's to write.
 
 pub mod artifacts;
+pub mod batch;
 pub mod leases;
 pub mod logs;
 
@@ -28,20 +29,21 @@ use uuid::Uuid;
 
 use crate::executor::redact::Redactor;
 use crate::executor::{ArtifactSink, Executors, LogSink, Outcome, RunContext, Usage};
-use crate::store::agents::{AgentDefinition, TeamDefinition, load_agent, load_team};
+use crate::store::agents::{AgentDefinition, TeamDefinition, load_agents, load_team};
 
 /// What a run executes, loaded before it starts.
 enum Target {
     Agent(AgentDefinition),
     Team(TeamDefinition),
 }
-use crate::store::runs::{ClaimedRun, Fenced, RunKind, RunOutcome, finish_run};
+use crate::store::runs::{ClaimedRun, Fenced, RunKind, RunOutcome, finish_runs};
 use crate::store::workers::HeldLease;
 use artifacts::ArtifactOptions;
+use batch::Batcher;
 use logs::LogLimits;
 
 /// Lines buffered between an executor and its log writer.
-const LOG_CHANNEL_CAPACITY: usize = 4096;
+const LOG_CHANNEL_CAPACITY: usize = 1024;
 
 /// Why a run stopped before its executor finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +163,10 @@ struct RunnerInner {
     log_limits: LogLimits,
     artifacts: ArtifactOptions,
     executors: Executors,
+    /// Group commit of the hot-path statements (see [`batch`]).
+    log_writer: logs::LogWriter,
+    agent_loader: Batcher<Uuid, Option<AgentDefinition>>,
+    outcome_writer: Batcher<(Uuid, RunOutcome), Fenced>,
     active: Mutex<HashMap<Uuid, RunControl>>,
     tracker: TaskTracker,
     freed: Notify,
@@ -182,8 +188,39 @@ pub struct RunnerOptions {
 impl Runner {
     /// A runner executing with `executors`.
     pub fn new(pool: PgPool, options: RunnerOptions, executors: Executors) -> Runner {
+        let log_writer = logs::log_writer(pool.clone(), options.worker_id.clone());
+        let agent_loader = {
+            let pool = pool.clone();
+            Batcher::spawn(2, 256, move |ids: Vec<Uuid>| {
+                let pool = pool.clone();
+                async move {
+                    let agents = load_agents(&pool, &ids).await;
+                    (ids, agents)
+                }
+            })
+        };
+        let outcome_writer = {
+            let pool = pool.clone();
+            let worker_id = options.worker_id.clone();
+            Batcher::spawn(2, 256, move |outcomes: Vec<(Uuid, RunOutcome)>| {
+                let pool = pool.clone();
+                let worker_id = worker_id.clone();
+                async move {
+                    let views: Vec<(Uuid, &RunOutcome)> = outcomes
+                        .iter()
+                        .map(|(id, outcome)| (*id, outcome))
+                        .collect();
+                    let written = finish_runs(&pool, &worker_id, &views).await;
+                    drop(views);
+                    (outcomes, written)
+                }
+            })
+        };
         Runner {
             inner: Arc::new(RunnerInner {
+                log_writer,
+                agent_loader,
+                outcome_writer,
                 pool,
                 worker_id: options.worker_id,
                 lease_ttl: options.lease_ttl,
@@ -316,9 +353,8 @@ impl Runner {
         let (sink, receiver) = LogSink::channel(LOG_CHANNEL_CAPACITY);
         let pipe = tokio::spawn(
             logs::run_pipe(
-                self.inner.pool.clone(),
+                self.inner.log_writer.clone(),
                 run_id,
-                self.inner.worker_id.clone(),
                 control.clone(),
                 receiver,
                 self.inner.log_limits,
@@ -468,7 +504,7 @@ impl Runner {
         control: &RunControl,
     ) -> Result<AgentDefinition, String> {
         self.load_target("agent", agent_id, control, || {
-            load_agent(&self.inner.pool, agent_id)
+            self.inner.agent_loader.call(agent_id)
         })
         .await
     }
@@ -587,7 +623,12 @@ impl Runner {
     ) -> bool {
         let mut attempt = 0;
         loop {
-            match finish_run(&self.inner.pool, run_id, &self.inner.worker_id, outcome).await {
+            match self
+                .inner
+                .outcome_writer
+                .call((run_id, outcome.clone()))
+                .await
+            {
                 Ok(Fenced::Written) => {
                     tracing::info!(
                         status = if outcome.completed {

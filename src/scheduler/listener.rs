@@ -17,13 +17,20 @@ use uuid::Uuid;
 use crate::runner::{Runner, StopReason};
 
 /// Channels the migrations notify on.
-pub const CHANNELS: [&str; 3] = ["agentd_schedules", "agentd_requests", "agentd_cancel"];
+pub const CHANNELS: [&str; 4] = [
+    "agentd_schedules",
+    "agentd_requests",
+    "agentd_cancel",
+    "agentd_leases",
+];
 
 /// The listener service.
 pub struct Listener {
     pub pool: PgPool,
     pub runner: Runner,
     pub wake: Arc<Notify>,
+    /// Notified when a replica took leases (the reaper's cue).
+    pub leases: Arc<Notify>,
     pub max_backoff: Duration,
 }
 
@@ -61,6 +68,7 @@ impl Listener {
             failures = 0;
             // Whatever was notified while we were not listening: look again.
             self.wake.notify_one();
+            self.leases.notify_one();
             loop {
                 let received = tokio::select! {
                     received = listener.try_recv() => received,
@@ -85,6 +93,7 @@ impl Listener {
 
     fn dispatch(&self, channel: &str, payload: &str) {
         match channel {
+            "agentd_leases" => self.leases.notify_one(),
             "agentd_cancel" => {
                 if let Ok(run_id) = Uuid::from_str(payload)
                     && self.runner.stop(run_id, StopReason::Cancelled)

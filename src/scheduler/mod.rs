@@ -2,8 +2,9 @@
 //! or the poll interval as a safety net), claim a batch in one short transaction, hand the
 //! runs to the runner, repeat.
 //!
-//! An idle wake-up costs one cheap query ([`due_summary`]); the claim transaction runs only
-//! when that query says work is waiting. Requests are claimed before schedules.
+//! An idle wake-up costs one cheap query ([`due_summary`], which also marks the replica as
+//! seen); the claim transaction runs only when that query says work is waiting. Requests
+//! are claimed before schedules.
 
 pub mod listener;
 pub mod plan;
@@ -41,6 +42,7 @@ impl Scheduler {
     /// the runner's to finish).
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
+        let mut last_heartbeat: Option<Instant> = None;
         while !shutdown.is_cancelled() {
             if self.runner.free_slots() == 0 {
                 // Full: wait for a run to end (the poll interval keeps it responsive).
@@ -51,7 +53,7 @@ impl Scheduler {
                 }
                 continue;
             }
-            let sleep_for = match self.tick().await {
+            let sleep_for = match self.tick(&mut last_heartbeat).await {
                 Ok(Some(sleep_for)) => {
                     failures = 0;
                     sleep_for
@@ -79,9 +81,17 @@ impl Scheduler {
 
     /// One look at the database. `Ok(None)`: work may remain, look again at once;
     /// `Ok(Some(d))`: sleep up to `d` (a notification or a freed slot ends it early).
-    async fn tick(&self) -> Result<Option<Duration>, StoreError> {
+    async fn tick(
+        &self,
+        last_heartbeat: &mut Option<Instant>,
+    ) -> Result<Option<Duration>, StoreError> {
         let free = self.runner.free_slots();
-        let summary = due_summary(&self.pool).await?;
+        // The summary doubles as the replica's heartbeat (every lease.ttl / 3 at most).
+        let heartbeat = last_heartbeat.is_none_or(|at| at.elapsed() >= self.lease.renew_interval());
+        let summary = due_summary(&self.pool, heartbeat.then_some(self.worker_id.as_str())).await?;
+        if heartbeat {
+            *last_heartbeat = Some(Instant::now());
+        }
         let limit = free.min(self.settings.batch_size);
         let mut claimed_full_batch = false;
 

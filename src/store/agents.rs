@@ -33,12 +33,12 @@ impl std::fmt::Debug for Variable {
     }
 }
 
-/// The agent and its variables (by name), in one round trip; `None` if it is gone.
-pub async fn load_agent(
+/// Many agents with their variables in one statement; `None` for ids that do not exist.
+pub async fn load_agents(
     pool: &PgPool,
-    agent_id: Uuid,
-) -> Result<Option<AgentDefinition>, StoreError> {
-    let row = sqlx::query(
+    agent_ids: &[Uuid],
+) -> Result<Vec<Option<AgentDefinition>>, StoreError> {
+    let rows = sqlx::query(
         r#"
         SELECT a.id, a.name, a.description, a.category, a.instructions,
                coalesce((SELECT array_agg(v.name ORDER BY v.name) FROM public.agent_variables v
@@ -46,16 +46,20 @@ pub async fn load_agent(
                coalesce((SELECT array_agg(v.value ORDER BY v.name) FROM public.agent_variables v
                           WHERE v.agent_id = a.id), '{}') AS variable_values
           FROM public.agents a
-         WHERE a.id = $1
+         WHERE a.id = ANY($1)
         "#,
     )
-    .bind(agent_id)
-    .fetch_optional(pool)
+    .bind(agent_ids)
+    .fetch_all(pool)
     .await?;
-    row.as_ref()
+    let agents = rows
+        .iter()
         .map(agent_from_row)
-        .transpose()
-        .map_err(StoreError::from)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(agent_ids
+        .iter()
+        .map(|id| agents.iter().find(|agent| agent.id == *id).cloned())
+        .collect())
 }
 
 /// A team and its members, in position order.

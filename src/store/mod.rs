@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DatabaseSettings;
 
 pub mod agents;
+pub mod bench;
 pub mod demo;
 pub mod maintenance;
 pub mod runs;
@@ -72,6 +73,19 @@ pub fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
         };
         StoreError::BadUrl(reason)
     })
+}
+
+/// `postgres://u@h:5432/old?x=y` with the database replaced: `postgres://u@h:5432/{name}?x=y`.
+pub fn url_with_database(url: &str, name: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let query_start = url[scheme_end..].find('?').map(|i| scheme_end + i);
+    let authority_end = query_start.unwrap_or(url.len());
+    let path_start = url[scheme_end..authority_end]
+        .find('/')
+        .map(|i| scheme_end + i);
+    let query = query_start.map_or("", |q| &url[q..]);
+    let base = &url[..path_start.unwrap_or(authority_end)];
+    format!("{base}/{name}{query}")
 }
 
 /// Opens a pool, retrying failed attempts with exponential backoff and jitter (capped at
@@ -196,6 +210,23 @@ pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_get_another_database() {
+        assert_eq!(
+            url_with_database("postgres://u:p@h:5432/app?sslmode=require", "b"),
+            "postgres://u:p@h:5432/b?sslmode=require"
+        );
+        assert_eq!(url_with_database("postgres://h", "b"), "postgres://h/b");
+        assert_eq!(
+            url_with_database("postgresql://h/x", "b"),
+            "postgresql://h/b"
+        );
+        assert_eq!(
+            url_with_database("postgres:///app?host=/tmp", "b"),
+            "postgres:///b?host=/tmp"
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -111,48 +111,66 @@ pub enum Fenced {
     LeaseLost,
 }
 
-/// Inserts a batch of log lines in one statement, only while `worker_id` holds the run's
-/// lease (the lease row is share-locked, so a reaper cannot end it mid-write).
-pub async fn insert_log_batch(
+/// Inserts the log batches of many runs in one statement; each run's lines are written only
+/// while `worker_id` holds its lease (share-locked for the statement). Returns, per batch,
+/// whether it was written. Batches must name distinct runs.
+pub async fn insert_log_batches(
     pool: &PgPool,
-    run_id: Uuid,
     worker_id: &str,
-    lines: &[LogLine],
-) -> Result<Fenced, StoreError> {
-    let held: bool = sqlx::query_scalar(
+    batches: &[(Uuid, &[LogLine])],
+) -> Result<Vec<Fenced>, StoreError> {
+    let runs: Vec<Uuid> = batches.iter().map(|(run_id, _)| *run_id).collect();
+    let lines = batches.iter().map(|(_, lines)| lines.len()).sum();
+    let mut ids = Vec::with_capacity(lines);
+    let mut line_runs = Vec::with_capacity(lines);
+    let mut messages = Vec::with_capacity(lines);
+    let mut levels = Vec::with_capacity(lines);
+    let mut timestamps = Vec::with_capacity(lines);
+    for (run_id, batch) in batches {
+        for line in batch.iter() {
+            ids.push(line.id);
+            line_runs.push(*run_id);
+            messages.push(line.message.as_str());
+            levels.push(line.level);
+            timestamps.push(line.timestamp);
+        }
+    }
+    let held: Vec<Uuid> = sqlx::query_scalar(
         r#"
-        WITH lease AS (
+        WITH held AS (
           SELECT run_id FROM agentd.leases
-           WHERE run_id = $1 AND worker_id = $2 AND expires_at > now()
+           WHERE run_id = ANY($1) AND worker_id = $2 AND expires_at > now()
            FOR SHARE
         ), written AS (
           INSERT INTO public.run_logs (id, run_id, message, level, timestamp)
-          SELECT x.id, lease.run_id, x.message, x.level, x.ts
-            FROM lease, unnest($3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
-                 AS x(id, message, level, ts)
+          SELECT x.id, x.run_id, x.message, x.level, x.ts
+            FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::timestamptz[])
+                 AS x(id, run_id, message, level, ts)
+           WHERE x.run_id IN (SELECT run_id FROM held)
           ON CONFLICT (id) DO NOTHING
         )
-        SELECT EXISTS (SELECT 1 FROM lease)
+        SELECT run_id FROM held
         "#,
     )
-    .bind(run_id)
+    .bind(&runs)
     .bind(worker_id)
-    .bind(lines.iter().map(|l| l.id).collect::<Vec<_>>())
-    .bind(lines.iter().map(|l| l.message.clone()).collect::<Vec<_>>())
-    .bind(
-        lines
-            .iter()
-            .map(|l| l.level.to_string())
-            .collect::<Vec<_>>(),
-    )
-    .bind(lines.iter().map(|l| l.timestamp).collect::<Vec<_>>())
-    .fetch_one(pool)
+    .bind(&ids)
+    .bind(&line_runs)
+    .bind(&messages)
+    .bind(&levels)
+    .bind(&timestamps)
+    .fetch_all(pool)
     .await?;
-    Ok(if held {
-        Fenced::Written
-    } else {
-        Fenced::LeaseLost
-    })
+    Ok(runs
+        .iter()
+        .map(|run_id| {
+            if held.contains(run_id) {
+                Fenced::Written
+            } else {
+                Fenced::LeaseLost
+            }
+        })
+        .collect())
 }
 
 /// How a run ended.
@@ -164,43 +182,60 @@ pub struct RunOutcome {
     pub resource_usage: Option<Value>,
 }
 
-/// Records the outcome and ends the lease in one statement, only while `worker_id` holds
-/// it. `duration` is computed by the database from `start_time`.
-pub async fn finish_run(
+/// Records the outcomes of many runs and ends their leases in one statement, each only
+/// while `worker_id` holds its lease. Returns, per outcome, whether it was written.
+pub async fn finish_runs(
     pool: &PgPool,
-    run_id: Uuid,
     worker_id: &str,
-    outcome: &RunOutcome,
-) -> Result<Fenced, StoreError> {
-    let done: Option<Uuid> = sqlx::query_scalar(
+    outcomes: &[(Uuid, &RunOutcome)],
+) -> Result<Vec<Fenced>, StoreError> {
+    let runs: Vec<Uuid> = outcomes.iter().map(|(run_id, _)| *run_id).collect();
+    let done: Vec<Uuid> = sqlx::query_scalar(
         r#"
         WITH lease AS (
           DELETE FROM agentd.leases
-           WHERE run_id = $1 AND worker_id = $2 AND expires_at > now()
+           WHERE run_id = ANY($1) AND worker_id = $2 AND expires_at > now()
           RETURNING run_id
         )
         UPDATE public.runs r
-           SET status = $3, end_time = now(),
+           SET status = x.status, end_time = now(),
                duration = least(extract(epoch FROM (now() - r.start_time)) * 1000, 2147483647)::integer,
-               output = $4, error = $5, resource_usage = $6
-          FROM lease
-         WHERE r.id = lease.run_id AND r.status = 'running'
+               output = x.output, error = x.error, resource_usage = x.usage
+          FROM unnest($1::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::jsonb[])
+                 AS x(id, status, output, error, usage)
+          JOIN lease ON lease.run_id = x.id
+         WHERE r.id = x.id AND r.status = 'running'
         RETURNING r.id
         "#,
     )
-    .bind(run_id)
+    .bind(&runs)
     .bind(worker_id)
-    .bind(if outcome.completed { "completed" } else { "failed" })
-    .bind(&outcome.output)
-    .bind(&outcome.error)
-    .bind(&outcome.resource_usage)
-    .fetch_optional(pool)
+    .bind(
+        outcomes
+            .iter()
+            .map(|(_, o)| if o.completed { "completed" } else { "failed" })
+            .collect::<Vec<_>>(),
+    )
+    .bind(outcomes.iter().map(|(_, o)| o.output.clone()).collect::<Vec<_>>())
+    .bind(outcomes.iter().map(|(_, o)| o.error.clone()).collect::<Vec<_>>())
+    .bind(
+        outcomes
+            .iter()
+            .map(|(_, o)| o.resource_usage.clone())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(pool)
     .await?;
-    Ok(if done.is_some() {
-        Fenced::Written
-    } else {
-        Fenced::LeaseLost
-    })
+    Ok(runs
+        .iter()
+        .map(|run_id| {
+            if done.contains(run_id) {
+                Fenced::Written
+            } else {
+                Fenced::LeaseLost
+            }
+        })
+        .collect())
 }
 
 /// `public.request_run`, as the worker's role (any target).

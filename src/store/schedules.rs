@@ -31,9 +31,14 @@ impl DueSummary {
 }
 
 /// One cheap query: index-only lookups on the partial indexes and the requests table.
-pub async fn due_summary(pool: &PgPool) -> Result<DueSummary, StoreError> {
+/// With `heartbeat`, it also marks that worker as seen (an idle replica's only sign of
+/// life: its lease keeper has nothing to renew).
+pub async fn due_summary(pool: &PgPool, heartbeat: Option<&str>) -> Result<DueSummary, StoreError> {
     let row = sqlx::query(
         r#"
+        WITH seen AS (
+          UPDATE agentd.workers SET last_seen_at = now() WHERE id = $1
+        )
         SELECT now() AS now,
                (SELECT s.next_run FROM public.agent_schedules s
                  WHERE s.enabled AND s.next_run IS NOT NULL
@@ -47,6 +52,7 @@ pub async fn due_summary(pool: &PgPool) -> Result<DueSummary, StoreError> {
                EXISTS (SELECT 1 FROM agentd.requests) AS requests_waiting
         "#,
     )
+    .bind(heartbeat)
     .fetch_one(pool)
     .await?;
     Ok(DueSummary {
@@ -319,6 +325,12 @@ impl ClaimTransaction {
     /// Commits the claim.
     pub async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Rolls the claim back (the `scale` benchmark times claims without taking them).
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        self.tx.rollback().await?;
         Ok(())
     }
 }

@@ -67,10 +67,12 @@ pub async fn renew_leases(
         WITH seen AS (
           UPDATE agentd.workers SET last_seen_at = now() WHERE id = $1
         )
-        UPDATE agentd.leases
+        UPDATE agentd.leases l
            SET expires_at = now() + $3 * interval '1 millisecond'
-         WHERE worker_id = $1 AND run_id = ANY($2) AND expires_at > now()
-        RETURNING run_id, cancel_requested
+         WHERE l.worker_id = $1 AND l.run_id = ANY($2) AND l.expires_at > now()
+           -- A run deleted, or finished by someone else, is no longer this worker's.
+           AND EXISTS (SELECT 1 FROM public.runs r WHERE r.id = l.run_id AND r.status = 'running')
+        RETURNING l.run_id, l.cancel_requested
         "#,
     )
     .bind(worker_id)
@@ -144,9 +146,10 @@ pub async fn reap_expired_leases(
 /// When the earliest lease expires, relative to the database's clock (`None`: no leases).
 pub async fn next_lease_expiry(pool: &PgPool) -> Result<Option<std::time::Duration>, StoreError> {
     let seconds: Option<f64> = sqlx::query_scalar(
-        "SELECT greatest(extract(epoch FROM min(expires_at) - now()), 0)::float8 FROM agentd.leases",
+        "SELECT extract(epoch FROM min(expires_at) - now())::float8 FROM agentd.leases",
     )
     .fetch_one(pool)
     .await?;
-    Ok(seconds.map(std::time::Duration::from_secs_f64))
+    // NULL: no lease at all; negative: one has already expired.
+    Ok(seconds.map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.0))))
 }

@@ -1,0 +1,292 @@
+//! The statements of `agentd bench`: scratch databases, seeding, measuring, and the
+//! "ceiling" (the same rows a fire writes, by plain SQL in batches).
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgPool;
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// Creates database `name` (a plain identifier chosen by the bench).
+pub async fn create_database(admin: &PgPool, name: &str) -> Result<(), StoreError> {
+    debug_assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(admin)
+        .await?;
+    Ok(())
+}
+
+/// Drops database `name`, disconnecting whoever is still on it.
+pub async fn drop_database(admin: &PgPool, name: &str) -> Result<(), StoreError> {
+    debug_assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(admin)
+    .await?;
+    Ok(())
+}
+
+/// A user and one agent of theirs; returns (user, agent).
+pub async fn seed_agent(pool: &PgPool) -> Result<(Uuid, Uuid), StoreError> {
+    let user: Uuid = sqlx::query_scalar(
+        "INSERT INTO public.users (email, name) VALUES ('bench-' || gen_random_uuid() || '@agentd.invalid', 'bench') RETURNING id",
+    )
+    .fetch_one(pool)
+    .await?;
+    let agent: Uuid = sqlx::query_scalar(
+        "INSERT INTO public.agents (user_id, name, description, icon, category, instructions) \
+         VALUES ($1, 'bench', 'agentd bench', 'bot', 'bench', 'noop') RETURNING id",
+    )
+    .bind(user)
+    .fetch_one(pool)
+    .await?;
+    Ok((user, agent))
+}
+
+/// Inserts `count` enabled UTC cron schedules of `agent` with expression `cron`, with
+/// `next_run` set (or NULL for the workers to plan).
+pub async fn insert_cron_schedules(
+    pool: &PgPool,
+    agent: Uuid,
+    count: i64,
+    cron: &str,
+    next_run: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO public.agent_schedules (agent_id, enabled, frequency, interval, time, timezone, next_run) \
+         SELECT $1, true, 'cron', 1, $2, 'UTC', $3 FROM generate_series(1, $4)",
+    )
+    .bind(agent)
+    .bind(cron)
+    .bind(next_run)
+    .bind(count)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Queues `count` requested runs of `agent` in one statement (as `request_run` would, one
+/// notification for all).
+pub async fn insert_requests(
+    pool: &PgPool,
+    agent: Uuid,
+    owner: Uuid,
+    count: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        r#"
+        WITH queued AS (
+          INSERT INTO agentd.requests (id, target_type, target_id, requested_by)
+          SELECT gen_random_uuid(), 'agent', $1, $2 FROM generate_series(1, $3)
+          RETURNING id
+        )
+        SELECT pg_notify('agentd_requests', (SELECT count(*) FROM queued)::text)
+        "#,
+    )
+    .bind(agent)
+    .bind(owner)
+    .bind(count)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Stops every schedule from firing again.
+pub async fn disable_schedules(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("UPDATE public.agent_schedules SET enabled = false WHERE enabled")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Updates the planner's statistics after seeding.
+pub async fn analyze(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("ANALYZE").execute(pool).await?;
+    Ok(())
+}
+
+/// Vacuums and analyzes everything after seeding, so that autovacuum has nothing left to
+/// do while an idle replica is measured (its transactions would count).
+pub async fn vacuum_analyze(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("VACUUM (ANALYZE)").execute(pool).await?;
+    Ok(())
+}
+
+/// Registered workers.
+pub async fn workers_registered(pool: &PgPool) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM agentd.workers")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Runs that have an outcome.
+pub async fn finished_runs(pool: &PgPool) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM public.runs WHERE status <> 'running'")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// When runs started and ended, over all runs.
+#[derive(Debug, Clone, Copy)]
+pub struct RunSpan {
+    pub runs: i64,
+    pub completed: i64,
+    pub first_start: Option<DateTime<Utc>>,
+    pub last_start: Option<DateTime<Utc>>,
+    pub last_end: Option<DateTime<Utc>>,
+}
+
+/// The span of all runs.
+pub async fn run_span(pool: &PgPool) -> Result<RunSpan, StoreError> {
+    let (runs, completed, first_start, last_start, last_end) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE status = 'completed'), \
+                min(start_time), max(start_time), max(end_time) FROM public.runs",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(RunSpan {
+        runs,
+        completed,
+        first_start,
+        last_start,
+        last_end,
+    })
+}
+
+/// `start_time - scheduled_for` in seconds of every scheduled run whose slot lies in
+/// `[from, to)`, sorted.
+pub async fn scheduling_lags(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<f64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        r#"
+        SELECT extract(epoch FROM r.start_time - (r.input->>'scheduled_for')::timestamptz)::float8 AS lag
+          FROM public.runs r
+         WHERE r.input->>'trigger' = 'schedule'
+           AND (r.input->>'scheduled_for')::timestamptz >= $1
+           AND (r.input->>'scheduled_for')::timestamptz < $2
+         ORDER BY lag
+        "#,
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Log lines stored, and the span of their timestamps.
+pub async fn log_span(
+    pool: &PgPool,
+) -> Result<(i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>), StoreError> {
+    Ok(
+        sqlx::query_as("SELECT count(*), min(timestamp), max(timestamp) FROM public.run_logs")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Seconds since the newest visible log line was emitted (None: no line yet).
+pub async fn newest_log_age(pool: &PgPool) -> Result<Option<f64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT extract(epoch FROM clock_timestamp() - max(timestamp))::float8 FROM public.run_logs",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Transactions committed and rolled back in database `name` so far (read from another
+/// database, so that reading does not count).
+pub async fn transactions(admin: &PgPool, name: &str) -> Result<i64, StoreError> {
+    let mut tx = admin.begin().await?;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *tx)
+        .await?;
+    let count: Option<i64> = sqlx::query_scalar(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
+    )
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(count.unwrap_or(0))
+}
+
+/// The server's version string.
+pub async fn server_version(pool: &PgPool) -> Result<String, StoreError> {
+    Ok(sqlx::query_scalar("SHOW server_version")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// The ceiling, step 1, one transaction: lock up to `limit` due schedules, insert their
+/// runs (running) and advance them by a day. Returns the new runs' ids.
+pub async fn ceiling_fire(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        r#"
+        WITH due AS (
+          SELECT s.id, s.agent_id, s.next_run, a.user_id
+            FROM public.agent_schedules s JOIN public.agents a ON a.id = s.agent_id
+           WHERE s.enabled AND s.next_run IS NOT NULL AND s.next_run <= now()
+           ORDER BY s.next_run
+           LIMIT $1
+             FOR UPDATE OF s SKIP LOCKED
+        ), advanced AS (
+          UPDATE public.agent_schedules s
+             SET last_run = due.next_run, next_run = due.next_run + interval '1 day'
+            FROM due WHERE s.id = due.id
+        )
+        INSERT INTO public.runs (type, target_id, status, start_time, triggered_by_id, input)
+        SELECT 'agent', due.agent_id, 'running', now(), due.user_id,
+               jsonb_build_object('trigger', 'schedule', 'schedule_id', due.id,
+                                  'scheduled_for', due.next_run, 'missed', 0)
+          FROM due
+        RETURNING id
+        "#,
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The ceiling, step 2, one transaction: one log line per run, and the runs completed.
+pub async fn ceiling_complete(pool: &PgPool, runs: &[Uuid]) -> Result<(), StoreError> {
+    sqlx::query(
+        r#"
+        WITH lines AS (
+          INSERT INTO public.run_logs (run_id, message, level)
+          SELECT id, 'noop line 1', 'info' FROM unnest($1::uuid[]) AS id
+        )
+        UPDATE public.runs
+           SET status = 'completed', end_time = now(), output = '{"noop": true}',
+               duration = (extract(epoch FROM now() - start_time) * 1000)::integer
+         WHERE id = ANY($1)
+        "#,
+    )
+    .bind(runs)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Inserts `count` schedules that are not due for a day (for the `scale` scenario).
+pub async fn insert_far_schedules(
+    pool: &PgPool,
+    agent: Uuid,
+    count: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO public.agent_schedules (agent_id, enabled, frequency, interval, time, timezone, next_run) \
+         SELECT $1, true, 'daily', 1, '09:00', 'UTC', now() + interval '1 day' + g * interval '1 second' \
+           FROM generate_series(1, $2) g",
+    )
+    .bind(agent)
+    .bind(count)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
