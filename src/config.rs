@@ -866,6 +866,15 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}{authority}{path_and_query}")
 }
 
+/// The dotted keys the text of a configuration file sets, as agentd reads them (a map
+/// setting such as `executor.by_category` counts as one key). For checking deployment files.
+pub fn file_keys(text: &str) -> Result<Vec<String>, ConfigError> {
+    Ok(flatten(&parse_toml(text, "configuration file")?)
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect())
+}
+
 fn parse_toml(text: &str, name: &str) -> Result<toml::Table, ConfigError> {
     text.parse::<toml::Table>()
         .map_err(|error| ConfigError::Syntax {

@@ -80,24 +80,6 @@ fn assert_known_variables<'a>(names: impl IntoIterator<Item = &'a str>, origin: 
     }
 }
 
-/// The dotted keys a config file sets (a key whose default is a table, such as
-/// executor.by_category, counts as one key).
-fn file_keys(table: &toml::Table, prefix: &str, known: &BTreeSet<String>, out: &mut Vec<String>) {
-    for (name, value) in table {
-        let key = if prefix.is_empty() {
-            name.clone()
-        } else {
-            format!("{prefix}.{name}")
-        };
-        match value {
-            toml::Value::Table(inner) if !known.contains(&key) => {
-                file_keys(inner, &key, known, out)
-            }
-            _ => out.push(key),
-        }
-    }
-}
-
 fn port_of_listen(listen: &str, origin: &str) -> u16 {
     listen
         .parse::<SocketAddr>()
@@ -860,8 +842,8 @@ fn kubernetes_deployment_probes_drains_and_reads_its_config() {
             panic!("ConfigMap {config_map_name}: {file} is not valid TOML: {error}")
         });
         let known = known_keys();
-        let mut keys = Vec::new();
-        file_keys(&file_settings, "", &known, &mut keys);
+        let keys = agentd::config::file_keys(text)
+            .unwrap_or_else(|error| panic!("ConfigMap {config_map_name}: {file}: {error}"));
         let image_env = docker.env();
         for key in keys {
             assert!(

@@ -6,14 +6,14 @@ mod support;
 use std::time::Duration;
 
 use agentd::config::Settings;
-use agentd::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use agentd::embedded_pg::EmbeddedPostgres;
 use agentd::maintenance::retention::{Deleted, Retention};
 use agentd::runner::artifacts::ArtifactOptions;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::{
     Daemon, InProcessWorker, SleepyExecutor, TestDb, agentd, count, create_agent, create_user,
-    eventually, replica,
+    eventually, private_server, replica, request_agent_run,
 };
 use uuid::Uuid;
 
@@ -68,21 +68,12 @@ async fn wait_status(url: &str, status: u16, what: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn endpoints_follow_the_database_and_metrics_move_with_runs() {
     let folder = tempfile::tempdir().unwrap();
-    let options = EmbeddedOptions {
-        data_dir: folder.path().join("pg"),
-        bin_dir: None,
-        start_timeout: Duration::from_secs(60),
-        unsafe_no_fsync: true,
-        keep_running: false,
-    };
-    let server = EmbeddedPostgres::start(&options).await.unwrap();
-    let url = server.url(agentd::embedded_pg::DATABASE_NAME);
+    let (options, server, url) = private_server(folder.path()).await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect_with(server.connect_options())
         .await
         .unwrap();
-    agentd::store::migrate(&pool).await.unwrap();
     let user = create_user(&pool).await;
     let agent = create_agent(&pool, user).await;
     sqlx::query(
@@ -195,14 +186,7 @@ async fn a_runs_json_log_lines_carry_run_id_worker_id_level_message_and_timestam
     let agent = create_agent(&db.pool, user).await;
     let mut daemon = replica(&db.url, "json-1", &[("AGENTD__HTTP__LISTEN", "")]);
     daemon.wait_for("worker started", Duration::from_secs(20));
-    let run_id = agentd::store::runs::request_run(
-        &db.pool,
-        agentd::store::runs::RunKind::Agent,
-        agent,
-        None,
-    )
-    .await
-    .unwrap();
+    let run_id = request_agent_run(&db.pool, agent).await;
     daemon.wait_for("run finished", Duration::from_secs(20));
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(30)).success());
@@ -565,22 +549,13 @@ async fn status_shows_workers_runs_in_flight_backlog_invalid_schedules_and_the_l
     // One long run on each worker; then both are full, so a third request waits and a due
     // schedule stays due.
     for _ in 0..2 {
-        agentd::store::runs::request_run(
-            &db.pool,
-            agentd::store::runs::RunKind::Agent,
-            agent,
-            None,
-        )
-        .await
-        .unwrap();
+        request_agent_run(&db.pool, agent).await;
     }
     eventually(Duration::from_secs(10), "both runs in flight", || async {
         count(&db.pool, "SELECT count(*) FROM agentd.leases").await == 2
     })
     .await;
-    agentd::store::runs::request_run(&db.pool, agentd::store::runs::RunKind::Agent, agent, None)
-        .await
-        .unwrap();
+    request_agent_run(&db.pool, agent).await;
     sqlx::query(
         "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone, next_run) \
          VALUES ($1, true, 'daily', 1, '09:00', 'UTC', now() - interval '90 seconds')",

@@ -7,11 +7,12 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use agentd::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use agentd::embedded_pg::EmbeddedPostgres;
 use nix::sys::signal::{Signal, kill};
 use sqlx::PgPool;
 use support::{
-    Daemon, TestDb, count, create_agent, create_user, eventually, replica, scheduled_runs,
+    Daemon, TestDb, count, create_agent, create_user, eventually, private_server, replica,
+    scheduled_runs,
 };
 use uuid::Uuid;
 
@@ -356,21 +357,12 @@ async fn sigterm_stops_claiming_lets_runs_finish_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_recover_from_a_postgresql_restart_without_duplicates() {
     let folder = tempfile::tempdir().unwrap();
-    let options = EmbeddedOptions {
-        data_dir: folder.path().join("pg"),
-        bin_dir: None,
-        start_timeout: Duration::from_secs(60),
-        unsafe_no_fsync: true,
-        keep_running: false,
-    };
-    let server = EmbeddedPostgres::start(&options).await.unwrap();
-    let url = server.url(agentd::embedded_pg::DATABASE_NAME);
+    let (options, server, url) = private_server(folder.path()).await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect_with(server.connect_options())
         .await
         .unwrap();
-    agentd::store::migrate(&pool).await.unwrap();
     let user = create_user(&pool).await;
     let agent = create_agent(&pool, user).await;
     pool.close().await;

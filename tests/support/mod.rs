@@ -325,6 +325,38 @@ pub fn replica(url: &str, worker_id: &str, settings: &[(&str, &str)]) -> Daemon 
     Daemon::start(command)
 }
 
+/// A PostgreSQL server of the test's own (data in `folder`), which the test may stop and
+/// start again, with agentd's migrations applied to its database; returns the options to
+/// restart it with, the server, and its database's URL.
+pub async fn private_server(
+    folder: &std::path::Path,
+) -> (EmbeddedOptions, EmbeddedPostgres, String) {
+    let options = EmbeddedOptions {
+        data_dir: folder.join("pg"),
+        bin_dir: None,
+        start_timeout: Duration::from_secs(60),
+        unsafe_no_fsync: true,
+        keep_running: false,
+    };
+    let server = EmbeddedPostgres::start(&options).await.unwrap();
+    let url = server.url(agentd::embedded_pg::DATABASE_NAME);
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(server.connect_options())
+        .await
+        .unwrap();
+    agentd::store::migrate(&pool).await.unwrap();
+    pool.close().await;
+    (options, server, url)
+}
+
+/// Asks for a run of `agent` (as the worker's role would); returns the run's id.
+pub async fn request_agent_run(pool: &sqlx::PgPool, agent: uuid::Uuid) -> uuid::Uuid {
+    agentd::store::runs::request_run(pool, agentd::store::runs::RunKind::Agent, agent, None)
+        .await
+        .unwrap()
+}
+
 /// A user, with a unique email.
 pub async fn create_user(pool: &sqlx::PgPool) -> uuid::Uuid {
     let id = uuid::Uuid::new_v4();
