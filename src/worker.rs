@@ -150,6 +150,7 @@ pub async fn serve(
                 lease: settings.lease.clone(),
                 max_backoff: settings.database.max_backoff,
                 wake,
+                rules: Default::default(),
             }
             .run(shutdown.clone()),
         ),

@@ -23,7 +23,7 @@ use crate::runner::Runner;
 use crate::store::StoreError;
 use crate::store::runs::{ClaimedRun, RunKind, claim_requests};
 use crate::store::schedules::{ClaimTransaction, due_summary};
-use plan::{PlanEvent, plan_claim};
+use plan::{PlanEvent, RuleCache, plan_claim};
 
 /// The scheduler service.
 pub struct Scheduler {
@@ -35,6 +35,8 @@ pub struct Scheduler {
     pub max_backoff: Duration,
     /// Notified by the listener when schedules or requests change.
     pub wake: Arc<Notify>,
+    /// Parsed rules of the definitions seen so far.
+    pub rules: std::sync::Mutex<RuleCache>,
 }
 
 impl Scheduler {
@@ -139,7 +141,13 @@ impl Scheduler {
             transaction.commit().await?;
             return Ok(0);
         }
-        let (writes, events) = plan_claim(&rows, now, &self.settings, Uuid::now_v7);
+        let (writes, events) = {
+            let mut rules = self
+                .rules
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            plan_claim(&rows, now, &self.settings, &mut rules, Uuid::now_v7)
+        };
         let fired = transaction
             .apply(&writes, &self.worker_id, self.lease.ttl)
             .await?;
