@@ -169,7 +169,7 @@ pub fn plan_claim(
             continue;
         };
 
-        let firing = plan_firing(&rule, due, now, MISSED_CAP);
+        let firing = plan_firing(rule, due, now, MISSED_CAP);
         let late = now - firing.scheduled_for;
         let skip = if late > misfire_grace && policy.misfire_policy == MisfirePolicy::Skip {
             Some(SkipReason::Misfire)
