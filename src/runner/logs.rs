@@ -1,5 +1,8 @@
 //! The log pipe of one run: drains the executor's lines and writes them in batches.
 //!
+//! The last lines of a run (what is pending when the executor is done) are not written here:
+//! they go with the run's outcome, in the same fenced statement.
+//!
 //! A batch is flushed when it reaches [`MAX_BATCH_LINES`] lines or [`FLUSH_INTERVAL`] after
 //! its first line, in one fenced multi-row INSERT shared with the batches of the other runs
 //! ready at the same moment ([`LogWriter`]), so a chatty run costs few round trips, many
@@ -118,7 +121,9 @@ impl Intake {
     }
 }
 
-/// Drains `receiver` until every sender is gone, writing batches; returns the totals.
+/// Drains `receiver` until every sender is gone, writing batches; returns the totals of
+/// what it wrote and the run's last lines (at most [`MAX_BATCH_LINES`]), which the runner
+/// writes with the outcome in one statement.
 pub async fn run_pipe(
     writer: LogWriter,
     run_id: Uuid,
@@ -126,7 +131,7 @@ pub async fn run_pipe(
     mut receiver: mpsc::Receiver<LogEntry>,
     limits: LogLimits,
     max_backoff: Duration,
-) -> LogTotals {
+) -> (LogTotals, Vec<LogLine>) {
     let mut totals = LogTotals::default();
     let mut intake = Intake {
         limits,
@@ -166,6 +171,10 @@ pub async fn run_pipe(
             totals.dropped_lines += pending.len() as u64;
             pending.clear();
             continue;
+        }
+        if !open && pending.len() <= MAX_BATCH_LINES {
+            // The run's last lines go with its outcome, in the statement that records it.
+            break;
         }
         let batch_len = pending.len().min(MAX_BATCH_LINES);
         let batch = &pending.make_contiguous()[..batch_len];
@@ -225,7 +234,7 @@ pub async fn run_pipe(
     totals.dropped_lines += intake.dropped_lines;
     totals.dropped_bytes += intake.dropped_bytes;
     crate::measure::log_lines_dropped(totals.dropped_lines);
-    totals
+    (totals, pending.into_iter().collect())
 }
 
 /// A stored line: no NUL bytes (PostgreSQL text cannot hold them), at most

@@ -36,7 +36,7 @@ enum Target {
     Agent(AgentDefinition),
     Team(TeamDefinition),
 }
-use crate::store::runs::{ClaimedRun, Fenced, RunKind, RunOutcome, finish_runs};
+use crate::store::runs::{ClaimedRun, Fenced, LogLine, RunKind, RunOutcome, finish_runs};
 use crate::store::workers::HeldLease;
 use artifacts::ArtifactOptions;
 use batch::Batcher;
@@ -166,7 +166,7 @@ struct RunnerInner {
     /// Group commit of the hot-path statements (see [`batch`]).
     log_writer: logs::LogWriter,
     agent_loader: Batcher<Uuid, Option<AgentDefinition>>,
-    outcome_writer: Batcher<(Uuid, RunOutcome), Fenced>,
+    outcome_writer: Batcher<(Uuid, RunOutcome, Vec<LogLine>), Fenced>,
     active: Mutex<HashMap<Uuid, RunControl>>,
     tracker: TaskTracker,
     freed: Notify,
@@ -202,19 +202,23 @@ impl Runner {
         let outcome_writer = {
             let pool = pool.clone();
             let worker_id = options.worker_id.clone();
-            Batcher::spawn(2, 256, move |outcomes: Vec<(Uuid, RunOutcome)>| {
-                let pool = pool.clone();
-                let worker_id = worker_id.clone();
-                async move {
-                    let views: Vec<(Uuid, &RunOutcome)> = outcomes
-                        .iter()
-                        .map(|(id, outcome)| (*id, outcome))
-                        .collect();
-                    let written = finish_runs(&pool, &worker_id, &views).await;
-                    drop(views);
-                    (outcomes, written)
-                }
-            })
+            Batcher::spawn(
+                2,
+                256,
+                move |outcomes: Vec<(Uuid, RunOutcome, Vec<LogLine>)>| {
+                    let pool = pool.clone();
+                    let worker_id = worker_id.clone();
+                    async move {
+                        let views: Vec<(Uuid, &RunOutcome, &[LogLine])> = outcomes
+                            .iter()
+                            .map(|(id, outcome, lines)| (*id, outcome, lines.as_slice()))
+                            .collect();
+                        let written = finish_runs(&pool, &worker_id, &views).await;
+                        drop(views);
+                        (outcomes, written)
+                    }
+                },
+            )
         };
         Runner {
             inner: Arc::new(RunnerInner {
@@ -391,7 +395,7 @@ impl Runner {
             Err(error) => {
                 drop((sink, artifact_sink));
                 let _ = store.await;
-                let _ = pipe.await;
+                let (log_totals, log_tail) = pipe.await.unwrap_or_default();
                 let outcome = Some(Outcome::Failed {
                     error,
                     output: None,
@@ -405,7 +409,7 @@ impl Runner {
                     None,
                     &Redactor::default(),
                     "none",
-                    Default::default(),
+                    (log_totals, log_tail),
                     Default::default(),
                 )
                 .await;
@@ -468,7 +472,7 @@ impl Runner {
         };
         drop(context);
         let artifact_totals = store.await.unwrap_or_default();
-        let log_totals = pipe.await.unwrap_or_default();
+        let log = pipe.await.unwrap_or_default();
 
         let outcome = match (control.reason(), executed) {
             (Some(StopReason::LeaseLost), _) => None,
@@ -491,7 +495,7 @@ impl Runner {
             Some(usage),
             &redactor,
             executor.name(),
-            log_totals,
+            log,
             artifact_totals,
         )
         .await;
@@ -551,7 +555,8 @@ impl Runner {
         }
     }
 
-    /// Records the outcome (unless the lease was lost) and frees the run's slot.
+    /// Records the outcome with the run's last log lines (unless the lease was lost) and
+    /// frees the run's slot. `log` is what the log pipe wrote and what it left for this.
     #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
@@ -563,9 +568,15 @@ impl Runner {
         usage: Option<Usage>,
         redactor: &Redactor,
         executor: &str,
-        log_totals: logs::LogTotals,
+        log: (logs::LogTotals, Vec<LogLine>),
         artifact_totals: artifacts::ArtifactTotals,
     ) {
+        let (mut log_totals, log_tail) = log;
+        // The last lines are written with the outcome: count them as stored.
+        let tail_bytes: usize = log_tail.iter().map(|line| line.message.len()).sum();
+        let tail_lines = log_tail.len();
+        log_totals.lines += tail_lines as u64;
+        log_totals.bytes += tail_bytes as u64;
         if let Some(outcome) = outcome.filter(|_| !control.lease_lost()) {
             let mut figures = usage.map(|usage| usage.take()).unwrap_or_default();
             figures.insert(
@@ -599,8 +610,12 @@ impl Runner {
                     resource_usage: Some(usage),
                 },
             };
-            if self.record(run_id, control, &record, redactor).await {
+            if self
+                .record(run_id, control, &record, log_tail, redactor)
+                .await
+            {
                 crate::measure::run_finished(kind, status, started.elapsed());
+                crate::measure::log_lines_written(tail_lines, tail_bytes);
             }
         } else {
             tracing::warn!(
@@ -612,13 +627,14 @@ impl Runner {
         self.inner.freed.notify_one();
     }
 
-    /// Writes the outcome, retrying with backoff while the database is unreachable and the
-    /// lease is still valid. Returns whether it was written.
+    /// Writes the outcome and the run's last lines, retrying with backoff while the database
+    /// is unreachable and the lease is still valid. Returns whether it was written.
     async fn record(
         &self,
         run_id: Uuid,
         control: &RunControl,
         outcome: &RunOutcome,
+        last_lines: Vec<LogLine>,
         redactor: &Redactor,
     ) -> bool {
         let mut attempt = 0;
@@ -626,7 +642,7 @@ impl Runner {
             match self
                 .inner
                 .outcome_writer
-                .call((run_id, outcome.clone()))
+                .call((run_id, outcome.clone(), last_lines.clone()))
                 .await
             {
                 Ok(Fenced::Written) => {

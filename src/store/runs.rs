@@ -182,20 +182,42 @@ pub struct RunOutcome {
     pub resource_usage: Option<Value>,
 }
 
-/// Records the outcomes of many runs and ends their leases in one statement, each only
-/// while `worker_id` holds its lease. Returns, per outcome, whether it was written.
+/// Records the outcomes of many runs with their last log lines and ends their leases, in
+/// one statement, each only while `worker_id` holds its lease. Returns, per outcome,
+/// whether it was written.
 pub async fn finish_runs(
     pool: &PgPool,
     worker_id: &str,
-    outcomes: &[(Uuid, &RunOutcome)],
+    outcomes: &[(Uuid, &RunOutcome, &[LogLine])],
 ) -> Result<Vec<Fenced>, StoreError> {
-    let runs: Vec<Uuid> = outcomes.iter().map(|(run_id, _)| *run_id).collect();
+    let runs: Vec<Uuid> = outcomes.iter().map(|(run_id, _, _)| *run_id).collect();
+    let mut ids = Vec::new();
+    let mut line_runs = Vec::new();
+    let mut messages = Vec::new();
+    let mut levels = Vec::new();
+    let mut timestamps = Vec::new();
+    for (run_id, _, lines) in outcomes {
+        for line in lines.iter() {
+            ids.push(line.id);
+            line_runs.push(*run_id);
+            messages.push(line.message.as_str());
+            levels.push(line.level);
+            timestamps.push(line.timestamp);
+        }
+    }
     let done: Vec<Uuid> = sqlx::query_scalar(
         r#"
         WITH lease AS (
           DELETE FROM agentd.leases
            WHERE run_id = ANY($1) AND worker_id = $2 AND expires_at > now()
           RETURNING run_id
+        ), last_lines AS (
+          INSERT INTO public.run_logs (id, run_id, message, level, timestamp)
+          SELECT x.id, x.run_id, x.message, x.level, x.ts
+            FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::text[], $11::timestamptz[])
+                 AS x(id, run_id, message, level, ts)
+           WHERE x.run_id IN (SELECT run_id FROM lease)
+          ON CONFLICT (id) DO NOTHING
         )
         UPDATE public.runs r
            SET status = x.status, end_time = now(),
@@ -213,17 +235,32 @@ pub async fn finish_runs(
     .bind(
         outcomes
             .iter()
-            .map(|(_, o)| if o.completed { "completed" } else { "failed" })
+            .map(|(_, o, _)| if o.completed { "completed" } else { "failed" })
             .collect::<Vec<_>>(),
     )
-    .bind(outcomes.iter().map(|(_, o)| o.output.clone()).collect::<Vec<_>>())
-    .bind(outcomes.iter().map(|(_, o)| o.error.clone()).collect::<Vec<_>>())
     .bind(
         outcomes
             .iter()
-            .map(|(_, o)| o.resource_usage.clone())
+            .map(|(_, o, _)| o.output.clone())
             .collect::<Vec<_>>(),
     )
+    .bind(
+        outcomes
+            .iter()
+            .map(|(_, o, _)| o.error.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        outcomes
+            .iter()
+            .map(|(_, o, _)| o.resource_usage.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(&ids)
+    .bind(&line_runs)
+    .bind(&messages)
+    .bind(&levels)
+    .bind(&timestamps)
     .fetch_all(pool)
     .await?;
     Ok(runs
