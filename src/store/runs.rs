@@ -111,6 +111,45 @@ pub enum Fenced {
     LeaseLost,
 }
 
+/// Log lines of several runs as the columns of an `unnest` (one array per column).
+#[derive(Default)]
+struct LineColumns<'a> {
+    ids: Vec<Uuid>,
+    runs: Vec<Uuid>,
+    messages: Vec<&'a str>,
+    levels: Vec<&'static str>,
+    timestamps: Vec<DateTime<Utc>>,
+}
+
+impl<'a> LineColumns<'a> {
+    fn of(batches: impl IntoIterator<Item = (Uuid, &'a [LogLine])>) -> LineColumns<'a> {
+        let mut columns = LineColumns::default();
+        for (run_id, lines) in batches {
+            for line in lines {
+                columns.ids.push(line.id);
+                columns.runs.push(run_id);
+                columns.messages.push(line.message.as_str());
+                columns.levels.push(line.level);
+                columns.timestamps.push(line.timestamp);
+            }
+        }
+        columns
+    }
+}
+
+/// Per run of `runs`, whether the fenced statement wrote it (it is among `written`).
+fn fenced(runs: &[Uuid], written: &[Uuid]) -> Vec<Fenced> {
+    runs.iter()
+        .map(|run_id| {
+            if written.contains(run_id) {
+                Fenced::Written
+            } else {
+                Fenced::LeaseLost
+            }
+        })
+        .collect()
+}
+
 /// Inserts the log batches of many runs in one statement; each run's lines are written only
 /// while `worker_id` holds its lease (share-locked for the statement). Returns, per batch,
 /// whether it was written. Batches must name distinct runs.
@@ -120,21 +159,7 @@ pub async fn insert_log_batches(
     batches: &[(Uuid, &[LogLine])],
 ) -> Result<Vec<Fenced>, StoreError> {
     let runs: Vec<Uuid> = batches.iter().map(|(run_id, _)| *run_id).collect();
-    let lines = batches.iter().map(|(_, lines)| lines.len()).sum();
-    let mut ids = Vec::with_capacity(lines);
-    let mut line_runs = Vec::with_capacity(lines);
-    let mut messages = Vec::with_capacity(lines);
-    let mut levels = Vec::with_capacity(lines);
-    let mut timestamps = Vec::with_capacity(lines);
-    for (run_id, batch) in batches {
-        for line in batch.iter() {
-            ids.push(line.id);
-            line_runs.push(*run_id);
-            messages.push(line.message.as_str());
-            levels.push(line.level);
-            timestamps.push(line.timestamp);
-        }
-    }
+    let lines = LineColumns::of(batches.iter().copied());
     let held: Vec<Uuid> = sqlx::query_scalar(
         r#"
         WITH held AS (
@@ -154,23 +179,14 @@ pub async fn insert_log_batches(
     )
     .bind(&runs)
     .bind(worker_id)
-    .bind(&ids)
-    .bind(&line_runs)
-    .bind(&messages)
-    .bind(&levels)
-    .bind(&timestamps)
+    .bind(&lines.ids)
+    .bind(&lines.runs)
+    .bind(&lines.messages)
+    .bind(&lines.levels)
+    .bind(&lines.timestamps)
     .fetch_all(pool)
     .await?;
-    Ok(runs
-        .iter()
-        .map(|run_id| {
-            if held.contains(run_id) {
-                Fenced::Written
-            } else {
-                Fenced::LeaseLost
-            }
-        })
-        .collect())
+    Ok(fenced(&runs, &held))
 }
 
 /// How a run ended.
@@ -191,20 +207,7 @@ pub async fn finish_runs(
     outcomes: &[(Uuid, &RunOutcome, &[LogLine])],
 ) -> Result<Vec<Fenced>, StoreError> {
     let runs: Vec<Uuid> = outcomes.iter().map(|(run_id, _, _)| *run_id).collect();
-    let mut ids = Vec::new();
-    let mut line_runs = Vec::new();
-    let mut messages = Vec::new();
-    let mut levels = Vec::new();
-    let mut timestamps = Vec::new();
-    for (run_id, _, lines) in outcomes {
-        for line in lines.iter() {
-            ids.push(line.id);
-            line_runs.push(*run_id);
-            messages.push(line.message.as_str());
-            levels.push(line.level);
-            timestamps.push(line.timestamp);
-        }
-    }
+    let lines = LineColumns::of(outcomes.iter().map(|(run_id, _, lines)| (*run_id, *lines)));
     let done: Vec<Uuid> = sqlx::query_scalar(
         r#"
         WITH lease AS (
@@ -256,23 +259,14 @@ pub async fn finish_runs(
             .map(|(_, o, _)| o.resource_usage.clone())
             .collect::<Vec<_>>(),
     )
-    .bind(&ids)
-    .bind(&line_runs)
-    .bind(&messages)
-    .bind(&levels)
-    .bind(&timestamps)
+    .bind(&lines.ids)
+    .bind(&lines.runs)
+    .bind(&lines.messages)
+    .bind(&lines.levels)
+    .bind(&lines.timestamps)
     .fetch_all(pool)
     .await?;
-    Ok(runs
-        .iter()
-        .map(|run_id| {
-            if done.contains(run_id) {
-                Fenced::Written
-            } else {
-                Fenced::LeaseLost
-            }
-        })
-        .collect())
+    Ok(fenced(&runs, &done))
 }
 
 /// `public.request_run`, as the worker's role (any target).
