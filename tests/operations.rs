@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::{
     Daemon, InProcessWorker, SleepyExecutor, TestDb, agentd, count, create_agent, create_user,
-    eventually, private_server, replica, request_agent_run,
+    eventually, private_server, replica, request_agent_run, server_pool,
 };
 use uuid::Uuid;
 
@@ -69,11 +69,7 @@ async fn wait_status(url: &str, status: u16, what: &str) -> String {
 async fn endpoints_follow_the_database_and_metrics_move_with_runs() {
     let folder = tempfile::tempdir().unwrap();
     let (options, server, url) = private_server(folder.path()).await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(server.connect_options())
-        .await
-        .unwrap();
+    let pool = server_pool(&server).await;
     let user = create_user(&pool).await;
     let agent = create_agent(&pool, user).await;
     sqlx::query(

@@ -12,7 +12,7 @@ use nix::sys::signal::{Signal, kill};
 use sqlx::PgPool;
 use support::{
     Daemon, TestDb, count, create_agent, create_user, eventually, private_server, replica,
-    scheduled_runs,
+    scheduled_runs, server_pool,
 };
 use uuid::Uuid;
 
@@ -358,11 +358,7 @@ async fn sigterm_stops_claiming_lets_runs_finish_and_exits_zero() {
 async fn workers_recover_from_a_postgresql_restart_without_duplicates() {
     let folder = tempfile::tempdir().unwrap();
     let (options, server, url) = private_server(folder.path()).await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(server.connect_options())
-        .await
-        .unwrap();
+    let pool = server_pool(&server).await;
     let user = create_user(&pool).await;
     let agent = create_agent(&pool, user).await;
     pool.close().await;
@@ -381,11 +377,7 @@ async fn workers_recover_from_a_postgresql_restart_without_duplicates() {
         ],
     );
     slow.wait_for("worker started", Duration::from_secs(10));
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(server.connect_options())
-        .await
-        .unwrap();
+    let pool = server_pool(&server).await;
     let request =
         agentd::store::runs::request_run(&pool, agentd::store::runs::RunKind::Agent, agent, None)
             .await
@@ -422,11 +414,7 @@ async fn workers_recover_from_a_postgresql_restart_without_duplicates() {
     server.stop().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let server = EmbeddedPostgres::start(&options).await.unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(server.connect_options())
-        .await
-        .unwrap();
+    let pool = server_pool(&server).await;
     let restarted_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&pool)
         .await

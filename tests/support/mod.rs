@@ -340,14 +340,19 @@ pub async fn private_server(
     };
     let server = EmbeddedPostgres::start(&options).await.unwrap();
     let url = server.url(agentd::embedded_pg::DATABASE_NAME);
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(server.connect_options())
-        .await
-        .unwrap();
+    let pool = server_pool(&server).await;
     agentd::store::migrate(&pool).await.unwrap();
     pool.close().await;
     (options, server, url)
+}
+
+/// A small pool on the database of a [`private_server`].
+pub async fn server_pool(server: &EmbeddedPostgres) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(server.connect_options())
+        .await
+        .unwrap()
 }
 
 /// Asks for a run of `agent` (as the worker's role would); returns the run's id.
