@@ -23,6 +23,7 @@ use clap::Args;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::startup::{Database, MIGRATE_CONNECT_PATIENCE};
@@ -224,13 +225,14 @@ impl Bench<'_> {
         let deadline = Instant::now() + limit;
         loop {
             let finished = store::bench::finished_runs(&scratch.pool).await?;
-            if finished >= count {
+            if finished.is_some_and(|finished| finished >= count) {
                 return Ok(());
             }
             fleet.check_alive()?;
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "only {finished} of {count} runs finished within {limit:?}"
+                "only {} of {count} runs finished within {limit:?}",
+                store::bench::run_span(&scratch.pool).await?.finished
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -336,10 +338,14 @@ impl Bench<'_> {
     async fn throughput(&mut self) -> anyhow::Result<Value> {
         let n = self.args.backlog;
         let replicas = self.args.replicas;
-        let scratch = self.scratch("throughput", 4).await?;
-        let (_, agent) = store::bench::seed_agent(&scratch.pool).await?;
         let due = Utc::now().trunc_subsecs(0) - chrono::Duration::seconds(1);
         let cron = format!("{} {} {} * * *", due.second(), due.minute(), due.hour());
+        // The ceiling is measured before and after agentd, and the two averaged: the
+        // machine's speed drifts, and a short phase measured once can land on a slow or a
+        // fast moment.
+        let ceiling_before = self.ceiling(n, &cron, due).await?;
+        let scratch = self.scratch("throughput", 4).await?;
+        let (_, agent) = store::bench::seed_agent(&scratch.pool).await?;
         store::bench::insert_cron_schedules(&scratch.pool, agent, n, &cron, Some(due)).await?;
         store::bench::analyze(&scratch.pool).await?;
         let mut fleet = self.fleet(&scratch, replicas, 1)?;
@@ -365,11 +371,28 @@ impl Bench<'_> {
             0.0
         };
 
+        let ceiling_rate = (ceiling_before + self.ceiling(n, &cron, due).await?) / 2.0;
+        Ok(json!({
+            "backlog": n,
+            "replicas": replicas,
+            "completed": span.completed,
+            "seconds": round2(seconds),
+            "runs_per_second": round2(rate),
+            "ceiling_batch": self.settings.scheduler.batch_size,
+            "ceiling_runs_per_second": round2(ceiling_rate),
+            "ratio": round2(rate / ceiling_rate),
+        }))
+    }
+
+    /// The ceiling of `throughput`: the same rows by plain SQL, in batches of
+    /// `scheduler.batch_size`, on as many connections as replicas; runs per second.
+    async fn ceiling(&self, n: i64, cron: &str, due: DateTime<Utc>) -> anyhow::Result<f64> {
         // The ceiling: the same rows by plain SQL, in batches, as many connections as
         // replicas.
+        let replicas = self.args.replicas;
         let ceiling = self.scratch("ceiling", replicas as u32).await?;
         let (_, agent) = store::bench::seed_agent(&ceiling.pool).await?;
-        store::bench::insert_cron_schedules(&ceiling.pool, agent, n, &cron, Some(due)).await?;
+        store::bench::insert_cron_schedules(&ceiling.pool, agent, n, cron, Some(due)).await?;
         store::bench::analyze(&ceiling.pool).await?;
         let batch = self.settings.scheduler.batch_size as i64;
         let started = Instant::now();
@@ -389,25 +412,16 @@ impl Bench<'_> {
         for writer in writers {
             writer.await??;
         }
-        let ceiling_seconds = started.elapsed().as_secs_f64();
-        let ceiling_rate = n as f64 / ceiling_seconds;
-        let ceiling_done = store::bench::finished_runs(&ceiling.pool).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let ceiling_done = store::bench::finished_runs(&ceiling.pool)
+            .await?
+            .unwrap_or_default();
         self.drop_scratch(ceiling).await?;
         anyhow::ensure!(
             ceiling_done == n,
             "the ceiling completed {ceiling_done} of {n} runs"
         );
-        Ok(json!({
-            "backlog": n,
-            "replicas": replicas,
-            "completed": span.completed,
-            "seconds": round2(seconds),
-            "runs_per_second": round2(rate),
-            "ceiling_batch": batch,
-            "ceiling_seconds": round2(ceiling_seconds),
-            "ceiling_runs_per_second": round2(ceiling_rate),
-            "ratio": round2(rate / ceiling_rate),
-        }))
+        Ok(n as f64 / seconds)
     }
 
     async fn logs(&mut self) -> anyhow::Result<Value> {
@@ -460,18 +474,80 @@ impl Bench<'_> {
             }
             _ => 0.0,
         };
+        let ceiling_rate = self.logs_ceiling(runs, lines).await?;
+        let rate = if seconds > 0.0 {
+            stored as f64 / seconds
+        } else {
+            0.0
+        };
         Ok(json!({
             "runs": runs,
             "lines_per_run": lines,
             "replicas": replicas,
             "lines_stored": stored,
             "seconds": round2(seconds),
-            "lines_per_second": round2(if seconds > 0.0 { stored as f64 / seconds } else { 0.0 }),
+            "lines_per_second": round2(rate),
+            "ceiling_lines_per_second": round2(ceiling_rate),
+            "ratio": round2(rate / ceiling_rate),
             "visibility_samples": ages.len(),
             "visibility_p50_ms": ms(percentile(&ages, 50.0)),
             "visibility_p99_ms": ms(percentile(&ages, 99.0)),
             "visibility_max_ms": ms(ages.last().copied()),
         }))
+    }
+
+    /// The ceiling of `logs`: the same lines by plain SQL on as many connections as
+    /// agentd's log writers have (two per replica), in statements of up to 10,000 lines
+    /// (what one of agentd's grouped statements holds when ten runs each have a full
+    /// batch), made before the clock starts; lines per second.
+    async fn logs_ceiling(&self, runs: i64, lines: i64) -> anyhow::Result<f64> {
+        const LINES_PER_STATEMENT: i64 = 10_000;
+        let connections = 2 * self.args.replicas.max(1);
+        let ceiling = self.scratch("logs_ceiling", connections as u32).await?;
+        let (user, agent) = store::bench::seed_agent(&ceiling.pool).await?;
+        let run_ids = store::bench::insert_running_runs(&ceiling.pool, agent, user, runs).await?;
+        store::bench::analyze(&ceiling.pool).await?;
+        type Statement = (Uuid, Vec<Uuid>, Vec<String>, Vec<DateTime<Utc>>);
+        let mut work: Vec<Vec<Statement>> = vec![Vec::new(); connections];
+        for (index, run) in run_ids.iter().enumerate() {
+            let mut written = 0;
+            while written < lines {
+                let count = (lines - written).min(LINES_PER_STATEMENT);
+                work[index % connections].push((
+                    *run,
+                    (0..count).map(|_| Uuid::now_v7()).collect(),
+                    (written + 1..=written + count)
+                        .map(|line| format!("noop line {line}"))
+                        .collect(),
+                    vec![Utc::now(); count as usize],
+                ));
+                written += count;
+            }
+        }
+        let started = Instant::now();
+        let mut writers = Vec::new();
+        for statements in work {
+            let pool = ceiling.pool.clone();
+            writers.push(tokio::spawn(async move {
+                for (run, ids, messages, timestamps) in statements {
+                    store::bench::ceiling_log_lines(&pool, run, &ids, &messages, &timestamps)
+                        .await?;
+                }
+                Ok::<_, store::StoreError>(())
+            }));
+        }
+        for writer in writers {
+            writer.await??;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let (stored, _, _) = store::bench::log_span(&ceiling.pool).await?;
+        self.drop_scratch(ceiling).await?;
+        anyhow::ensure!(
+            stored == runs * lines,
+            "the ceiling stored {stored} of {} lines",
+            runs * lines
+        );
+        Ok(stored as f64 / seconds)
     }
 
     /// The idle replica's queries are counted as the transactions of its database
