@@ -207,6 +207,7 @@ async fn run_step(
             owner_id: run.owner_id,
             input,
             schedule_id: run.schedule_id,
+            agent: None,
         },
         agent: Some(member.clone()),
         logs: logs.clone(),

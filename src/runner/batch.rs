@@ -59,6 +59,9 @@ where
                             Some(first) => group.push(first),
                             None => return,
                         }
+                        // Let the tasks that are ready now queue theirs too: runs started
+                        // together reach the same statement at nearly the same moment.
+                        tokio::task::yield_now().await;
                         while group.len() < max_group {
                             match receiver.try_recv() {
                                 Ok(next) => group.push(next),

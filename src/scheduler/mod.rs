@@ -148,6 +148,15 @@ impl Scheduler {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             plan_claim(&rows, now, &self.settings, &mut rules, Uuid::now_v7)
         };
+        // The agents of the runs, read here: the runs start without a round trip of their own.
+        let mut agent_ids: Vec<Uuid> = writes.fires.iter().map(|fire| fire.agent_id).collect();
+        agent_ids.sort_unstable();
+        agent_ids.dedup();
+        let agents = if agent_ids.is_empty() {
+            Vec::new()
+        } else {
+            transaction.load_agents(&agent_ids).await?
+        };
         let fired = transaction
             .apply(&writes, &self.worker_id, self.lease.ttl)
             .await?;
@@ -173,6 +182,11 @@ impl Scheduler {
                         owner_id: new.owner_id,
                         input: Some(new.input.clone()),
                         schedule_id: Some(new.schedule_id),
+                        // Absent: the agent was deleted; the runner's own read says so.
+                        agent: agent_ids
+                            .binary_search(&new.agent_id)
+                            .ok()
+                            .and_then(|index| agents.get(index).cloned().flatten()),
                     },
                     sent_at,
                 );

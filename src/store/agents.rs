@@ -34,8 +34,9 @@ impl std::fmt::Debug for Variable {
 }
 
 /// Many agents with their variables in one statement; `None` for ids that do not exist.
-pub async fn load_agents(
-    pool: &PgPool,
+/// On a pool, or on a transaction (the claim reads its runs' agents in its own).
+pub async fn load_agents<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     agent_ids: &[Uuid],
 ) -> Result<Vec<Option<AgentDefinition>>, StoreError> {
     let rows = sqlx::query(
@@ -50,7 +51,7 @@ pub async fn load_agents(
         "#,
     )
     .bind(agent_ids)
-    .fetch_all(pool)
+    .fetch_all(executor)
     .await?;
     let agents = rows
         .iter()

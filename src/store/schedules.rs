@@ -84,19 +84,24 @@ pub struct LockedSchedule {
 /// `$1`: the most rows of each kind (due, unplanned) to lock.
 pub const LOCK_SCHEDULES_SQL: &str = r#"
     WITH due AS (
-      SELECT s.id FROM public.agent_schedules s
+      SELECT s FROM public.agent_schedules s
        WHERE s.enabled AND s.next_run IS NOT NULL AND s.next_run <= now()
        ORDER BY s.next_run
        LIMIT $1
        FOR UPDATE SKIP LOCKED
     ), unplanned AS (
-      SELECT s.id FROM public.agent_schedules s
+      SELECT s FROM public.agent_schedules s
        WHERE s.enabled AND s.next_run IS NULL
          AND NOT EXISTS (SELECT 1 FROM agentd.schedule_states st
                           WHERE st.schedule_id = s.id
                             AND st.definition_hash = agentd.schedule_definition_hash(s))
        LIMIT $1
        FOR UPDATE SKIP LOCKED
+    ), locked AS (
+      -- The locked rows themselves (whole rows, as locked): no second look at the table,
+      -- so the claim's cost follows the batch, not the table's size.
+      SELECT (l.s).*, agentd.schedule_definition_hash(l.s) AS definition_hash
+        FROM (SELECT s FROM due UNION ALL SELECT s FROM unplanned) l
     )
     SELECT now() AS now, s.id, s.agent_id, a.user_id AS owner_id, s.frequency, s.interval,
            s.time, s.date, s.timezone, s.created_at, s.next_run,
@@ -104,11 +109,10 @@ pub const LOCK_SCHEDULES_SQL: &str = r#"
            -- whole claim fail to decode; NULL elements are reported as invalid.
            (SELECT array_agg(d) FROM unnest(s.days) d WHERE d IS NOT NULL) AS days,
            EXISTS (SELECT 1 FROM unnest(s.days) d WHERE d IS NULL) AS days_has_null,
-           agentd.schedule_definition_hash(s) AS definition_hash,
+           s.definition_hash,
            EXISTS (SELECT 1 FROM agentd.leases l WHERE l.schedule_id = s.id) AS running
-      FROM public.agent_schedules s
+      FROM locked s
       JOIN public.agents a ON a.id = s.agent_id
-     WHERE s.id IN (SELECT id FROM due UNION ALL SELECT id FROM unplanned)
      ORDER BY s.next_run NULLS FIRST
     "#;
 
@@ -208,6 +212,15 @@ impl ClaimTransaction {
         Ok((now, schedules))
     }
 
+    /// The agents of the claimed schedules, read in the claim's transaction (one statement;
+    /// `None` for an agent that does not exist).
+    pub async fn load_agents(
+        &mut self,
+        agent_ids: &[Uuid],
+    ) -> Result<Vec<Option<super::agents::AgentDefinition>>, StoreError> {
+        super::agents::load_agents(&mut *self.tx, agent_ids).await
+    }
+
     /// Writes the claim in one statement: fire records (the unique key that forbids a
     /// second run for a slot), runs, leases, schedule updates, states and invalid-row
     /// reports. Returns the runs actually created (a slot fired before is left out).
@@ -272,7 +285,8 @@ impl ClaimTransaction {
               UPDATE public.agent_schedules s
                  SET next_run = u.next_run, last_run = coalesce(u.last_run, s.last_run)
                 FROM unnest($9::uuid[], $10::timestamptz[], $11::timestamptz[]) AS u(id, next_run, last_run)
-               WHERE s.id = u.id
+               -- By primary key (a join alone may scan the whole table).
+               WHERE s.id = ANY($9) AND s.id = u.id
             ), states AS (
               INSERT INTO agentd.schedule_states (schedule_id, definition_hash, state, error)
               SELECT * FROM unnest($12::uuid[], $13::text[], $14::text[], $15::text[])
