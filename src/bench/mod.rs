@@ -499,7 +499,7 @@ impl Bench<'_> {
     /// The ceiling of `logs`: the same lines by plain SQL on as many connections as
     /// agentd's log writers have (two per replica), in statements of up to 10,000 lines
     /// (what one of agentd's grouped statements holds when ten runs each have a full
-    /// batch), made before the clock starts; lines per second.
+    /// batch); lines per second.
     async fn logs_ceiling(&self, runs: i64, lines: i64) -> anyhow::Result<f64> {
         const LINES_PER_STATEMENT: i64 = 10_000;
         let connections = 2 * self.args.replicas.max(1);
@@ -507,19 +507,19 @@ impl Bench<'_> {
         let (user, agent) = store::bench::seed_agent(&ceiling.pool).await?;
         let run_ids = store::bench::insert_running_runs(&ceiling.pool, agent, user, runs).await?;
         store::bench::analyze(&ceiling.pool).await?;
-        type Statement = (Uuid, Vec<Uuid>, Vec<String>, Vec<DateTime<Utc>>);
-        let mut work: Vec<Vec<Statement>> = vec![Vec::new(); connections];
+        // The messages are made before the clock starts; ids and timestamps when each
+        // statement is sent, as a run's are when it prints (lines made ahead would fill
+        // each connection's own range of the indexes, which live lines do not).
+        let mut work: Vec<Vec<(Uuid, Vec<String>)>> = vec![Vec::new(); connections];
         for (index, run) in run_ids.iter().enumerate() {
             let mut written = 0;
             while written < lines {
                 let count = (lines - written).min(LINES_PER_STATEMENT);
                 work[index % connections].push((
                     *run,
-                    (0..count).map(|_| Uuid::now_v7()).collect(),
                     (written + 1..=written + count)
                         .map(|line| format!("noop line {line}"))
                         .collect(),
-                    vec![Utc::now(); count as usize],
                 ));
                 written += count;
             }
@@ -529,7 +529,9 @@ impl Bench<'_> {
         for statements in work {
             let pool = ceiling.pool.clone();
             writers.push(tokio::spawn(async move {
-                for (run, ids, messages, timestamps) in statements {
+                for (run, messages) in statements {
+                    let ids: Vec<Uuid> = messages.iter().map(|_| Uuid::now_v7()).collect();
+                    let timestamps = vec![Utc::now(); messages.len()];
                     store::bench::ceiling_log_lines(&pool, run, &ids, &messages, &timestamps)
                         .await?;
                 }
