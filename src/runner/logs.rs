@@ -35,10 +35,16 @@ pub type LogWriter = Batcher<(Uuid, Vec<LogLine>), Fenced>;
 /// Most runs' batches in one statement (each batch holds up to [`MAX_BATCH_LINES`]).
 const MAX_RUNS_PER_STATEMENT: usize = 64;
 
+/// Statements of log batches in flight per replica. Unlike outcomes, lines keep coming
+/// while a statement runs, and a run's next batch waits for its previous one: with one
+/// writer the `logs` benchmark stored 57–61k lines/s, with two 90–94k, with three 94–98k
+/// and a lower visibility p99 (docs/benchmarks.md). Three of the pool's connections.
+const LOG_WRITERS: usize = 3;
+
 /// Starts the log writer of a replica (`worker_id`).
 pub fn log_writer(pool: PgPool, worker_id: String) -> LogWriter {
     Batcher::spawn(
-        2,
+        LOG_WRITERS,
         MAX_RUNS_PER_STATEMENT,
         move |batches: Vec<(Uuid, Vec<LogLine>)>| {
             let pool = pool.clone();
