@@ -83,6 +83,8 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
 
     assert_eq!(report["logs"]["lines_stored"], 900, "{report:#}");
     assert!(number(&report, &["logs", "visibility_samples"]) >= 1.0);
+    assert!(number(&report, &["logs", "ceiling_lines_per_second"]) > 0.0);
+    assert!(number(&report, &["logs", "ratio"]) > 0.0);
 
     assert!(number(&report, &["idle", "queries_per_minute"]) >= 0.0);
     assert!(number(&report, &["idle", "rss_mib"]) > 1.0);
