@@ -7,8 +7,10 @@
 //! - `burst`: N schedules due at the same instant; time until all started and completed,
 //!   and the scheduling lag (start_time − scheduled_for).
 //! - `steady`: F fires per second for D seconds; achieved rate, lag, CPU and memory.
-//! - `throughput`: a backlog of due schedules; completed runs per second, and the ceiling.
-//! - `logs`: runs that each emit L lines; lines stored per second, delay to visibility.
+//! - `throughput`: a backlog of due schedules; completed runs per second, and the ceiling
+//!   (measured before and after agentd, averaged).
+//! - `logs`: runs that each emit L lines; lines stored per second, delay to visibility,
+//!   and the ceiling (the same lines by plain SQL).
 //! - `idle`: 100,000 schedules none due for an hour; queries per minute, CPU, memory.
 //! - `scale`: the claim's time with 10k, 100k and 1M schedules in the table.
 
