@@ -123,7 +123,8 @@ pub async fn workers_registered(pool: &PgPool) -> Result<i64, StoreError> {
 /// Runs that have an outcome, counted only once nothing is left to do (no lease, request
 /// or due schedule); `None` while work remains. The cheap checks use small tables and the
 /// due index, so polling this does not load the server the benchmark measures (a count
-/// over `runs` every 20 ms took a third of the server's time in `throughput`).
+/// over `runs` every 20 ms took 2857 ms of statement time in a 60,000-run `throughput`,
+/// against 19002 ms for all of agentd's statements).
 pub async fn finished_runs(pool: &PgPool) -> Result<Option<i64>, StoreError> {
     Ok(sqlx::query_scalar(
         r#"
