@@ -6,8 +6,10 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::Postgres;
 use sqlx::Row;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgArguments, PgPool};
+use sqlx::query::QueryScalar;
 use uuid::Uuid;
 
 use super::StoreError;
@@ -139,6 +141,19 @@ impl<'a> LineColumns<'a> {
         }
         columns
     }
+
+    /// Binds the five columns, in order, as the next parameters of `query`.
+    fn bind<'q, O>(
+        &'q self,
+        query: QueryScalar<'q, Postgres, O, PgArguments>,
+    ) -> QueryScalar<'q, Postgres, O, PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.runs)
+            .bind(&self.messages)
+            .bind(&self.levels)
+            .bind(&self.timestamps)
+    }
 }
 
 /// Per run of `runs`, whether the fenced statement wrote it (it is among `written`).
@@ -168,14 +183,8 @@ pub async fn insert_log_batches(
         INSERT_LOG_BATCHES_SQL,
         INSERT_LOG_BATCHES_AGAIN_SQL,
         |sql| {
-            sqlx::query_scalar(sql)
-                .bind(&runs)
-                .bind(worker_id)
-                .bind(&lines.ids)
-                .bind(&lines.runs)
-                .bind(&lines.messages)
-                .bind(&lines.levels)
-                .bind(&lines.timestamps)
+            lines
+                .bind(sqlx::query_scalar(sql).bind(&runs).bind(worker_id))
                 .fetch_all(pool)
         },
     )
@@ -262,19 +271,14 @@ pub async fn finish_runs(
         .collect();
     let done: Vec<Uuid> =
         retry_tolerating_duplicates(FINISH_RUNS_SQL, FINISH_RUNS_AGAIN_SQL, |sql| {
-            sqlx::query_scalar(sql)
+            let query = sqlx::query_scalar(sql)
                 .bind(&runs)
                 .bind(worker_id)
                 .bind(&statuses)
                 .bind(&outputs)
                 .bind(&errors)
-                .bind(&usages)
-                .bind(&lines.ids)
-                .bind(&lines.runs)
-                .bind(&lines.messages)
-                .bind(&lines.levels)
-                .bind(&lines.timestamps)
-                .fetch_all(pool)
+                .bind(&usages);
+            lines.bind(query).fetch_all(pool)
         })
         .await?;
     Ok(fenced(&runs, &done))
