@@ -216,7 +216,10 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Waits until `count` runs have an outcome.
+    /// Waits until `count` runs have an outcome. Every figure comes from the runs' own
+    /// timestamps, so this only has to notice the end: it looks every 100 ms, which keeps
+    /// its share of the server small (`pg_stat_statements`: 189 looks at 1.4 ms each during
+    /// one 20,000-run `throughput` when it looked every 20 ms).
     async fn finished(
         &self,
         scratch: &Scratch,
@@ -236,7 +239,7 @@ impl Bench<'_> {
                 "only {} of {count} runs finished within {limit:?}",
                 store::bench::run_span(&scratch.pool).await?.finished
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

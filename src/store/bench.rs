@@ -120,18 +120,19 @@ pub async fn workers_registered(pool: &PgPool) -> Result<i64, StoreError> {
         .await?)
 }
 
-/// Runs that have an outcome, counted only once nothing is left to do (no lease, request
-/// or due schedule); `None` while work remains. The cheap checks use small tables and the
-/// due index, so polling this does not load the server the benchmark measures (a count
-/// over `runs` every 20 ms took 2857 ms of statement time in a 60,000-run `throughput`,
-/// against 19002 ms for all of agentd's statements).
+/// Runs that have an outcome, counted only once nothing is left to do (no due schedule,
+/// lease or request); `None` while work remains. The cheap checks come first, the due index
+/// before the two small tables (whose dead rows a scan must step over), so polling this
+/// does not load the server the benchmark measures (a count over `runs` every 20 ms took
+/// 2857 ms of statement time in a 60,000-run `throughput`, against 19002 ms for all of
+/// agentd's statements).
 pub async fn finished_runs(pool: &PgPool) -> Result<Option<i64>, StoreError> {
     Ok(sqlx::query_scalar(
         r#"
-        SELECT CASE WHEN EXISTS (SELECT 1 FROM agentd.leases)
-                      OR EXISTS (SELECT 1 FROM agentd.requests)
-                      OR EXISTS (SELECT 1 FROM public.agent_schedules
+        SELECT CASE WHEN EXISTS (SELECT 1 FROM public.agent_schedules
                                   WHERE enabled AND next_run IS NOT NULL AND next_run <= now())
+                      OR EXISTS (SELECT 1 FROM agentd.leases)
+                      OR EXISTS (SELECT 1 FROM agentd.requests)
                     THEN NULL
                     ELSE (SELECT count(*) FROM public.runs WHERE status <> 'running') END
         "#,
