@@ -481,6 +481,49 @@ async fn the_claim_is_an_index_scan_on_100k_schedules_with_few_due() {
     );
 }
 
+/// The claim reads `days` in every shape the column can hold: NULL and empty arrays are
+/// "no weekdays given", one-dimensional arrays pass as they are, arrays of more dimensions
+/// are flattened, and NULL elements are flagged (the row is then reported invalid) without
+/// making the claim fail.
+#[tokio::test]
+async fn the_claim_reads_days_of_every_shape() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let cases: [(&str, Option<Vec<i32>>, bool); 7] = [
+        ("NULL", None, false),
+        ("'{}'", None, false),
+        ("'{1,3,5}'", Some(vec![1, 3, 5]), false),
+        ("'[0:1]={2,4}'", Some(vec![2, 4]), false),
+        ("'{1,NULL}'", Some(vec![1]), true),
+        ("'{{1,2},{3,4}}'", Some(vec![1, 2, 3, 4]), false),
+        ("'{{1},{NULL}}'", Some(vec![1]), true),
+    ];
+    let mut ids = Vec::new();
+    for (days, _, _) in &cases {
+        let id = create_schedule(&db.pool, agent, "daily", Some("09:00"), "UTC").await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE agent_schedules SET days = {days}::integer[], next_run = now() - interval '1 minute' WHERE id = $1"
+        )))
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let mut claim = agentd::store::schedules::ClaimTransaction::begin(&db.pool)
+        .await
+        .unwrap();
+    let (_, rows) = claim.lock_schedules(100).await.unwrap();
+    claim.rollback().await.unwrap();
+    assert_eq!(rows.len(), cases.len());
+    for ((days, expected, has_null), id) in cases.iter().zip(&ids) {
+        let row = rows.iter().find(|row| row.id == *id).unwrap();
+        assert_eq!(&row.spec.days, expected, "days = {days}");
+        assert_eq!(row.days_has_null, *has_null, "days = {days}");
+    }
+}
+
 #[tokio::test]
 async fn request_run_as_a_signed_in_user_only_for_their_own_agents_and_teams() {
     let db = TestDb::migrated().await;

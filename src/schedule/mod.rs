@@ -24,7 +24,7 @@ pub use resolve::resolve;
 pub use rule::{NEVER_FIRES_HORIZON_YEARS, Rule};
 
 /// The definition columns of an `agent_schedules` row, as read from the database.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ScheduleSpec {
     pub frequency: String,
     pub interval: i32,

@@ -8,7 +8,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::config::{MisfirePolicy, OverlapPolicy, SchedulerSettings};
-use crate::schedule::{Rule, plan_firing};
+use crate::schedule::{Rule, ScheduleSpec, plan_firing};
 use crate::store::schedules::{
     ClaimWrites, LockedSchedule, NewScheduledRun, ScheduleState, ScheduleStateChange,
     ScheduleUpdate,
@@ -69,12 +69,12 @@ impl SkipReason {
     }
 }
 
-/// Parsed rules by definition hash, so a schedule's rule is parsed once per definition, not
-/// at every claim (parsing a cron expression costs microseconds; a busy replica claims
+/// Parsed rules by definition, so a schedule's rule is parsed once per definition, not at
+/// every claim (parsing a cron expression costs microseconds; a busy replica claims
 /// thousands of rows a second). Bounded: emptied when it grows past [`RuleCache::LIMIT`].
 #[derive(Default)]
 pub struct RuleCache {
-    rules: std::collections::HashMap<String, Result<Rule, String>>,
+    rules: std::collections::HashMap<ScheduleSpec, Result<Rule, String>>,
 }
 
 impl RuleCache {
@@ -87,14 +87,18 @@ impl RuleCache {
         if row.days_has_null {
             return Err("days: NULL is not a weekday (expected 0…7)".to_string());
         }
-        if self.rules.len() >= Self::LIMIT && !self.rules.contains_key(&row.definition_hash) {
-            self.rules.clear();
+        if !self.rules.contains_key(&row.spec) {
+            if self.rules.len() >= Self::LIMIT {
+                self.rules.clear();
+            }
+            let parsed = Rule::parse(&row.spec, now).map_err(|error| error.to_string());
+            self.rules.insert(row.spec.clone(), parsed);
         }
-        self.rules
-            .entry(row.definition_hash.clone())
-            .or_insert_with(|| Rule::parse(&row.spec, now).map_err(|error| error.to_string()))
-            .as_ref()
-            .map_err(Clone::clone)
+        match self.rules.get(&row.spec) {
+            Some(Ok(rule)) => Ok(rule),
+            Some(Err(error)) => Err(error.clone()),
+            None => unreachable!("the definition was inserted just above"),
+        }
     }
 }
 
@@ -123,7 +127,6 @@ pub fn plan_claim(
                 });
                 writes.states.push(ScheduleStateChange {
                     schedule_id: row.id,
-                    definition_hash: row.definition_hash.clone(),
                     state: ScheduleState::Invalid {
                         error: format!("invalid schedule: {error}"),
                         report_run_id,
@@ -233,7 +236,6 @@ pub fn plan_claim(
 fn exhaust(writes: &mut ClaimWrites, row: &LockedSchedule) {
     writes.states.push(ScheduleStateChange {
         schedule_id: row.id,
-        definition_hash: row.definition_hash.clone(),
         state: ScheduleState::Exhausted,
     });
 }
@@ -241,9 +243,8 @@ fn exhaust(writes: &mut ClaimWrites, row: &LockedSchedule) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::ScheduleSpec;
 
-    fn row(hash: &str, timezone: &str) -> LockedSchedule {
+    fn row(timezone: &str) -> LockedSchedule {
         LockedSchedule {
             id: Uuid::nil(),
             agent_id: Uuid::nil(),
@@ -258,24 +259,30 @@ mod tests {
                 created_at: "2026-01-01T00:00:00Z".parse().unwrap(),
             },
             next_run: None,
-            definition_hash: hash.into(),
             running: false,
             days_has_null: false,
         }
     }
 
     #[test]
-    fn rules_are_parsed_once_per_definition_hash_errors_included() {
+    fn rules_are_parsed_once_per_definition_errors_included() {
         let now: DateTime<Utc> = "2026-11-26T12:00:00Z".parse().unwrap();
         let mut cache = RuleCache::default();
-        assert!(cache.rule(&row("a", "UTC"), now).is_ok());
-        // Same definition hash: the cached rule answers (the row is not parsed again).
-        assert!(cache.rule(&row("a", "Mars/Olympus"), now).is_ok());
+        assert!(cache.rule(&row("UTC"), now).is_ok());
+        assert!(cache.rule(&row("UTC"), now).is_ok());
+        assert_eq!(cache.rules.len(), 1, "the same definition is parsed once");
         // Another definition is parsed; its error is kept too.
-        let error = cache.rule(&row("b", "Mars/Olympus"), now).unwrap_err();
+        let error = cache.rule(&row("Mars/Olympus"), now).unwrap_err();
         assert_eq!(error, "timezone: unknown time zone \"Mars/Olympus\"");
-        assert_eq!(cache.rule(&row("b", "UTC"), now).unwrap_err(), error);
-        let mut nulls = row("c", "UTC");
+        assert_eq!(cache.rule(&row("Mars/Olympus"), now).unwrap_err(), error);
+        assert_eq!(cache.rules.len(), 2);
+        // Any definition column makes another definition.
+        let mut later = row("UTC");
+        later.spec.created_at = "2026-01-02T00:00:00Z".parse().unwrap();
+        assert!(cache.rule(&later, now).is_ok());
+        assert_eq!(cache.rules.len(), 3);
+        // NULL weekdays are refused before the cache is looked at.
+        let mut nulls = row("UTC");
         nulls.days_has_null = true;
         assert!(
             cache
@@ -283,6 +290,6 @@ mod tests {
                 .unwrap_err()
                 .starts_with("days: NULL")
         );
-        assert_eq!(cache.rules.len(), 2);
+        assert_eq!(cache.rules.len(), 3);
     }
 }

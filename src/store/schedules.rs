@@ -73,7 +73,6 @@ pub struct LockedSchedule {
     pub spec: ScheduleSpec,
     /// `None`: new or edited; the worker must compute it.
     pub next_run: Option<DateTime<Utc>>,
-    pub definition_hash: String,
     /// A previous run of this schedule is still running (it holds a lease).
     pub running: bool,
     /// `days` held NULL elements (left out of `spec.days`): the row is invalid.
@@ -100,16 +99,22 @@ pub const LOCK_SCHEDULES_SQL: &str = r#"
     ), locked AS (
       -- The locked rows themselves (whole rows, as locked): no second look at the table,
       -- so the claim's cost follows the batch, not the table's size.
-      SELECT (l.s).*, agentd.schedule_definition_hash(l.s) AS definition_hash
-        FROM (SELECT s FROM due UNION ALL SELECT s FROM unplanned) l
+      SELECT (l.s).* FROM (SELECT s FROM due UNION ALL SELECT s FROM unplanned) l
     )
     SELECT now() AS now, s.id, s.agent_id, a.user_id AS owner_id, s.frequency, s.interval,
            s.time, s.date, s.timezone, s.created_at, s.next_run,
            -- Flattened, so a multi-dimensional or NULL-holding array cannot make the
-           -- whole claim fail to decode; NULL elements are reported as invalid.
-           (SELECT array_agg(d) FROM unnest(s.days) d WHERE d IS NOT NULL) AS days,
-           EXISTS (SELECT 1 FROM unnest(s.days) d WHERE d IS NULL) AS days_has_null,
-           s.definition_hash,
+           -- whole claim fail to decode; NULL elements are reported as invalid. The usual
+           -- array (one dimension from 1, no NULL) is passed as it is; nested CASEs keep
+           -- array_position away from arrays of more dimensions, which it refuses.
+           CASE WHEN array_ndims(s.days) IS NULL THEN NULL
+                WHEN array_ndims(s.days) = 1 AND array_lower(s.days, 1) = 1
+                THEN CASE WHEN array_position(s.days, NULL) IS NULL THEN s.days
+                          ELSE (SELECT array_agg(d) FROM unnest(s.days) d WHERE d IS NOT NULL) END
+                ELSE (SELECT array_agg(d) FROM unnest(s.days) d WHERE d IS NOT NULL) END AS days,
+           CASE WHEN array_ndims(s.days) IS NULL THEN false
+                WHEN array_ndims(s.days) = 1 THEN array_position(s.days, NULL) IS NOT NULL
+                ELSE EXISTS (SELECT 1 FROM unnest(s.days) d WHERE d IS NULL) END AS days_has_null,
            EXISTS (SELECT 1 FROM agentd.leases l WHERE l.schedule_id = s.id) AS running
       FROM locked s
       JOIN public.agents a ON a.id = s.agent_id
@@ -153,7 +158,6 @@ pub struct ScheduleUpdate {
 #[derive(Debug, Clone)]
 pub struct ScheduleStateChange {
     pub schedule_id: Uuid,
-    pub definition_hash: String,
     pub state: ScheduleState,
 }
 
@@ -231,7 +235,7 @@ impl ClaimTransaction {
         lease_ttl: std::time::Duration,
     ) -> Result<Vec<FiredRun>, StoreError> {
         let fires = &writes.fires;
-        let (mut state_ids, mut hashes, mut kinds, mut errors) = (vec![], vec![], vec![], vec![]);
+        let (mut state_ids, mut kinds, mut errors) = (vec![], vec![], vec![]);
         let (
             mut report_ids,
             mut report_agents,
@@ -241,7 +245,6 @@ impl ClaimTransaction {
         ) = (vec![], vec![], vec![], vec![], vec![]);
         for change in &writes.states {
             state_ids.push(change.schedule_id);
-            hashes.push(change.definition_hash.clone());
             match &change.state {
                 ScheduleState::Exhausted => {
                     kinds.push("exhausted".to_string());
@@ -288,8 +291,11 @@ impl ClaimTransaction {
                -- By primary key (a join alone may scan the whole table).
                WHERE s.id = ANY($9) AND s.id = u.id
             ), states AS (
+              -- The definition's hash, of the row as this transaction locked it.
               INSERT INTO agentd.schedule_states (schedule_id, definition_hash, state, error)
-              SELECT * FROM unnest($12::uuid[], $13::text[], $14::text[], $15::text[])
+              SELECT x.id, agentd.schedule_definition_hash(s), x.state, x.error
+                FROM unnest($12::uuid[], $13::text[], $14::text[]) AS x(id, state, error)
+                JOIN public.agent_schedules s ON s.id = ANY($12) AND s.id = x.id
               ON CONFLICT (schedule_id) DO UPDATE
                  SET definition_hash = excluded.definition_hash, state = excluded.state,
                      error = excluded.error, updated_at = now()
@@ -297,7 +303,7 @@ impl ClaimTransaction {
               INSERT INTO public.runs (id, type, target_id, status, start_time, end_time, duration,
                                        triggered_by_id, input, error)
               SELECT x.run_id, 'agent', x.agent_id, 'failed', now(), now(), 0, x.owner_id, x.input, x.error
-                FROM unnest($16::uuid[], $17::uuid[], $18::uuid[], $19::jsonb[], $20::text[])
+                FROM unnest($15::uuid[], $16::uuid[], $17::uuid[], $18::jsonb[], $19::text[])
                      AS x(run_id, agent_id, owner_id, input, error)
             )
             SELECT run_id, schedule_id FROM fires
@@ -315,7 +321,6 @@ impl ClaimTransaction {
         .bind(writes.updates.iter().map(|u| u.next_run).collect::<Vec<_>>())
         .bind(writes.updates.iter().map(|u| u.last_run).collect::<Vec<_>>())
         .bind(state_ids)
-        .bind(hashes)
         .bind(kinds)
         .bind(errors)
         .bind(report_ids)
@@ -364,7 +369,6 @@ fn locked_schedule(row: &PgRow) -> Result<LockedSchedule, sqlx::Error> {
             created_at: row.try_get("created_at")?,
         },
         next_run: row.try_get("next_run")?,
-        definition_hash: row.try_get("definition_hash")?,
         running: row.try_get("running")?,
         days_has_null: row.try_get("days_has_null")?,
     })
