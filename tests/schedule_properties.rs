@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use agentd::schedule::{Rule, ScheduleSpec, resolve};
+use agentd::schedule::{Rule, ScheduleSpec, plan_firing, resolve};
 use chrono::{
     DateTime, Datelike, Months, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta, TimeZone, Utc,
 };
@@ -336,6 +336,49 @@ proptest! {
             let from_slot = rule.slots_between(walk[skip - 1], start + TimeDelta::days(400), 12 - skip);
             prop_assert_eq!(&from_slot[..], &walk[skip..]);
         }
+    }
+
+    /// plan_firing's shortcut (one walk when nothing lies between the stored next_run and
+    /// now) gives what its definition gives: scheduled_for = the latest slot <= now, or
+    /// next_run when that is later; missed = next_run and the slots after it before
+    /// scheduled_for; next = the first slot after max(now, scheduled_for). next_run is a slot
+    /// or any instant (the application may write one), now up to a day later.
+    #[test]
+    fn plan_firing_matches_its_definition(
+        row in row(),
+        start_minutes in 0i64..2880,
+        on_slot in any::<bool>(),
+        late_seconds in prop::sample::select(vec![0i64, 1, 59, 600, 3_600, 86_400]),
+    ) {
+        let Ok(rule) = Rule::parse(&row.spec(), row.created_at) else { return Ok(()); };
+        let from = row.created_at + TimeDelta::minutes(start_minutes);
+        let next_run = if on_slot {
+            match rule.next_after(from) { Some(slot) => slot, None => return Ok(()) }
+        } else {
+            from
+        };
+        let now = next_run + TimeDelta::seconds(late_seconds);
+        let cap = 1000;
+        let scheduled_for = match rule.latest_at_or_before(now) {
+            Some(latest) if latest >= next_run => latest,
+            _ => next_run,
+        };
+        let mut missed = 0;
+        if next_run < scheduled_for {
+            missed = 1;
+            let mut cursor = next_run;
+            while missed < cap {
+                match rule.next_after(cursor) {
+                    Some(slot) if slot < scheduled_for => { missed += 1; cursor = slot; }
+                    _ => break,
+                }
+            }
+        }
+        let next = if rule.is_once() { None } else { rule.next_after(now.max(scheduled_for)) };
+        let firing = plan_firing(&rule, next_run, now, cap);
+        prop_assert_eq!(firing.scheduled_for, scheduled_for, "row = {:?}, next_run = {}, now = {}", row, next_run, now);
+        prop_assert_eq!(firing.missed, missed, "row = {:?}, next_run = {}, now = {}", row, next_run, now);
+        prop_assert_eq!(firing.next_run, next, "row = {:?}, next_run = {}, now = {}", row, next_run, now);
     }
 
     /// No input string, number or array makes parsing panic.

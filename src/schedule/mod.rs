@@ -79,6 +79,19 @@ pub fn plan_firing(
     now: DateTime<Utc>,
     missed_cap: u64,
 ) -> Firing {
+    // The usual claim: no slot after the stored `next_run` up to `now`. Then one walk answers
+    // everything: the run is for `next_run`, nothing was missed, and the first slot after
+    // `next_run` is the first after `now` too.
+    if !rule.is_once()
+        && let Some(after) = rule.next_after(next_run)
+        && after > now
+    {
+        return Firing {
+            scheduled_for: next_run,
+            missed: 0,
+            next_run: Some(after),
+        };
+    }
     let scheduled_for = match rule.latest_at_or_before(now) {
         Some(latest) if latest >= next_run => latest,
         _ => next_run,
