@@ -160,6 +160,9 @@ pub struct Runner {
     inner: Arc<RunnerInner>,
 }
 
+/// A run's outcome and last lines, shared so that a retry sends them again without a copy.
+type OutcomeRequest = (Uuid, Arc<RunOutcome>, Arc<[LogLine]>);
+
 struct RunnerInner {
     pool: PgPool,
     worker_id: String,
@@ -173,7 +176,7 @@ struct RunnerInner {
     /// Group commit of the hot-path statements (see [`batch`]).
     log_writer: logs::LogWriter,
     agent_loader: Batcher<Uuid, Option<AgentDefinition>>,
-    outcome_writer: Batcher<(Uuid, RunOutcome, Vec<LogLine>), Fenced>,
+    outcome_writer: Batcher<OutcomeRequest, Fenced>,
     active: Mutex<HashMap<Uuid, RunControl>>,
     tracker: TaskTracker,
     freed: Notify,
@@ -209,23 +212,19 @@ impl Runner {
         let outcome_writer = {
             let pool = pool.clone();
             let worker_id = options.worker_id.clone();
-            Batcher::spawn(
-                1,
-                MAX_GROUP,
-                move |outcomes: Vec<(Uuid, RunOutcome, Vec<LogLine>)>| {
-                    let pool = pool.clone();
-                    let worker_id = worker_id.clone();
-                    async move {
-                        let views: Vec<(Uuid, &RunOutcome, &[LogLine])> = outcomes
-                            .iter()
-                            .map(|(id, outcome, lines)| (*id, outcome, lines.as_slice()))
-                            .collect();
-                        let written = finish_runs(&pool, &worker_id, &views).await;
-                        drop(views);
-                        (outcomes, written)
-                    }
-                },
-            )
+            Batcher::spawn(1, MAX_GROUP, move |outcomes: Vec<OutcomeRequest>| {
+                let pool = pool.clone();
+                let worker_id = worker_id.clone();
+                async move {
+                    let views: Vec<(Uuid, &RunOutcome, &[LogLine])> = outcomes
+                        .iter()
+                        .map(|(id, outcome, lines)| (*id, &**outcome, &**lines))
+                        .collect();
+                    let written = finish_runs(&pool, &worker_id, &views).await;
+                    drop(views);
+                    (outcomes, written)
+                }
+            })
         };
         Runner {
             inner: Arc::new(RunnerInner {
@@ -619,7 +618,7 @@ impl Runner {
                 },
             };
             if self
-                .record(run_id, control, &record, log_tail, redactor)
+                .record(run_id, control, Arc::new(record), log_tail.into(), redactor)
                 .await
             {
                 crate::measure::run_finished(kind, status, started.elapsed());
@@ -641,8 +640,8 @@ impl Runner {
         &self,
         run_id: Uuid,
         control: &RunControl,
-        outcome: &RunOutcome,
-        last_lines: Vec<LogLine>,
+        outcome: Arc<RunOutcome>,
+        last_lines: Arc<[LogLine]>,
         redactor: &Redactor,
     ) -> bool {
         let mut attempt = 0;
@@ -650,7 +649,7 @@ impl Runner {
             match self
                 .inner
                 .outcome_writer
-                .call((run_id, outcome.clone(), last_lines.clone()))
+                .call((run_id, Arc::clone(&outcome), Arc::clone(&last_lines)))
                 .await
             {
                 Ok(Fenced::Written) => {

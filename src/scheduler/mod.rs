@@ -163,13 +163,16 @@ impl Scheduler {
         transaction.commit().await?;
         crate::measure::claim_batch(rows.len());
 
+        // Slots fired before are left out of `fired`.
+        let fired: std::collections::HashSet<Uuid> =
+            fired.iter().map(|fired| fired.run_id).collect();
         for event in &events {
             log_event(event, &fired);
         }
         // Everything the runs need is in hand: no query between the commit and the start,
         // so a connection lost right after the commit cannot strand committed runs.
-        for fired_run in &fired {
-            if let Some(new) = writes.fires.iter().find(|f| f.run_id == fired_run.run_id) {
+        for new in &writes.fires {
+            if fired.contains(&new.run_id) {
                 // start_time is the claim transaction's now().
                 crate::measure::scheduling_lag(
                     (now - new.scheduled_for).to_std().unwrap_or_default(),
@@ -196,7 +199,7 @@ impl Scheduler {
     }
 }
 
-fn log_event(event: &PlanEvent, fired: &[crate::store::schedules::FiredRun]) {
+fn log_event(event: &PlanEvent, fired: &std::collections::HashSet<Uuid>) {
     match event {
         PlanEvent::Fired {
             schedule_id,
@@ -205,7 +208,7 @@ fn log_event(event: &PlanEvent, fired: &[crate::store::schedules::FiredRun]) {
             missed,
             next_run,
         } => {
-            if fired.iter().any(|f| f.run_id == *run_id) {
+            if fired.contains(run_id) {
                 crate::measure::schedule_fired();
                 tracing::info!(
                     schedule_id = %schedule_id,

@@ -158,6 +158,7 @@ impl<'a> LineColumns<'a> {
 
 /// Per run of `runs`, whether the fenced statement wrote it (it is among `written`).
 fn fenced(runs: &[Uuid], written: &[Uuid]) -> Vec<Fenced> {
+    let written: std::collections::HashSet<&Uuid> = written.iter().collect();
     runs.iter()
         .map(|run_id| {
             if written.contains(run_id) {
@@ -263,11 +264,18 @@ pub async fn finish_runs(
         .iter()
         .map(|(_, o, _)| if o.completed { "completed" } else { "failed" })
         .collect();
-    let outputs: Vec<Option<Value>> = outcomes.iter().map(|(_, o, _)| o.output.clone()).collect();
-    let errors: Vec<Option<String>> = outcomes.iter().map(|(_, o, _)| o.error.clone()).collect();
-    let usages: Vec<Option<Value>> = outcomes
+    // Borrowed, not copied: sqlx serializes them from here.
+    let outputs: Vec<Option<sqlx::types::Json<&Value>>> = outcomes
         .iter()
-        .map(|(_, o, _)| o.resource_usage.clone())
+        .map(|(_, o, _)| o.output.as_ref().map(sqlx::types::Json))
+        .collect();
+    let errors: Vec<Option<&str>> = outcomes
+        .iter()
+        .map(|(_, o, _)| o.error.as_deref())
+        .collect();
+    let usages: Vec<Option<sqlx::types::Json<&Value>>> = outcomes
+        .iter()
+        .map(|(_, o, _)| o.resource_usage.as_ref().map(sqlx::types::Json))
         .collect();
     let done: Vec<Uuid> =
         retry_tolerating_duplicates(FINISH_RUNS_SQL, FINISH_RUNS_AGAIN_SQL, |sql| {
