@@ -55,12 +55,9 @@ pub async fn load_agents<'e>(
     .await?;
     let agents = rows
         .iter()
-        .map(agent_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(agent_ids
-        .iter()
-        .map(|id| agents.iter().find(|agent| agent.id == *id).cloned())
-        .collect())
+        .map(|row| agent_from_row(row).map(|agent| (agent.id, agent)))
+        .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
+    Ok(agent_ids.iter().map(|id| agents.get(id).cloned()).collect())
 }
 
 /// A team and its members, in position order.
