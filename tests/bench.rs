@@ -94,6 +94,9 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
     assert_eq!(scale[1]["schedules"], 3000);
     assert!(number(&scale[0], &["claim_ms_median"]) > 0.0);
 
+    let autovacuum = report["machine"]["autovacuum"].as_str().unwrap_or_default();
+    assert!(["on", "off"].contains(&autovacuum), "{report:#}");
+
     let targets = report["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 10, "{report:#}");
 

@@ -682,10 +682,11 @@ async fn run_scenarios(bench: &mut Bench<'_>) -> anyhow::Result<Value> {
         })
         .unwrap_or_default();
     let postgres = store::bench::server_version(&bench.database.pool).await?;
+    let autovacuum = store::bench::server_autovacuum(&bench.database.pool).await?;
     let concurrency = args.concurrency;
     let mut report = json!({
         "agentd": env!("CARGO_PKG_VERSION"),
-        "machine": {"cpus": cpus, "cpu_model": cpu_model, "postgres": postgres},
+        "machine": {"cpus": cpus, "cpu_model": cpu_model, "postgres": postgres, "autovacuum": autovacuum},
         "replica_concurrency": concurrency,
     });
     if args.wants(Scenario::Burst) {
@@ -810,11 +811,12 @@ pub fn table(report: &Value) -> String {
     let mut out = String::new();
     let machine = &report["machine"];
     out.push_str(&format!(
-        "agentd {} bench on {} CPU(s) ({}), PostgreSQL {}; replica concurrency {}\n",
+        "agentd {} bench on {} CPU(s) ({}), PostgreSQL {} (autovacuum {}); replica concurrency {}\n",
         report["agentd"].as_str().unwrap_or(""),
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["postgres"].as_str().unwrap_or("?"),
+        machine["autovacuum"].as_str().unwrap_or("?"),
         report["replica_concurrency"],
     ));
     let sections = ["burst", "steady", "throughput", "logs", "idle"];

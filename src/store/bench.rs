@@ -239,6 +239,14 @@ pub async fn server_version(pool: &PgPool) -> Result<String, StoreError> {
         .await?)
 }
 
+/// The server's `autovacuum` setting (`on`/`off`): with it off, the tables a run churns
+/// (leases, slot records, runs) keep their dead rows for the whole benchmark.
+pub async fn server_autovacuum(pool: &PgPool) -> Result<String, StoreError> {
+    Ok(sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(pool)
+        .await?)
+}
+
 /// The ceiling, step 1, one transaction: lock up to `limit` due schedules, insert their
 /// runs (running) and advance them by a day. Returns the new runs' ids.
 pub async fn ceiling_fire(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, StoreError> {
