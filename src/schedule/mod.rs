@@ -92,6 +92,17 @@ pub fn plan_firing(
             next_run: Some(after),
         };
     }
+    plan_firing_by_definition(rule, next_run, now, missed_cap)
+}
+
+/// [`plan_firing`] as its definition reads, walk by walk, whatever lies between the stored
+/// `next_run` and `now` (a property test holds the shortcut to it).
+pub fn plan_firing_by_definition(
+    rule: &Rule,
+    next_run: DateTime<Utc>,
+    now: DateTime<Utc>,
+    missed_cap: u64,
+) -> Firing {
     let scheduled_for = match rule.latest_at_or_before(now) {
         Some(latest) if latest >= next_run => latest,
         _ => next_run,
