@@ -136,6 +136,11 @@ async fn readiness(endpoints: &Endpoints) -> Result<(), String> {
             versions.join(", ")
         ));
     }
+    // Shutdown may have begun (and the worker stopped serving) while the database was
+    // asked: that is "shutting down", not "not started yet".
+    if endpoints.health.stopping() {
+        return Err("shutting down".into());
+    }
     if !endpoints.health.serving() {
         return Err("worker not started yet".into());
     }

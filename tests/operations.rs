@@ -88,6 +88,10 @@ async fn endpoints_follow_the_database_and_metrics_move_with_runs() {
         &[
             ("AGENTD__DATABASE__MAX_BACKOFF", "500ms"),
             ("AGENTD__SHUTDOWN__GRACE", "10s"),
+            // Runs of a few seconds, fired every second: some are in flight when SIGTERM
+            // comes, so the process stays (within the grace period) long enough to be seen
+            // not ready. Instant runs let it exit within milliseconds, between two looks.
+            ("AGENTD__EXECUTORS__BUILTIN__STEP_DELAY", "1s"),
         ],
     );
     let base = endpoints_of(&mut daemon);
