@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SubsecRound, Timelike, Utc};
 use clap::Args;
 use serde_json::{Value, json};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -162,9 +162,10 @@ impl Bench<'_> {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         store::bench::create_database(&self.database.pool, &name).await?;
-        let pool = PgPoolOptions::new()
+        let options = self.database.options_of(self.settings, &name)?;
+        let pool = store::pool_options(&options)
             .max_connections(connections)
-            .connect_with(self.database.options_of(self.settings, &name)?)
+            .connect_with(options)
             .await?;
         store::migrate(&pool).await?;
         Ok(Scratch {

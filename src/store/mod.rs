@@ -19,6 +19,7 @@ pub mod demo;
 pub mod maintenance;
 pub mod runs;
 pub mod schedules;
+pub mod socket;
 pub mod status;
 pub mod workers;
 
@@ -88,6 +89,23 @@ pub fn url_with_database(url: &str, name: &str) -> String {
     format!("{base}/{name}{query}")
 }
 
+/// A pool's options for connections made with `options`: each new TCP connection gets
+/// TCP_NODELAY (see [`socket`]; without it, statements larger than 16 KiB waited 40 ms over
+/// TLS).
+pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
+    let pool = PgPoolOptions::new();
+    if options.get_socket().is_some() {
+        return pool;
+    }
+    let port = options.get_port();
+    pool.after_connect(move |_connection, _metadata| {
+        Box::pin(async move {
+            socket::disable_nagle_towards(port);
+            Ok(())
+        })
+    })
+}
+
 /// Opens a pool, retrying failed attempts with exponential backoff and jitter (capped at
 /// `database.max_backoff`) until it succeeds, `give_up_after` passes, or `shutdown` fires.
 /// Each failure is logged once, without the password.
@@ -105,7 +123,7 @@ pub async fn connect(
     let started = tokio::time::Instant::now();
     let mut attempt: u32 = 0;
     loop {
-        let result = PgPoolOptions::new()
+        let result = pool_options(&options)
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.connect_timeout)
             .connect_with(options.clone())
