@@ -288,8 +288,10 @@ impl ClaimTransaction {
               UPDATE public.agent_schedules s
                  SET next_run = u.next_run, last_run = coalesce(u.last_run, s.last_run)
                 FROM unnest($9::uuid[], $10::timestamptz[], $11::timestamptz[]) AS u(id, next_run, last_run)
-               -- By primary key (a join alone may scan the whole table).
-               WHERE s.id = ANY($9) AND s.id = u.id
+               -- By primary key: a join alone may scan the whole table, and so may a plain
+               -- `= ANY($9)` once the planner counts the array (a few hundred of 20,000 rows
+               -- costed as a sequential scan); behind a subquery it is costed as a few rows.
+               WHERE s.id = ANY(ARRAY(SELECT unnest($9::uuid[]))) AND s.id = u.id
             ), states AS (
               -- The definition's hash, of the row as this transaction locked it.
               INSERT INTO agentd.schedule_states (schedule_id, definition_hash, state, error)
