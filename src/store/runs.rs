@@ -300,12 +300,18 @@ macro_rules! finish_runs_sql {
           DELETE FROM agentd.leases
            WHERE run_id = ANY($1) AND worker_id = $2 AND expires_at > now()
           RETURNING run_id
+        ), held AS (
+          -- The ended leases as one array, which the joins below test each row against.
+          -- Joined as a table, they could be rescanned for every row: a plan made once for
+          -- any parameters (PostgreSQL's choice after five executions of a prepared
+          -- statement) counts them as one row and did so, 500 × 500 comparisons.
+          SELECT coalesce(array_agg(run_id), '{}') AS ids FROM lease
         ), last_lines AS (
           INSERT INTO public.run_logs (id, run_id, message, level, timestamp)
           SELECT x.id, x.run_id, x.message, x.level, x.ts
             FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::text[], $11::timestamptz[])
-                 AS x(id, run_id, message, level, ts)
-           WHERE x.run_id IN (SELECT run_id FROM lease)
+                 AS x(id, run_id, message, level, ts), held
+           WHERE x.run_id = ANY(held.ids)
           "#,
             $on_conflict,
             r#"
@@ -315,9 +321,8 @@ macro_rules! finish_runs_sql {
                duration = least(extract(epoch FROM (now() - r.start_time)) * 1000, 2147483647)::integer,
                output = x.output, error = x.error, resource_usage = x.usage
           FROM unnest($1::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::jsonb[])
-                 AS x(id, status, output, error, usage)
-          JOIN lease ON lease.run_id = x.id
-         WHERE r.id = x.id AND r.status = 'running'
+                 AS x(id, status, output, error, usage), held
+         WHERE r.id = x.id AND x.id = ANY(held.ids) AND r.status = 'running'
         RETURNING r.id
         "#
         )
