@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
@@ -86,54 +86,111 @@ impl LineLayer {
         }
     }
 
-    fn render(&self, level: &tracing::Level, target: &str, fields: Map<String, Value>) -> String {
+    /// One line: the fixed fields, then the event's, then those of its spans from the
+    /// innermost out; a name already written is not written again (the fixed fields win,
+    /// then the event, then inner spans). Written straight into the line's text, without a
+    /// map per event.
+    fn render(
+        &self,
+        level: &tracing::Level,
+        target: &str,
+        event: Fields,
+        spans: &[&Fields],
+    ) -> String {
         let timestamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let mut fields = fields;
-        let message = match fields.remove("message") {
+        let mut event = event;
+        let message = match event.take("message") {
             Some(Value::String(text)) => text,
             Some(other) => other.to_string(),
             None => String::new(),
         };
+        let mut written: Vec<&'static str> = Vec::with_capacity(8);
+        let mut line = String::with_capacity(256);
         if self.json {
-            let mut line = Map::new();
-            line.insert("timestamp".into(), Value::String(timestamp));
-            line.insert("level".into(), Value::String(level.as_str().to_lowercase()));
-            line.insert("message".into(), Value::String(message));
-            line.insert("target".into(), Value::String(target.to_string()));
-            line.insert("worker_id".into(), Value::String(self.worker_id.clone()));
-            for (key, value) in fields {
-                line.entry(key).or_insert(value);
+            line.push('{');
+            push_json_pair(&mut line, "timestamp", &Value::String(timestamp));
+            let level = level.as_str().to_lowercase();
+            line.push(',');
+            push_json_pair(&mut line, "level", &Value::String(level));
+            line.push(',');
+            push_json_pair(&mut line, "message", &Value::String(message));
+            line.push(',');
+            push_json_pair(&mut line, "target", &Value::String(target.to_string()));
+            line.push(',');
+            push_json_pair(
+                &mut line,
+                "worker_id",
+                &Value::String(self.worker_id.clone()),
+            );
+            written.extend(["timestamp", "level", "message", "target", "worker_id"]);
+            for (name, value) in event.0.iter().chain(spans.iter().flat_map(|f| f.0.iter())) {
+                if written.contains(name) {
+                    continue;
+                }
+                written.push(name);
+                line.push(',');
+                push_json_pair(&mut line, name, value);
             }
-            let mut text = Value::Object(line).to_string();
-            text.push('\n');
-            text
+            line.push_str("}\n");
         } else {
-            let mut text = format!("{timestamp} {:>5} {message}", level.as_str());
-            for (key, value) in &fields {
+            let _ = write!(line, "{timestamp} {:>5} {message}", level.as_str());
+            written.extend(["timestamp", "level", "message", "target", "worker_id"]);
+            for (name, value) in event.0.iter().chain(spans.iter().flat_map(|f| f.0.iter())) {
+                if written.contains(name) {
+                    continue;
+                }
+                written.push(name);
                 match value {
                     Value::String(s) => {
-                        let _ = write!(text, " {key}={s:?}");
+                        let _ = write!(line, " {name}={s:?}");
                     }
                     other => {
-                        let _ = write!(text, " {key}={other}");
+                        let _ = write!(line, " {name}={other}");
                     }
                 }
             }
-            let _ = writeln!(text, " worker_id={:?}", self.worker_id);
-            text
+            let _ = writeln!(line, " worker_id={:?}", self.worker_id);
         }
+        line
+    }
+}
+
+/// `"name":value` (JSON-escaped) at the end of `line`.
+fn push_json_pair(line: &mut String, name: &str, value: &Value) {
+    // Serializing a string or a `Value` into a String cannot fail.
+    line.push_str(&serde_json::to_string(name).unwrap_or_default());
+    line.push(':');
+    line.push_str(&serde_json::to_string(value).unwrap_or_default());
+}
+
+/// An event's or a span's fields, in the order they were recorded; a name recorded again
+/// replaces its value.
+#[derive(Default)]
+struct Fields(Vec<(&'static str, Value)>);
+
+impl Fields {
+    fn set(&mut self, name: &'static str, value: Value) {
+        match self.0.iter_mut().find(|(existing, _)| *existing == name) {
+            Some((_, slot)) => *slot = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    fn take(&mut self, name: &str) -> Option<Value> {
+        let index = self.0.iter().position(|(existing, _)| *existing == name)?;
+        Some(self.0.remove(index).1)
     }
 }
 
 /// Fields recorded on a span, kept in its extensions until it closes.
-struct SpanFields(Map<String, Value>);
+struct SpanFields(Fields);
 
 impl<S> Layer<S> for LineLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let mut visitor = JsonVisitor(Map::new());
+        let mut visitor = JsonVisitor(Fields::default());
         attrs.record(&mut visitor);
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(SpanFields(visitor.0));
@@ -152,21 +209,20 @@ where
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        let mut fields = Map::new();
-        // Outer spans first, so inner spans and the event itself win on equal names.
-        if let Some(scope) = ctx.event_scope(event) {
-            for span in scope.from_root() {
-                if let Some(SpanFields(span_fields)) = span.extensions().get::<SpanFields>() {
-                    for (key, value) in span_fields {
-                        fields.insert(key.clone(), value.clone());
-                    }
-                }
-            }
-        }
-        let mut visitor = JsonVisitor(fields);
+        let mut visitor = JsonVisitor(Fields::default());
         event.record(&mut visitor);
         let metadata = event.metadata();
-        let line = self.render(metadata.level(), metadata.target(), visitor.0);
+        // The spans' extensions stay borrowed while the line is written: no field is copied.
+        let scope: Vec<_> = ctx
+            .event_scope(event)
+            .map(|scope| scope.collect())
+            .unwrap_or_default();
+        let extensions: Vec<_> = scope.iter().map(|span| span.extensions()).collect();
+        let spans: Vec<&Fields> = extensions
+            .iter()
+            .filter_map(|extension| extension.get::<SpanFields>().map(|fields| &fields.0))
+            .collect();
+        let line = self.render(metadata.level(), metadata.target(), visitor.0, &spans);
         if let Ok(mut sink) = self.sink.lock() {
             let _ = sink.write_all(line.as_bytes());
             let _ = sink.flush();
@@ -175,32 +231,30 @@ where
 }
 
 /// Collects tracing fields as JSON values, keeping numbers and booleans typed.
-struct JsonVisitor(Map<String, Value>);
+struct JsonVisitor(Fields);
 
 impl Visit for JsonVisitor {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0
-            .insert(field.name().into(), Value::String(value.into()));
+        self.0.set(field.name(), Value::String(value.into()));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), Value::from(value));
+        self.0.set(field.name(), Value::from(value));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), Value::from(value));
+        self.0.set(field.name(), Value::from(value));
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), Value::from(value));
+        self.0.set(field.name(), Value::from(value));
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), Value::from(value));
+        self.0.set(field.name(), Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name().into(), Value::String(value.to_string()));
+        self.0.set(field.name(), Value::String(value.to_string()));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.0
-            .insert(field.name().into(), Value::String(format!("{value:?}")));
+            .set(field.name(), Value::String(format!("{value:?}")));
     }
 }
 
@@ -239,6 +293,34 @@ mod tests {
         assert_eq!(line["lines"], 3);
         assert_eq!(line["message"], "log batch \"written\"");
         assert!(line["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn the_event_wins_over_its_spans_and_inner_spans_over_outer_ones() {
+        let buffer = Buffer::default();
+        let layer = LineLayer::new("w-3", true, Box::new(buffer.clone()));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let outer = tracing::info_span!("team", run_id = "outer", team_id = "t-1");
+            let _outer = outer.enter();
+            let inner = tracing::info_span!("run", run_id = "inner", attempt = 1_u64);
+            let _inner = inner.enter();
+            inner.record("attempt", 2_u64);
+            tracing::info!(attempt = 3_u64, level = "not the level", "step");
+            tracing::info!("plain");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines[0]["attempt"], 3, "{text}");
+        assert_eq!(lines[0]["level"], "info", "{text}");
+        assert_eq!(lines[0]["run_id"], "inner", "{text}");
+        assert_eq!(lines[0]["team_id"], "t-1", "{text}");
+        assert_eq!(lines[1]["attempt"], 2, "{text}");
+        assert_eq!(lines[1]["message"], "plain", "{text}");
+        assert_eq!(lines[1].as_object().unwrap().len(), 8, "{text}");
     }
 
     #[test]
