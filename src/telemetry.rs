@@ -104,42 +104,26 @@ impl LineLayer {
             Some(other) => other.to_string(),
             None => String::new(),
         };
-        let mut written: Vec<&'static str> = Vec::with_capacity(8);
         let mut line = String::with_capacity(256);
         if self.json {
             line.push('{');
-            push_json_pair(&mut line, "timestamp", &Value::String(timestamp));
-            let level = level.as_str().to_lowercase();
+            push_json_pair(&mut line, "timestamp", &timestamp);
             line.push(',');
-            push_json_pair(&mut line, "level", &Value::String(level));
+            push_json_pair(&mut line, "level", &level.as_str().to_lowercase());
             line.push(',');
-            push_json_pair(&mut line, "message", &Value::String(message));
+            push_json_pair(&mut line, "message", &message);
             line.push(',');
-            push_json_pair(&mut line, "target", &Value::String(target.to_string()));
+            push_json_pair(&mut line, "target", &target);
             line.push(',');
-            push_json_pair(
-                &mut line,
-                "worker_id",
-                &Value::String(self.worker_id.clone()),
-            );
-            written.extend(["timestamp", "level", "message", "target", "worker_id"]);
-            for (name, value) in event.0.iter().chain(spans.iter().flat_map(|f| f.0.iter())) {
-                if written.contains(name) {
-                    continue;
-                }
-                written.push(name);
+            push_json_pair(&mut line, "worker_id", &self.worker_id);
+            for (name, value) in other_fields(&event, spans) {
                 line.push(',');
                 push_json_pair(&mut line, name, value);
             }
             line.push_str("}\n");
         } else {
             let _ = write!(line, "{timestamp} {:>5} {message}", level.as_str());
-            written.extend(["timestamp", "level", "message", "target", "worker_id"]);
-            for (name, value) in event.0.iter().chain(spans.iter().flat_map(|f| f.0.iter())) {
-                if written.contains(name) {
-                    continue;
-                }
-                written.push(name);
+            for (name, value) in other_fields(&event, spans) {
                 match value {
                     Value::String(s) => {
                         let _ = write!(line, " {name}={s:?}");
@@ -155,9 +139,30 @@ impl LineLayer {
     }
 }
 
+/// The fields a line carries besides the fixed ones: the event's, then its spans' from the
+/// innermost out, each name once (the first one met wins; a fixed name is never repeated).
+fn other_fields<'a>(
+    event: &'a Fields,
+    spans: &'a [&'a Fields],
+) -> impl Iterator<Item = (&'static str, &'a Value)> {
+    let mut written: Vec<&'static str> =
+        vec!["timestamp", "level", "message", "target", "worker_id"];
+    event
+        .0
+        .iter()
+        .chain(spans.iter().flat_map(|fields| fields.0.iter()))
+        .filter_map(move |(name, value)| {
+            if written.contains(name) {
+                return None;
+            }
+            written.push(name);
+            Some((*name, value))
+        })
+}
+
 /// `"name":value` (JSON-escaped) at the end of `line`.
-fn push_json_pair(line: &mut String, name: &str, value: &Value) {
-    // Serializing a string or a `Value` into a String cannot fail.
+fn push_json_pair(line: &mut String, name: &str, value: &(impl serde::Serialize + ?Sized)) {
+    // Serializing a string, or a value from a tracing field, into a String cannot fail.
     line.push_str(&serde_json::to_string(name).unwrap_or_default());
     line.push(':');
     line.push_str(&serde_json::to_string(value).unwrap_or_default());
