@@ -280,17 +280,22 @@ mod tests {
         }
     }
 
+    /// What `log` writes through a layer of `worker` (JSON or text).
+    fn logged(worker: &str, json: bool, log: impl FnOnce()) -> String {
+        let buffer = Buffer::default();
+        let layer = LineLayer::new(worker, json, Box::new(buffer.clone()));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, log);
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
     #[test]
     fn json_lines_flatten_span_fields_and_carry_worker_id() {
-        let buffer = Buffer::default();
-        let layer = LineLayer::new("w-1", true, Box::new(buffer.clone()));
-        let subscriber = tracing_subscriber::registry().with(layer);
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged("w-1", true, || {
             let span = tracing::info_span!("run", run_id = "r-9");
             let _entered = span.enter();
             tracing::warn!(lines = 3_u64, "log batch \"written\"");
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         let line: Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(line["run_id"], "r-9");
         assert_eq!(line["worker_id"], "w-1");
@@ -302,10 +307,7 @@ mod tests {
 
     #[test]
     fn the_event_wins_over_its_spans_and_inner_spans_over_outer_ones() {
-        let buffer = Buffer::default();
-        let layer = LineLayer::new("w-3", true, Box::new(buffer.clone()));
-        let subscriber = tracing_subscriber::registry().with(layer);
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged("w-3", true, || {
             let outer = tracing::info_span!("team", run_id = "outer", team_id = "t-1");
             let _outer = outer.enter();
             let inner = tracing::info_span!("run", run_id = "inner", attempt = 1_u64);
@@ -314,7 +316,6 @@ mod tests {
             tracing::info!(attempt = 3_u64, level = "not the level", "step");
             tracing::info!("plain");
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<Value> = text
             .lines()
             .map(|line| serde_json::from_str(line).unwrap())
@@ -330,13 +331,9 @@ mod tests {
 
     #[test]
     fn text_lines_are_readable() {
-        let buffer = Buffer::default();
-        let layer = LineLayer::new("w-2", false, Box::new(buffer.clone()));
-        let subscriber = tracing_subscriber::registry().with(layer);
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged("w-2", false, || {
             tracing::info!(schedule_id = "s-1", "fired");
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         assert!(
             text.contains(" INFO fired schedule_id=\"s-1\" worker_id=\"w-2\""),
             "{text}"
