@@ -56,7 +56,7 @@ impl ScheduleError {
 }
 
 /// What one claim of a due schedule does (schedules.md, "Firing").
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Firing {
     /// The slot the run is for.
     pub scheduled_for: DateTime<Utc>,

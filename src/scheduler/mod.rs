@@ -171,7 +171,7 @@ impl Scheduler {
         }
         // Everything the runs need is in hand: no query between the commit and the start,
         // so a connection lost right after the commit cannot strand committed runs.
-        for new in &writes.fires {
+        for new in writes.fires {
             if fired.contains(&new.run_id) {
                 // start_time is the claim transaction's now().
                 crate::measure::scheduling_lag(
@@ -183,7 +183,7 @@ impl Scheduler {
                         kind: RunKind::Agent,
                         target_id: new.agent_id,
                         owner_id: new.owner_id,
-                        input: Some(new.input.clone()),
+                        input: Some(new.input),
                         schedule_id: Some(new.schedule_id),
                         // Absent: the agent was deleted; the runner's own read says so.
                         agent: agent_ids

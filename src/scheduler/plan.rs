@@ -8,7 +8,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::config::{MisfirePolicy, OverlapPolicy, SchedulerSettings};
-use crate::schedule::{Rule, ScheduleSpec, plan_firing};
+use std::collections::HashMap;
+
+use crate::schedule::{Firing, Rule, ScheduleSpec, plan_firing};
 use crate::store::schedules::{
     ClaimWrites, LockedSchedule, NewScheduledRun, ScheduleState, ScheduleStateChange,
     ScheduleUpdate,
@@ -74,7 +76,7 @@ impl SkipReason {
 /// thousands of rows a second). Bounded: emptied when it grows past [`RuleCache::LIMIT`].
 #[derive(Default)]
 pub struct RuleCache {
-    rules: std::collections::HashMap<ScheduleSpec, Result<Rule, String>>,
+    rules: HashMap<ScheduleSpec, Result<Rule, String>>,
 }
 
 impl RuleCache {
@@ -114,6 +116,10 @@ pub fn plan_claim(
     let mut events = Vec::with_capacity(rows.len());
     let misfire_grace =
         chrono::Duration::from_std(policy.misfire_grace).unwrap_or(chrono::Duration::MAX);
+    // Schedules of one definition due at the same instant fire alike (a burst at the top of
+    // the hour): each firing is worked out once per claim. `plan_firing` is pure, and `now`
+    // and the cap are the claim's.
+    let mut firings: HashMap<(&ScheduleSpec, DateTime<Utc>), Firing> = HashMap::new();
 
     for row in rows {
         let rule = match rules.rule(row, now) {
@@ -172,7 +178,9 @@ pub fn plan_claim(
             continue;
         };
 
-        let firing = plan_firing(rule, due, now, MISSED_CAP);
+        let firing = *firings
+            .entry((&row.spec, due))
+            .or_insert_with(|| plan_firing(rule, due, now, MISSED_CAP));
         let late = now - firing.scheduled_for;
         let skip = if late > misfire_grace && policy.misfire_policy == MisfirePolicy::Skip {
             Some(SkipReason::Misfire)
@@ -262,6 +270,54 @@ mod tests {
             running: false,
             days_has_null: false,
         }
+    }
+
+    #[test]
+    fn firings_worked_out_once_per_definition_and_instant_match_each_rows_own() {
+        let now: DateTime<Utc> = "2026-11-26T12:00:30Z".parse().unwrap();
+        let policy = SchedulerSettings {
+            poll_interval: std::time::Duration::from_secs(60),
+            batch_size: 500,
+            misfire_grace: std::time::Duration::from_secs(3600 * 24 * 365),
+            misfire_policy: MisfirePolicy::Coalesce,
+            overlap_policy: OverlapPolicy::Allow,
+        };
+        let due = |at: &str, timezone: &str| {
+            let mut row = row(timezone);
+            row.next_run = Some(at.parse().unwrap());
+            row
+        };
+        // Same definition and instant (shared), the same definition at other instants (one
+        // of them with missed slots), and another definition at the first instant.
+        let rows = [
+            due("2026-11-26T09:00:00Z", "UTC"),
+            due("2026-11-26T09:00:00Z", "UTC"),
+            due("2026-11-23T09:00:00Z", "UTC"),
+            due("2026-11-26T09:00:00Z", "UTC"),
+            due("2026-11-26T08:00:00Z", "Europe/Berlin"),
+            due("2026-11-26T09:00:00Z", "Europe/Berlin"),
+        ];
+        let mut rules = RuleCache::default();
+        let (writes, _) = plan_claim(&rows, now, &policy, &mut rules, Uuid::now_v7);
+        assert_eq!(writes.fires.len(), rows.len());
+        for ((row, fire), update) in rows.iter().zip(&writes.fires).zip(&writes.updates) {
+            let rule = Rule::parse(&row.spec, now).unwrap();
+            let own = plan_firing(&rule, row.next_run.unwrap(), now, MISSED_CAP);
+            assert_eq!(fire.scheduled_for, own.scheduled_for, "{row:?}");
+            assert_eq!(fire.input["missed"], own.missed, "{row:?}");
+            assert_eq!(update.next_run, own.next_run, "{row:?}");
+        }
+        // The rows differ where they should: missed slots, and Berlin's 09:00 is 08:00 UTC.
+        assert_eq!(writes.fires[2].input["missed"], 3);
+        assert_eq!(writes.fires[0].input["missed"], 0);
+        assert_eq!(
+            writes.updates[4].next_run,
+            Some("2026-11-27T08:00:00Z".parse().unwrap())
+        );
+        assert_eq!(
+            writes.fires[5].scheduled_for,
+            "2026-11-26T09:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
     }
 
     #[test]
