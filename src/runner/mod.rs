@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use serde_json::json;
 use sqlx::postgres::PgPool;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -51,6 +50,46 @@ const LOG_CHANNEL_CAPACITY: usize = 128;
 /// Most requests in one grouped load or outcome statement. One writer of each per replica:
 /// fewer, larger statements cost the database less than several smaller ones in parallel.
 const MAX_GROUP: usize = 1000;
+
+/// `runs.resource_usage`: the executor's own figures and the runner's; a name in both keeps
+/// the runner's value.
+#[derive(serde::Serialize)]
+struct UsageRecord<'a> {
+    #[serde(flatten)]
+    executor_figures: serde_json::Map<String, serde_json::Value>,
+    duration_ms: u64,
+    log_lines: u64,
+    log_bytes: u64,
+    log_lines_dropped: u64,
+    log_bytes_dropped: u64,
+    artifacts: u64,
+    artifact_bytes: u64,
+    artifacts_rejected: u64,
+    executor: &'a str,
+}
+
+impl UsageRecord<'_> {
+    /// The runner's figures, by name.
+    const RUNNER_FIGURES: [&'static str; 9] = [
+        "duration_ms",
+        "log_lines",
+        "log_bytes",
+        "log_lines_dropped",
+        "log_bytes_dropped",
+        "artifacts",
+        "artifact_bytes",
+        "artifacts_rejected",
+        "executor",
+    ];
+
+    /// As JSON text.
+    fn render(mut self) -> String {
+        self.executor_figures
+            .retain(|name, _| !Self::RUNNER_FIGURES.contains(&name.as_str()));
+        // Only strings, numbers and a map with string keys: serializing cannot fail.
+        serde_json::to_string(&self).unwrap_or_else(|_| "{}".to_string())
+    }
+}
 
 /// Why a run stopped before its executor finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,20 +624,19 @@ impl Runner {
         log_totals.lines += tail_lines as u64;
         log_totals.bytes += tail_bytes as u64;
         if let Some(outcome) = outcome.filter(|_| !control.lease_lost()) {
-            let mut figures = usage.map(|usage| usage.take()).unwrap_or_default();
-            figures.insert(
-                "duration_ms".into(),
-                json!(started.elapsed().as_millis() as u64),
-            );
-            figures.insert("log_lines".into(), json!(log_totals.lines));
-            figures.insert("log_bytes".into(), json!(log_totals.bytes));
-            figures.insert("log_lines_dropped".into(), json!(log_totals.dropped_lines));
-            figures.insert("log_bytes_dropped".into(), json!(log_totals.dropped_bytes));
-            figures.insert("artifacts".into(), json!(artifact_totals.count));
-            figures.insert("artifact_bytes".into(), json!(artifact_totals.bytes));
-            figures.insert("artifacts_rejected".into(), json!(artifact_totals.rejected));
-            figures.insert("executor".into(), json!(executor));
-            let usage = serde_json::Value::Object(figures);
+            let usage = UsageRecord {
+                executor_figures: usage.map(|usage| usage.take()).unwrap_or_default(),
+                duration_ms: started.elapsed().as_millis() as u64,
+                log_lines: log_totals.lines,
+                log_bytes: log_totals.bytes,
+                log_lines_dropped: log_totals.dropped_lines,
+                log_bytes_dropped: log_totals.dropped_bytes,
+                artifacts: artifact_totals.count,
+                artifact_bytes: artifact_totals.bytes,
+                artifacts_rejected: artifact_totals.rejected,
+                executor,
+            }
+            .render();
             let status = match outcome {
                 Outcome::Completed { .. } => "completed",
                 Outcome::Failed { .. } => "failed",
@@ -682,5 +720,42 @@ impl Runner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_record_has_every_figure_once_the_runners_winning() {
+        let mut executor_figures = serde_json::Map::new();
+        executor_figures.insert("tokens".into(), serde_json::json!(42));
+        executor_figures.insert("duration_ms".into(), serde_json::json!("executor's"));
+        executor_figures.insert("executor".into(), serde_json::json!("executor's"));
+        let text = UsageRecord {
+            executor_figures,
+            duration_ms: 7,
+            log_lines: 1,
+            log_bytes: 2,
+            log_lines_dropped: 3,
+            log_bytes_dropped: 4,
+            artifacts: 5,
+            artifact_bytes: 6,
+            artifacts_rejected: 8,
+            executor: "builtin",
+        }
+        .render();
+        assert_eq!(text.matches("\"duration_ms\"").count(), 1, "{text}");
+        assert_eq!(text.matches("\"executor\"").count(), 1, "{text}");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "tokens": 42, "duration_ms": 7, "log_lines": 1, "log_bytes": 2,
+                "log_lines_dropped": 3, "log_bytes_dropped": 4, "artifacts": 5,
+                "artifact_bytes": 6, "artifacts_rejected": 8, "executor": "builtin",
+            })
+        );
     }
 }

@@ -247,7 +247,9 @@ pub struct RunOutcome {
     pub completed: bool,
     pub output: Option<Value>,
     pub error: Option<String>,
-    pub resource_usage: Option<Value>,
+    /// `runs.resource_usage` as JSON text, rendered once by the runner (no map to build,
+    /// copy and serialize again for a few fixed figures).
+    pub resource_usage: Option<String>,
 }
 
 /// Records the outcomes of many runs with their last log lines and ends their leases, in
@@ -273,9 +275,9 @@ pub async fn finish_runs(
         .iter()
         .map(|(_, o, _)| o.error.as_deref())
         .collect();
-    let usages: Vec<Option<sqlx::types::Json<&Value>>> = outcomes
+    let usages: Vec<Option<&str>> = outcomes
         .iter()
-        .map(|(_, o, _)| o.resource_usage.as_ref().map(sqlx::types::Json))
+        .map(|(_, o, _)| o.resource_usage.as_deref())
         .collect();
     let done: Vec<Uuid> =
         retry_tolerating_duplicates(FINISH_RUNS_SQL, FINISH_RUNS_AGAIN_SQL, |sql| {
@@ -319,8 +321,8 @@ macro_rules! finish_runs_sql {
         UPDATE public.runs r
            SET status = x.status, end_time = now(),
                duration = least(extract(epoch FROM (now() - r.start_time)) * 1000, 2147483647)::integer,
-               output = x.output, error = x.error, resource_usage = x.usage
-          FROM unnest($1::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::jsonb[])
+               output = x.output, error = x.error, resource_usage = x.usage::jsonb
+          FROM unnest($1::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::text[])
                  AS x(id, status, output, error, usage), held
          WHERE r.id = x.id AND x.id = ANY(held.ids) AND r.status = 'running'
         RETURNING r.id
