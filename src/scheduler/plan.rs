@@ -3,13 +3,13 @@
 //! and the policies; output: the writes of the claim and one event per schedule for the
 //! logs.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::config::{MisfirePolicy, OverlapPolicy, SchedulerSettings};
-use std::collections::HashMap;
-
 use crate::schedule::{Firing, Rule, ScheduleSpec, plan_firing};
 use crate::store::schedules::{
     ClaimWrites, LockedSchedule, NewScheduledRun, ScheduleState, ScheduleStateChange,
