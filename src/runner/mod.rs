@@ -749,6 +749,18 @@ mod tests {
         assert_eq!(text.matches("\"duration_ms\"").count(), 1, "{text}");
         assert_eq!(text.matches("\"executor\"").count(), 1, "{text}");
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // The names the executor's figures give way to are exactly the record's own.
+        let mut own: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .filter(|name| *name != "tokens")
+            .collect();
+        own.sort_unstable();
+        let mut listed = UsageRecord::RUNNER_FIGURES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(own, listed);
         assert_eq!(
             value,
             serde_json::json!({
