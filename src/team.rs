@@ -208,6 +208,7 @@ async fn run_step(
             input,
             schedule_id: run.schedule_id,
             agent: None,
+            defect: None,
         },
         agent: Some(member.clone()),
         logs: logs.clone(),
@@ -284,6 +285,8 @@ mod tests {
             category: category.into(),
             instructions: None,
             variables: Vec::new(),
+            notices: Vec::new(),
+            defect: None,
         }
     }
 

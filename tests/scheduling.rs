@@ -520,7 +520,11 @@ async fn the_claim_reads_days_of_every_shape() {
     for ((days, expected, has_null), id) in cases.iter().zip(&ids) {
         let row = rows.iter().find(|row| row.id == *id).unwrap();
         assert_eq!(&row.spec.days, expected, "days = {days}");
-        assert_eq!(row.days_has_null, *has_null, "days = {days}");
+        assert_eq!(
+            row.defect.as_deref() == Some("days: NULL is not a weekday (expected 0…7)"),
+            *has_null,
+            "days = {days}"
+        );
     }
 }
 

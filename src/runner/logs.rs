@@ -197,6 +197,16 @@ pub async fn run_pipe(
                 tracing::warn!("log write refused: this worker no longer holds the run's lease");
                 control.lose_lease();
             }
+            Err(error) if error.is_data_error() => {
+                // The same lines would be refused again: they are dropped and counted.
+                tracing::warn!(
+                    sqlstate = error.sqlstate(),
+                    lines = batch_len,
+                    "the database refused a batch of log lines; dropping it"
+                );
+                totals.dropped_lines += batch_len as u64;
+                pending.drain(..batch_len);
+            }
             Err(error) => {
                 if control.lease_expired_locally() {
                     tracing::warn!(

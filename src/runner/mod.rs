@@ -29,17 +29,54 @@ use uuid::Uuid;
 use crate::executor::redact::Redactor;
 use crate::executor::{ArtifactSink, Executors, LogSink, Outcome, RunContext, Usage};
 use crate::store::agents::{AgentDefinition, TeamDefinition, load_agents, load_team};
+use crate::store::runs::{
+    ClaimedRun, Fenced, LogLine, RunKind, RunOutcome, finish_runs, storable_json, storable_text,
+};
+use crate::store::workers::HeldLease;
+use artifacts::ArtifactOptions;
+use batch::Batcher;
+use logs::LogLimits;
 
 /// What a run executes, loaded before it starts.
 enum Target {
     Agent(AgentDefinition),
     Team(TeamDefinition),
 }
-use crate::store::runs::{ClaimedRun, Fenced, LogLine, RunKind, RunOutcome, finish_runs};
-use crate::store::workers::HeldLease;
-use artifacts::ArtifactOptions;
-use batch::Batcher;
-use logs::LogLimits;
+
+impl Target {
+    /// Warn lines for the run's logs: what the bounds on the target's rows left out.
+    fn notices(&self) -> Vec<String> {
+        match self {
+            Target::Agent(agent) => agent.notices.clone(),
+            Target::Team(team) => team
+                .notices
+                .iter()
+                .cloned()
+                .chain(team.members.iter().flat_map(|member| {
+                    member
+                        .notices
+                        .iter()
+                        .map(move |notice| format!("member {:?}: {notice}", member.name))
+                }))
+                .collect(),
+        }
+    }
+
+    /// Why the target cannot run at all.
+    fn defect(&self) -> Option<String> {
+        match self {
+            Target::Agent(agent) => agent.defect.clone(),
+            Target::Team(team) => team.defect.clone().or_else(|| {
+                team.members.iter().find_map(|member| {
+                    member
+                        .defect
+                        .as_ref()
+                        .map(|defect| format!("member {:?}: {defect}", member.name))
+                })
+            }),
+        }
+    }
+}
 
 /// Lines buffered between an executor and its log writer. A line waits behind the lines
 /// queued before it, so this bounds how stale the newest stored line can be when a run prints
@@ -125,6 +162,9 @@ struct ControlInner {
     reason: OnceLock<StopReason>,
     lease_deadline: Mutex<Instant>,
     lost: AtomicBool,
+    /// The executor has ended: the lease is no longer renewed, so the run's last writes
+    /// happen within one lease and a run never stays `running` longer than that.
+    executed: AtomicBool,
     write_failures: AtomicU32,
 }
 
@@ -136,6 +176,7 @@ impl RunControl {
                 reason: OnceLock::new(),
                 lease_deadline: Mutex::new(lease_deadline),
                 lost: AtomicBool::new(false),
+                executed: AtomicBool::new(false),
                 write_failures: AtomicU32::new(0),
             }),
         }
@@ -154,6 +195,16 @@ impl RunControl {
     pub fn lose_lease(&self) {
         self.inner.lost.store(true, Ordering::SeqCst);
         self.stop(StopReason::LeaseLost);
+    }
+
+    /// The executor has ended: from now on the lease is not renewed.
+    fn end_execution(&self) {
+        self.inner.executed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the executor is still executing (its lease is renewed).
+    fn executing(&self) -> bool {
+        !self.inner.executed.load(Ordering::SeqCst)
     }
 
     /// Whether the lease is known to be lost.
@@ -308,9 +359,15 @@ impl Runner {
         self.inner.freed.notified().await;
     }
 
-    /// Ids of the runs in flight (for the heartbeat).
+    /// Ids of the runs whose executor is still executing: the heartbeat renews their
+    /// leases. A run past its executor only writes its last lines and outcome, within the
+    /// lease it holds.
     pub fn active_ids(&self) -> Vec<Uuid> {
-        self.active().keys().copied().collect()
+        self.active()
+            .iter()
+            .filter(|(_, control)| control.executing())
+            .map(|(run_id, _)| *run_id)
+            .collect()
     }
 
     /// Starts executing a claimed run. `claimed_at` is when the claim was sent: the lease
@@ -425,20 +482,36 @@ impl Runner {
             .in_current_span(),
         );
 
-        let target = match (run.kind, run.agent.take()) {
-            (RunKind::Agent, Some(agent)) => Ok(Target::Agent(agent)),
-            (RunKind::Agent, None) => self
+        let target = match (run.defect.take(), run.kind, run.agent.take()) {
+            (Some(defect), _, _) => Err(defect),
+            (None, RunKind::Agent, Some(agent)) => Ok(Target::Agent(agent)),
+            (None, RunKind::Agent, None) => self
                 .load_agent(run.target_id, &control)
                 .await
                 .map(Target::Agent),
-            (RunKind::Team, _) => self
+            (None, RunKind::Team, _) => self
                 .load_team(run.target_id, &control)
                 .await
                 .map(Target::Team),
         };
+        // What the bounds on the target's rows left out goes to the run's own logs; a
+        // target that cannot run at all fails the run.
+        let target = match target {
+            Ok(target) => {
+                for notice in target.notices() {
+                    sink.log(crate::executor::Level::Warn, notice).await;
+                }
+                match target.defect() {
+                    Some(defect) => Err(defect),
+                    None => Ok(target),
+                }
+            }
+            Err(error) => Err(error),
+        };
         let target = match target {
             Ok(target) => target,
             Err(error) => {
+                control.end_execution();
                 drop((sink, artifact_sink));
                 let _ = store.await;
                 let (log_totals, log_tail) = pipe.await.unwrap_or_default();
@@ -516,6 +589,7 @@ impl Runner {
             })),
             _ = control.inner.cancel.cancelled() => None,
         };
+        control.end_execution();
         drop(context);
         let artifact_totals = store.await.unwrap_or_default();
         let log = pipe.await.unwrap_or_default();
@@ -641,17 +715,18 @@ impl Runner {
                 Outcome::Completed { .. } => "completed",
                 Outcome::Failed { .. } => "failed",
             };
+            // What the run produced, as the database can hold it.
             let record = match outcome {
                 Outcome::Completed { output } => RunOutcome {
                     completed: true,
-                    output: Some(output),
+                    output: Some(storable_json(output)),
                     error: None,
                     resource_usage: Some(usage),
                 },
                 Outcome::Failed { error, output } => RunOutcome {
                     completed: false,
-                    output,
-                    error: Some(error),
+                    output: output.map(storable_json),
+                    error: Some(storable_text(error)),
                     resource_usage: Some(usage),
                 },
             };
@@ -674,15 +749,21 @@ impl Runner {
 
     /// Writes the outcome and the run's last lines, retrying with backoff while the database
     /// is unreachable and the lease is still valid. Returns whether it was written.
+    ///
+    /// An outcome the database refuses for its data (SQLSTATE classes 22 and 23) is not sent
+    /// again: the run is recorded as failed with the database's reason instead, without
+    /// output or last lines. Whatever the database answers, the lease is no longer renewed,
+    /// so the run ends within one lease.
     async fn record(
         &self,
         run_id: Uuid,
         control: &RunControl,
-        outcome: Arc<RunOutcome>,
-        last_lines: Arc<[LogLine]>,
+        mut outcome: Arc<RunOutcome>,
+        mut last_lines: Arc<[LogLine]>,
         redactor: &Redactor,
     ) -> bool {
         let mut attempt = 0;
+        let mut refused_once = false;
         loop {
             match self
                 .inner
@@ -705,6 +786,33 @@ impl Runner {
                 Ok(Fenced::LeaseLost) => {
                     tracing::warn!("outcome refused: this worker no longer holds the run's lease");
                     control.lose_lease();
+                    return false;
+                }
+                Err(error) if error.is_data_error() && !refused_once => {
+                    crate::measure::database_error("record_outcome");
+                    tracing::warn!(
+                        sqlstate = error.sqlstate(),
+                        "the database refused the run's outcome; recording the run as failed instead"
+                    );
+                    refused_once = true;
+                    let reason = crate::schedule::quoted(&error.to_string());
+                    outcome = Arc::new(RunOutcome {
+                        completed: false,
+                        output: None,
+                        error: Some(storable_text(format!(
+                            "the run's outcome could not be stored: {}",
+                            redactor.redact(&reason)
+                        ))),
+                        resource_usage: None,
+                    });
+                    last_lines = Arc::from(Vec::new());
+                }
+                Err(error) if error.is_data_error() => {
+                    crate::measure::database_error("record_outcome");
+                    tracing::error!(
+                        sqlstate = error.sqlstate(),
+                        "the database refused even the failure record; the run's lease will expire and it will be recorded as lost"
+                    );
                     return false;
                 }
                 Err(error) => {

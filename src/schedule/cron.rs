@@ -56,8 +56,14 @@ impl CronRule {
         // the worker down: it is reported as an invalid expression.
         let parsed = std::panic::catch_unwind(|| parser.parse(&expanded))
             .map_err(|_| invalid("it cannot be parsed".into()))?;
-        let cron = parsed
-            .map_err(|error| invalid(error.to_string().trim_end_matches('.').to_lowercase()))?;
+        // croner's message may repeat the expression: it is cut like any quoted value.
+        let cron = parsed.map_err(|error| {
+            let why = error.to_string().trim_end_matches('.').to_lowercase();
+            invalid(match why.char_indices().nth(super::MAX_QUOTED_CHARS) {
+                Some((cut, _)) => format!("{}…", &why[..cut]),
+                None => why,
+            })
+        })?;
         Ok(CronRule { cron })
     }
 
@@ -80,7 +86,12 @@ impl CronRule {
     /// Every matching wall-clock time of one local date, in order.
     pub fn matches_on(&self, date: NaiveDate) -> Vec<NaiveDateTime> {
         let start = date.and_time(chrono::NaiveTime::MIN);
-        let end = start + TimeDelta::days(1) - TimeDelta::seconds(1);
+        let Some(end) = start
+            .checked_add_signed(TimeDelta::days(1))
+            .and_then(|end| end.checked_sub_signed(TimeDelta::seconds(1)))
+        else {
+            return Vec::new();
+        };
         let mut found = Vec::new();
         let mut cursor = match self.cron.find_next_occurrence(&start, true) {
             Ok(first) if first <= end => first,

@@ -25,7 +25,10 @@ impl Rule {
     /// The earliest slot strictly after `t`, or `None` if there is none.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         // No slot is earlier than created_at.
-        let t = t.max(self.created_at - TimeDelta::nanoseconds(1));
+        let t = t.max(
+            self.created_at
+                .checked_sub_signed(TimeDelta::nanoseconds(1))?,
+        );
         match &self.kind {
             Kind::Once { at } => (*at > t).then_some(*at),
             Kind::Grid {
@@ -35,8 +38,10 @@ impl Rule {
             } => {
                 let mut k = (t.timestamp() - origin.timestamp()).div_euclid(*period_seconds) + 1;
                 for _ in 0..MAX_STEPS {
-                    let slot = *origin + TimeDelta::try_seconds(k.checked_mul(*period_seconds)?)?;
-                    let day = local(slot, self.zone).date();
+                    let slot = origin.checked_add_signed(TimeDelta::try_seconds(
+                        k.checked_mul(*period_seconds)?,
+                    )?)?;
+                    let day = local(slot, self.zone)?.date();
                     match days {
                         Some(days) if !days.contains(day.weekday()) => {
                             // Jump to the first grid point of the next local date.
@@ -56,7 +61,7 @@ impl Rule {
             }
             Kind::Cron(cron) => self.cron_next(cron, t),
             _ => {
-                let mut date = local(t, self.zone).date().pred_opt()?;
+                let mut date = local(t, self.zone)?.date().pred_opt()?;
                 for _ in 0..MAX_STEPS {
                     let candidate = self.next_active_date(date)?;
                     let slot = resolve(candidate.and_time(self.time), self.zone)?;
@@ -85,11 +90,13 @@ impl Rule {
                 let mut k = (t.timestamp() - origin.timestamp()).div_euclid(*period_seconds);
                 let mut found = None;
                 for _ in 0..MAX_STEPS {
-                    let slot = *origin + TimeDelta::try_seconds(k.checked_mul(*period_seconds)?)?;
+                    let slot = origin.checked_add_signed(TimeDelta::try_seconds(
+                        k.checked_mul(*period_seconds)?,
+                    )?)?;
                     if slot < self.created_at {
                         return None;
                     }
-                    let day = local(slot, self.zone).date();
+                    let day = local(slot, self.zone)?.date();
                     match days {
                         Some(days) if !days.contains(day.weekday()) => {
                             // Jump to the last grid point of the previous local date.
@@ -109,7 +116,7 @@ impl Rule {
             }
             Kind::Cron(cron) => self.cron_latest(cron, t),
             _ => {
-                let mut date = local(t, self.zone).date().succ_opt()?;
+                let mut date = local(t, self.zone)?.date().succ_opt()?;
                 let mut found = None;
                 for _ in 0..MAX_STEPS {
                     let candidate = self.previous_active_date(date)?;
@@ -177,7 +184,8 @@ impl Rule {
                         from = week;
                     }
                     let mut day = from;
-                    while day < week + TimeDelta::days(7) {
+                    let week_end = week.checked_add_signed(TimeDelta::days(7))?;
+                    while day < week_end {
                         if days.contains(day.weekday()) {
                             return Some(day);
                         }
@@ -236,7 +244,7 @@ impl Rule {
                     let rem = index.rem_euclid(*interval);
                     if rem != 0 {
                         week = week.checked_sub_signed(TimeDelta::try_weeks(rem)?)?;
-                        from = week + TimeDelta::days(6);
+                        from = week.checked_add_signed(TimeDelta::days(6))?;
                     }
                     let mut day = from;
                     while day >= week {
@@ -246,7 +254,7 @@ impl Rule {
                         day = day.pred_opt()?;
                     }
                     week = week.checked_sub_signed(TimeDelta::try_weeks(*interval)?)?;
-                    from = week + TimeDelta::days(6);
+                    from = week.checked_add_signed(TimeDelta::days(6))?;
                 }
                 None
             }
@@ -273,7 +281,7 @@ impl Rule {
     }
 
     fn cron_next(&self, cron: &super::cron::CronRule, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let wall = local(t, self.zone);
+        let wall = local(t, self.zone)?;
         let limit = wall.checked_add_signed(TimeDelta::days(CRON_HORIZON_DAYS))?;
         // Fast path: the next wall-clock match, when it exists exactly once and no offset
         // changed in the day before t (nothing earlier can be shifted past t, and t is not
@@ -289,8 +297,11 @@ impl Rule {
         // Exact path: resolve every match of the dates around, take the earliest after t.
         // A date two after the first date with such a slot cannot hold an earlier one (a gap
         // moves a time forward by at most a day).
-        let start =
-            wall.date().pred_opt()?.and_time(chrono::NaiveTime::MIN) - TimeDelta::seconds(1);
+        let start = wall
+            .date()
+            .pred_opt()?
+            .and_time(chrono::NaiveTime::MIN)
+            .checked_sub_signed(TimeDelta::seconds(1))?;
         let mut day = cron.next_match(start, limit)?.date();
         let mut best: Option<DateTime<Utc>> = None;
         let mut hit_day: Option<NaiveDate> = None;
@@ -303,8 +314,10 @@ impl Rule {
             if best.is_some() && hit_day.is_none() {
                 hit_day = Some(day);
             }
-            let end_of_day =
-                day.succ_opt()?.and_time(chrono::NaiveTime::MIN) - TimeDelta::seconds(1);
+            let end_of_day = day
+                .succ_opt()?
+                .and_time(chrono::NaiveTime::MIN)
+                .checked_sub_signed(TimeDelta::seconds(1))?;
             let Some(next) = cron.next_match(end_of_day, limit) else {
                 return best;
             };
@@ -319,8 +332,8 @@ impl Rule {
     }
 
     fn cron_latest(&self, cron: &super::cron::CronRule, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let wall = truncate_to_second(local(t, self.zone));
-        let limit = local(self.created_at, self.zone).checked_sub_signed(TimeDelta::days(2))?;
+        let wall = truncate_to_second(local(t, self.zone)?);
+        let limit = local(self.created_at, self.zone)?.checked_sub_signed(TimeDelta::days(2))?;
         let after = wall.checked_add_signed(TimeDelta::seconds(1))?;
         let last = cron.previous_match(after, limit)?;
         if !is_irregular(last, self.zone) && steady_before(t, self.zone) {
@@ -366,7 +379,10 @@ fn truncate_to_second(time: NaiveDateTime) -> NaiveDateTime {
 }
 
 fn monday_of(date: NaiveDate) -> NaiveDate {
-    date - TimeDelta::days(i64::from(date.weekday().num_days_from_monday()))
+    date.checked_sub_signed(TimeDelta::days(i64::from(
+        date.weekday().num_days_from_monday(),
+    )))
+    .unwrap_or(NaiveDate::MIN)
 }
 
 fn first_of_month(date: NaiveDate) -> NaiveDate {

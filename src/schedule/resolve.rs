@@ -29,9 +29,11 @@ pub fn resolve(local: NaiveDateTime, zone: Tz) -> Option<DateTime<Utc>> {
     }
 }
 
-/// The local wall-clock time of `instant` in `zone`.
-pub fn local(instant: DateTime<Utc>, zone: Tz) -> NaiveDateTime {
-    instant.with_timezone(&zone).naive_local()
+/// The local wall-clock time of `instant` in `zone`; `None` only at the very ends of
+/// chrono's range, where the offset would carry it outside.
+pub fn local(instant: DateTime<Utc>, zone: Tz) -> Option<NaiveDateTime> {
+    let utc = instant.naive_utc();
+    utc.checked_add_offset(zone.offset_from_utc_datetime(&utc).fix())
 }
 
 /// Whether local time `local` falls in a gap or occurs twice: only near such times can

@@ -102,7 +102,16 @@ impl Rule {
         } else {
             None
         };
-        let anchor_local = local(spec.created_at, zone);
+        // Years 1 to 9999, as the store reads them: every computation stays far from the
+        // ends of chrono's range.
+        if !(1..=9999).contains(&spec.created_at.year()) {
+            return Err(ScheduleError::new(
+                "created_at",
+                format!("{} is outside the years 1 to 9999", spec.created_at),
+            ));
+        }
+        let anchor_local = local(spec.created_at, zone)
+            .ok_or_else(|| ScheduleError::new("created_at", "out of range"))?;
         let anchor_date = anchor_local.date();
 
         let (kind, time) = if frequency == "cron" {
@@ -171,9 +180,12 @@ impl Rule {
         };
         // A finite rule (`once`) has its one slot; any other must fire within ten years.
         if !matches!(rule.kind, Kind::Once { .. }) {
-            let from = now.max(spec.created_at) - TimeDelta::nanoseconds(1);
+            let start = now.max(spec.created_at);
+            let from = start
+                .checked_sub_signed(TimeDelta::nanoseconds(1))
+                .unwrap_or(start);
             let horizon = from
-                .with_year(from.year() + NEVER_FIRES_HORIZON_YEARS)
+                .with_year(from.year().saturating_add(NEVER_FIRES_HORIZON_YEARS))
                 .unwrap_or(DateTime::<Utc>::MAX_UTC);
             if rule.next_after(from).is_none_or(|next| next > horizon) {
                 let (column, what) = match frequency {
@@ -203,9 +215,16 @@ impl Rule {
     }
 }
 
-/// `"value"` with quotes and escapes, for error messages.
-pub(crate) fn quoted(text: &str) -> String {
-    format!("{text:?}")
+/// Most characters of a value quoted in an error message.
+pub const MAX_QUOTED_CHARS: usize = 200;
+
+/// `"value"` with quotes and escapes (control characters included), for error messages; at
+/// most [`MAX_QUOTED_CHARS`] characters of it, then `…`, however long the value.
+pub fn quoted(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((cut, _)) => format!("{:?}…", &text[..cut]),
+        None => format!("{text:?}"),
+    }
 }
 
 /// `HH:MM` or `HH:MM:SS`, 24-hour, the hour may have one digit.
@@ -259,6 +278,28 @@ fn parse_days(days: Option<&[i32]>) -> Result<Option<Weekdays>, ScheduleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_values_are_escaped_and_cut() {
+        assert_eq!(quoted("a\u{1b}[31m"), "\"a\\u{1b}[31m\"");
+        let long = "x".repeat(1 << 20);
+        let text = quoted(&long);
+        assert_eq!(text, format!("{:?}…", "x".repeat(MAX_QUOTED_CHARS)));
+        let error = Rule::parse(
+            &ScheduleSpec {
+                frequency: "daily".into(),
+                interval: 1,
+                time: Some(long),
+                days: None,
+                date: None,
+                timezone: "UTC".into(),
+                created_at: DateTime::<Utc>::UNIX_EPOCH,
+            },
+            DateTime::<Utc>::UNIX_EPOCH,
+        )
+        .unwrap_err();
+        assert!(error.to_string().len() < 300, "{error}");
+    }
 
     #[test]
     fn times_of_day() {

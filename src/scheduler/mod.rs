@@ -190,6 +190,7 @@ impl Scheduler {
                             .binary_search(&new.agent_id)
                             .ok()
                             .and_then(|index| agents.get(index).cloned().flatten()),
+                        defect: None,
                     },
                     sent_at,
                 );
@@ -244,7 +245,17 @@ fn log_event(event: &PlanEvent, fired: &std::collections::HashSet<Uuid>) {
         PlanEvent::Planned {
             schedule_id,
             next_run,
+            replaced_unusable: false,
         } => tracing::info!(schedule_id = %schedule_id, next_run = %next_run, "schedule planned"),
+        PlanEvent::Planned {
+            schedule_id,
+            next_run,
+            replaced_unusable: true,
+        } => tracing::warn!(
+            schedule_id = %schedule_id,
+            next_run = %next_run,
+            "schedule planned anew: its next_run was outside the years 1 to 9999"
+        ),
         PlanEvent::Exhausted { schedule_id } => {
             tracing::info!(schedule_id = %schedule_id, "schedule has no further slot")
         }

@@ -41,6 +41,8 @@ pub enum PlanEvent {
     Planned {
         schedule_id: Uuid,
         next_run: DateTime<Utc>,
+        /// It replaces a stored `next_run` outside the years 1 to 9999.
+        replaced_unusable: bool,
     },
     /// The schedule has no slot left (`once` after firing).
     Exhausted { schedule_id: Uuid },
@@ -73,7 +75,9 @@ impl SkipReason {
 
 /// Parsed rules by definition, so a schedule's rule is parsed once per definition, not at
 /// every claim (parsing a cron expression costs microseconds; a busy replica claims
-/// thousands of rows a second). Bounded: emptied when it grows past [`RuleCache::LIMIT`].
+/// thousands of rows a second). Bounded: emptied when it grows past [`RuleCache::LIMIT`];
+/// a definition's texts are at most a few hundred characters (the store cuts longer ones,
+/// which are invalid), so the cache holds a few megabytes at most.
 #[derive(Default)]
 pub struct RuleCache {
     rules: HashMap<ScheduleSpec, Result<Rule, String>>,
@@ -81,13 +85,13 @@ pub struct RuleCache {
 
 impl RuleCache {
     /// Most definitions kept.
-    pub const LIMIT: usize = 100_000;
+    pub const LIMIT: usize = 10_000;
 
     /// The row's rule (or why it is invalid), parsed at `now` the first time its definition
     /// is seen.
     fn rule(&mut self, row: &LockedSchedule, now: DateTime<Utc>) -> Result<&Rule, String> {
-        if row.days_has_null {
-            return Err("days: NULL is not a weekday (expected 0…7)".to_string());
+        if let Some(defect) = &row.defect {
+            return Err(defect.clone());
         }
         if !self.rules.contains_key(&row.spec) {
             if self.rules.len() >= Self::LIMIT {
@@ -155,7 +159,7 @@ pub fn plan_claim(
         };
 
         let Some(due) = row.next_run else {
-            // New or edited: the first slot strictly after now.
+            // New or edited (or its next_run was unusable): the first slot strictly after now.
             match rule.next_after(now) {
                 Some(next_run) => {
                     writes.updates.push(ScheduleUpdate {
@@ -166,6 +170,7 @@ pub fn plan_claim(
                     events.push(PlanEvent::Planned {
                         schedule_id: row.id,
                         next_run,
+                        replaced_unusable: row.next_run_unusable,
                     });
                 }
                 None => {
@@ -267,8 +272,9 @@ mod tests {
                 created_at: "2026-01-01T00:00:00Z".parse().unwrap(),
             },
             next_run: None,
+            next_run_unusable: false,
             running: false,
-            days_has_null: false,
+            defect: None,
         }
     }
 
@@ -337,9 +343,9 @@ mod tests {
         later.spec.created_at = "2026-01-02T00:00:00Z".parse().unwrap();
         assert!(cache.rule(&later, now).is_ok());
         assert_eq!(cache.rules.len(), 3);
-        // NULL weekdays are refused before the cache is looked at.
+        // A row the store found invalid is refused before the cache is looked at.
         let mut nulls = row("UTC");
-        nulls.days_has_null = true;
+        nulls.defect = Some("days: NULL is not a weekday (expected 0…7)".into());
         assert!(
             cache
                 .rule(&nulls, now)

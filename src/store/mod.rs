@@ -53,6 +53,35 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The SQLSTATE the database answered with, if it answered with an error (safe to log:
+    /// unlike the message, it never quotes a value).
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            StoreError::Sql(sqlx::Error::Database(error)) => {
+                error.code().map(|code| code.into_owned())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the database refused the statement for its data (SQLSTATE classes 22, data
+    /// exception, and 23, integrity constraint violation): sending it again cannot succeed.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Sql(sqlx::Error::Database(error)) => error
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+            StoreError::Sql(_)
+            | StoreError::BadUrl(_)
+            | StoreError::Migrate(_)
+            | StoreError::GaveUp { .. }
+            | StoreError::ShutDown
+            | StoreError::Corrupt(_) => false,
+        }
+    }
+}
+
 /// agentd's migrations, embedded in the binary, with their bookkeeping table in schema
 /// `agentd`. Migrations applied by a newer agentd are ignored, not an error, so rolling the
 /// binary back (its `migrate` included) works on the newer schema.

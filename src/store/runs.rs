@@ -31,6 +31,7 @@ impl RunKind {
     }
 
     fn parse(text: &str) -> Result<RunKind, StoreError> {
+        // The requests table's check allows only these two.
         match text {
             "agent" => Ok(RunKind::Agent),
             "team" => Ok(RunKind::Team),
@@ -51,10 +52,33 @@ pub struct ClaimedRun {
     /// The agent, when the claim already read it (scheduled runs: in the claim's own
     /// transaction); `None`: the runner reads the target itself.
     pub agent: Option<super::agents::AgentDefinition>,
+    /// Why the run cannot execute (its input could not be read): it fails with this error.
+    pub defect: Option<String>,
+}
+
+/// Most levels of nesting of a run's input the worker reads (`request_run` refuses more
+/// than 64; serde_json's parser stops at 128).
+pub const MAX_INPUT_DEPTH: usize = 128;
+
+/// A request's input, read from its JSON text: a value the worker cannot read fails that
+/// run alone, never the claim.
+fn parse_input(text: Option<&str>) -> (Option<Value>, Option<String>) {
+    match text.map(serde_json::from_str::<Value>) {
+        None => (None, None),
+        Some(Ok(value)) => (Some(value), None),
+        Some(Err(error)) => (
+            None,
+            Some(format!(
+                "input: the worker cannot read it ({error}; at most {MAX_INPUT_DEPTH} levels of nesting)"
+            )),
+        ),
+    }
 }
 
 /// Turns up to `limit` waiting requests into running runs leased to `worker_id`, in one
-/// statement (oldest first; requests other replicas are taking are skipped).
+/// statement; requests other replicas are taking are skipped. Users take turns: each
+/// user's oldest request first, then each user's second, and so on, so one user's flood
+/// waits behind everyone else's first requests.
 pub async fn claim_requests(
     pool: &PgPool,
     limit: usize,
@@ -63,8 +87,16 @@ pub async fn claim_requests(
 ) -> Result<Vec<ClaimedRun>, StoreError> {
     let rows = sqlx::query(
         r#"
-        WITH picked AS (
-          SELECT id FROM agentd.requests ORDER BY requested_at LIMIT $1 FOR UPDATE SKIP LOCKED
+        WITH turns AS (
+          SELECT r.id,
+                 row_number() OVER (PARTITION BY r.requested_by ORDER BY r.requested_at, r.id) AS turn,
+                 r.requested_at
+            FROM agentd.requests r
+        ), picked AS (
+          SELECT r.id FROM agentd.requests r JOIN turns t ON t.id = r.id
+           ORDER BY t.turn, t.requested_at, r.id
+           LIMIT $1
+           FOR UPDATE OF r SKIP LOCKED
         ), taken AS (
           DELETE FROM agentd.requests r USING picked p WHERE r.id = p.id
           RETURNING r.id, r.target_type, r.target_id, r.input, r.requested_by, r.requested_at
@@ -75,7 +107,8 @@ pub async fn claim_requests(
           INSERT INTO agentd.leases (run_id, worker_id, expires_at)
           SELECT id, $2, now() + $3 * interval '1 millisecond' FROM taken
         )
-        SELECT id, target_type, target_id, input, requested_by FROM taken ORDER BY requested_at
+        SELECT id, target_type, target_id, input::text AS input, requested_by FROM taken
+         ORDER BY requested_at
         "#,
     )
     .bind(limit as i64)
@@ -85,14 +118,16 @@ pub async fn claim_requests(
     .await?;
     rows.iter()
         .map(|row| {
+            let (input, defect) = parse_input(row.try_get::<Option<&str>, _>("input")?);
             Ok(ClaimedRun {
                 run_id: row.try_get("id")?,
                 kind: RunKind::parse(row.try_get::<&str, _>("target_type")?)?,
                 target_id: row.try_get("target_id")?,
                 owner_id: row.try_get("requested_by")?,
-                input: row.try_get("input")?,
+                input,
                 schedule_id: None,
                 agent: None,
+                defect,
             })
         })
         .collect()
@@ -240,6 +275,42 @@ macro_rules! insert_log_batches_sql {
 }
 const INSERT_LOG_BATCHES_SQL: &str = insert_log_batches_sql!("");
 const INSERT_LOG_BATCHES_AGAIN_SQL: &str = insert_log_batches_sql!("ON CONFLICT (id) DO NOTHING");
+
+/// `text` as PostgreSQL `text` can hold it: without NUL characters.
+pub fn storable_text(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "")
+    } else {
+        text
+    }
+}
+
+/// `value` as `jsonb` can hold it: NUL characters (`\u0000`) removed from every string and
+/// key. Iterative, so no nesting depth can exhaust the stack.
+pub fn storable_json(mut value: Value) -> Value {
+    let mut pending: Vec<&mut Value> = vec![&mut value];
+    while let Some(item) = pending.pop() {
+        match item {
+            Value::String(text) if text.contains('\0') => {
+                *text = text.replace('\0', "");
+            }
+            Value::Array(items) => pending.extend(items.iter_mut()),
+            Value::Object(map) => {
+                if map.keys().any(|key| key.contains('\0')) {
+                    let entries = std::mem::take(map);
+                    map.extend(
+                        entries
+                            .into_iter()
+                            .map(|(key, value)| (key.replace('\0', ""), value)),
+                    );
+                }
+                pending.extend(map.values_mut());
+            }
+            Value::String(_) | Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        }
+    }
+    value
+}
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -464,4 +535,30 @@ pub async fn insert_artifact(
     } else {
         Fenced::LeaseLost
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nul_characters_leave_texts_strings_and_keys() {
+        assert_eq!(storable_text("a\0b".into()), "ab");
+        let value = json!({"a\0": ["x\0y", {"k": "\0"}], "n": 1});
+        assert_eq!(
+            storable_json(value),
+            json!({"a": ["xy", {"k": ""}], "n": 1})
+        );
+        let mut deep = json!("\0");
+        for _ in 0..1000 {
+            deep = json!([deep]);
+        }
+        let cleaned = storable_json(deep);
+        let mut inner = &cleaned;
+        while let Value::Array(items) = inner {
+            inner = &items[0];
+        }
+        assert_eq!(inner, &json!(""));
+    }
 }

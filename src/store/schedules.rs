@@ -40,15 +40,14 @@ pub async fn due_summary(pool: &PgPool, heartbeat: Option<&str>) -> Result<DueSu
           UPDATE agentd.workers SET last_seen_at = now() WHERE id = $1
         )
         SELECT now() AS now,
-               (SELECT s.next_run FROM public.agent_schedules s
+               -- Due now for anything at or before now (-infinity included); a time no
+               -- date arithmetic can use (infinity, year 20000) is never due.
+               (SELECT CASE WHEN s.next_run <= now() THEN now()
+                            ELSE agentd.usable_time(s.next_run) END
+                  FROM public.agent_schedules s
                  WHERE s.enabled AND s.next_run IS NOT NULL
                  ORDER BY s.next_run LIMIT 1) AS next_due,
-               EXISTS (SELECT 1 FROM public.agent_schedules s
-                        WHERE s.enabled AND s.next_run IS NULL
-                          AND NOT EXISTS (SELECT 1 FROM agentd.schedule_states st
-                                           WHERE st.schedule_id = s.id
-                                             AND st.definition_hash = agentd.schedule_definition_hash(s))
-                      ) AS unplanned,
+               EXISTS (SELECT 1 FROM agentd.schedules_to_plan) AS unplanned,
                EXISTS (SELECT 1 FROM agentd.requests) AS requests_waiting
         "#,
     )
@@ -71,16 +70,30 @@ pub struct LockedSchedule {
     /// The agent's owner: the runs' `triggered_by_id`.
     pub owner_id: Uuid,
     pub spec: ScheduleSpec,
-    /// `None`: new or edited; the worker must compute it.
+    /// `None`: new or edited (or holding a time no arithmetic can use); the worker must
+    /// compute it.
     pub next_run: Option<DateTime<Utc>>,
+    /// The stored `next_run` was outside the years 1 to 9999 (±infinity included).
+    pub next_run_unusable: bool,
     /// A previous run of this schedule is still running (it holds a lease).
     pub running: bool,
-    /// `days` held NULL elements (left out of `spec.days`): the row is invalid.
-    pub days_has_null: bool,
+    /// Why the row is invalid before its rule is even parsed (a value out of range, too
+    /// long, or a NULL weekday); `spec` then holds what could be read.
+    pub defect: Option<String>,
 }
 
+/// Longest `frequency`, `time` or `timezone` value read, in characters: a longer one is
+/// invalid, and only its start reaches the worker.
+pub const MAX_SCHEDULE_TEXT_CHARS: usize = 200;
+/// Most `days` elements read: a longer array is invalid and is not read at all.
+pub const MAX_SCHEDULE_DAYS: usize = 64;
+
 /// The claim's locking query (public so a test can check its plan on a large table).
-/// `$1`: the most rows of each kind (due, unplanned) to lock.
+/// `$1`: the most rows of each kind (due, to plan) to lock.
+///
+/// Every value is read so that no row can fail the claim: texts cut one character past
+/// [`MAX_SCHEDULE_TEXT_CHARS`], `days` only up to [`MAX_SCHEDULE_DAYS`] elements and
+/// flattened, timestamps only within the years 1 to 9999 (`agentd.usable_time`).
 pub const LOCK_SCHEDULES_SQL: &str = r#"
     WITH due AS (
       SELECT s FROM public.agent_schedules s
@@ -88,31 +101,47 @@ pub const LOCK_SCHEDULES_SQL: &str = r#"
        ORDER BY s.next_run
        LIMIT $1
        FOR UPDATE SKIP LOCKED
-    ), unplanned AS (
-      SELECT s FROM public.agent_schedules s
-       WHERE s.enabled AND s.next_run IS NULL
-         AND NOT EXISTS (SELECT 1 FROM agentd.schedule_states st
-                          WHERE st.schedule_id = s.id
-                            AND st.definition_hash = agentd.schedule_definition_hash(s))
+    ), queued AS (
+      SELECT q.schedule_id FROM agentd.schedules_to_plan q
        LIMIT $1
        FOR UPDATE SKIP LOCKED
+    ), unplanned AS (
+      -- By primary key (an array, so the planner does not cost a join over the table).
+      SELECT s FROM public.agent_schedules s
+       WHERE s.id = ANY(ARRAY(SELECT schedule_id FROM queued))
+         AND s.enabled AND s.next_run IS NULL
+       FOR UPDATE SKIP LOCKED
+    ), dequeued AS (
+      -- Planned now, or nothing to plan any more (deleted, disabled, next_run set). A
+      -- schedule another transaction holds stays queued for the next claim.
+      DELETE FROM agentd.schedules_to_plan q
+       WHERE q.schedule_id = ANY(ARRAY(SELECT schedule_id FROM queued))
+         AND (q.schedule_id = ANY(ARRAY(SELECT (u.s).id FROM unplanned u))
+              OR NOT EXISTS (SELECT 1 FROM public.agent_schedules s
+                              WHERE s.id = q.schedule_id AND s.enabled AND s.next_run IS NULL))
     ), locked AS (
       -- The locked rows themselves (whole rows, as locked): no second look at the table,
       -- so the claim's cost follows the batch, not the table's size.
       SELECT (l.s).* FROM (SELECT s FROM due UNION ALL SELECT s FROM unplanned) l
     )
-    SELECT now() AS now, s.id, s.agent_id, a.user_id AS owner_id, s.frequency, s.interval,
-           s.time, s.date, s.timezone, s.created_at, s.next_run,
+    SELECT now() AS now, s.id, s.agent_id, a.user_id AS owner_id,
+           left(s.frequency, 201) AS frequency, s.interval, left(s.time, 201) AS time, s.date,
+           left(s.timezone, 201) AS timezone,
+           agentd.usable_time(s.created_at) AS created_at,
+           CASE WHEN agentd.usable_time(s.created_at) IS NULL THEN s.created_at::text END AS created_at_text,
+           agentd.usable_time(s.next_run) AS next_run,
+           (s.next_run IS NOT NULL AND agentd.usable_time(s.next_run) IS NULL) AS next_run_unusable,
+           coalesce(cardinality(s.days), 0) AS days_count,
            -- Flattened, so a multi-dimensional or NULL-holding array cannot make the
            -- whole claim fail to decode; NULL elements are reported as invalid. The usual
            -- array (one dimension from 1, no NULL) is passed as it is; nested CASEs keep
            -- array_position away from arrays of more dimensions, which it refuses.
-           CASE WHEN array_ndims(s.days) IS NULL THEN NULL
+           CASE WHEN array_ndims(s.days) IS NULL OR cardinality(s.days) > 64 THEN NULL
                 WHEN array_ndims(s.days) = 1 AND array_lower(s.days, 1) = 1
                 THEN CASE WHEN array_position(s.days, NULL) IS NULL THEN s.days
                           ELSE (SELECT array_agg(d) FROM unnest(s.days) d WHERE d IS NOT NULL) END
                 ELSE (SELECT array_agg(d) FROM unnest(s.days) d WHERE d IS NOT NULL) END AS days,
-           CASE WHEN array_ndims(s.days) IS NULL THEN false
+           CASE WHEN array_ndims(s.days) IS NULL OR cardinality(s.days) > 64 THEN false
                 WHEN array_ndims(s.days) = 1 THEN array_position(s.days, NULL) IS NOT NULL
                 ELSE EXISTS (SELECT 1 FROM unnest(s.days) d WHERE d IS NULL) END AS days_has_null,
            EXISTS (SELECT 1 FROM agentd.leases l WHERE l.schedule_id = s.id) AS running
@@ -357,21 +386,72 @@ impl ClaimTransaction {
 }
 
 fn locked_schedule(row: &PgRow) -> Result<LockedSchedule, sqlx::Error> {
+    let frequency: String = row.try_get("frequency")?;
+    let time: Option<String> = row.try_get("time")?;
+    let timezone: String = row.try_get("timezone")?;
+    let created_at: Option<DateTime<Utc>> = row.try_get("created_at")?;
+    let days_count: i32 = row.try_get("days_count")?;
+    let days_has_null: bool = row.try_get("days_has_null")?;
+    let too_long = |column: &str, text: &str| {
+        (text.chars().count() > MAX_SCHEDULE_TEXT_CHARS).then(|| {
+            format!(
+                "{column}: longer than {MAX_SCHEDULE_TEXT_CHARS} characters: {}",
+                crate::schedule::quoted(text)
+            )
+        })
+    };
+    let defect = too_long("frequency", &frequency)
+        .or_else(|| time.as_deref().and_then(|time| too_long("time", time)))
+        .or_else(|| too_long("timezone", &timezone))
+        .or_else(|| {
+            (days_count as usize > MAX_SCHEDULE_DAYS).then(|| {
+                format!("days: {days_count} elements, at most {MAX_SCHEDULE_DAYS} (weekdays 0…7)")
+            })
+        })
+        .or_else(|| days_has_null.then(|| "days: NULL is not a weekday (expected 0…7)".into()));
+    let defect = match (created_at, defect) {
+        (None, _) => {
+            let text: Option<String> = row.try_get("created_at_text")?;
+            Some(format!(
+                "created_at: {} is outside the years 1 to 9999",
+                crate::schedule::quoted(text.as_deref().unwrap_or("NULL"))
+            ))
+        }
+        (Some(_), defect) => defect,
+    };
     Ok(LockedSchedule {
         id: row.try_get("id")?,
         agent_id: row.try_get("agent_id")?,
         owner_id: row.try_get("owner_id")?,
         spec: ScheduleSpec {
-            frequency: row.try_get("frequency")?,
+            frequency,
             interval: row.try_get("interval")?,
-            time: row.try_get("time")?,
+            time,
             days: row.try_get("days")?,
             date: row.try_get("date")?,
-            timezone: row.try_get("timezone")?,
-            created_at: row.try_get("created_at")?,
+            timezone,
+            created_at: created_at.unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
         },
         next_run: row.try_get("next_run")?,
+        next_run_unusable: row.try_get("next_run_unusable")?,
         running: row.try_get("running")?,
-        days_has_null: row.try_get("days_has_null")?,
+        defect,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_query_reads_no_more_than_the_limits() {
+        let cut = MAX_SCHEDULE_TEXT_CHARS + 1;
+        for column in ["frequency", "time", "timezone"] {
+            assert!(
+                LOCK_SCHEDULES_SQL.contains(&format!("left(s.{column}, {cut})")),
+                "{column}"
+            );
+        }
+        assert!(LOCK_SCHEDULES_SQL.contains(&format!("cardinality(s.days) > {MAX_SCHEDULE_DAYS}")));
+    }
 }
