@@ -69,6 +69,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub worker: WorkerSettings,
     pub scheduler: SchedulerSettings,
+    pub requests: RequestSettings,
     pub lease: LeaseSettings,
     pub shutdown: ShutdownSettings,
     pub executor: ExecutorChoice,
@@ -187,6 +188,13 @@ pub enum OverlapPolicy {
     Allow,
 }
 
+/// Limits on what users may ask for (`[requests]`).
+#[derive(Debug, Clone)]
+pub struct RequestSettings {
+    /// Most runs one user may have queued; `request_run` refuses more.
+    pub max_pending_per_user: u32,
+}
+
 /// Run leases.
 #[derive(Debug, Clone)]
 pub struct LeaseSettings {
@@ -285,6 +293,8 @@ pub struct CommandExecutorSettings {
     pub timeout: Duration,
     pub variables_in_input: bool,
     pub kill_grace: Duration,
+    /// Variable names refused besides the built-in list (names, or prefixes ending in `*`).
+    pub refused_env: Vec<String>,
 }
 
 impl fmt::Debug for ArtifactSettings {
@@ -558,6 +568,10 @@ impl Layers {
                 _ => return Err(self.invalid("scheduler.overlap_policy", "expected skip or allow")),
             },
         };
+        let requests = RequestSettings {
+            max_pending_per_user: self.integer("requests.max_pending_per_user", 1, 1_000_000)?
+                as u32,
+        };
         let ttl = self.positive_duration("lease.ttl")?;
         if ttl < Duration::from_secs(1) {
             return Err(self.invalid("lease.ttl", "expected at least 1s"));
@@ -707,6 +721,7 @@ impl Layers {
                 timeout: command_timeout,
                 variables_in_input: self.bool("executors.command.variables_in_input")?,
                 kill_grace: self.duration("executors.command.kill_grace")?,
+                refused_env: self.names("executors.command.refused_env")?,
             },
         };
         let logs = LogLimitSettings {
@@ -775,6 +790,7 @@ impl Layers {
             log,
             worker,
             scheduler,
+            requests,
             lease,
             shutdown,
             executor,
@@ -784,6 +800,21 @@ impl Layers {
             http,
             retention,
         })
+    }
+
+    /// A list of environment variable names or prefixes (`NAME`, `PREFIX_*`).
+    fn names(&self, key: &str) -> Result<Vec<String>, ConfigError> {
+        let expected = "expected an array of names or prefixes such as [\"MY_TOOL_*\", \"SECRET_CONFIG\"]";
+        let toml::Value::Array(items) = &self.get(key).0 else {
+            return Err(self.invalid(key, expected));
+        };
+        items
+            .iter()
+            .map(|item| match item.as_str() {
+                Some(name) if crate::executor::environment::is_pattern(name) => Ok(name.to_string()),
+                _ => Err(self.invalid(key, expected)),
+            })
+            .collect()
     }
 
     /// The value of an environment variable named by a setting, if set and not empty.

@@ -9,6 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
 
+/// Failures of one loop that make the process give up on it (see [`Health::supervise`]).
+pub const MAX_RESTARTS: usize = 5;
+/// The first wait before a failed loop starts again; it doubles with each failure.
+const RESTART_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
+/// The window in which [`MAX_RESTARTS`] failures count.
+pub const RESTART_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Shared health state of one process.
 #[derive(Clone, Default)]
 pub struct Health {
@@ -31,28 +38,79 @@ impl Health {
         Health::default()
     }
 
-    /// Runs one of the worker's loops, recording it as dead if it panics or returns
-    /// before shutdown began. `stopping` tells whether shutdown began.
-    pub fn watch<F>(
+    /// Runs one of the worker's loops, started by `start`, for as long as the process
+    /// serves. A loop that panics or returns before shutdown began is logged and started
+    /// again after a short backoff; one that fails [`MAX_RESTARTS`] times within
+    /// [`RESTART_WINDOW`] is recorded as dead and `fatal` is cancelled, so the process stops
+    /// and exits non-zero for its supervisor to restart it. A process never looks alive
+    /// while one of its loops does nothing.
+    pub fn supervise<S, F>(
         &self,
         name: &'static str,
         stopping: impl Fn() -> bool + Send + 'static,
-        service: F,
+        fatal: tokio_util::sync::CancellationToken,
+        start: S,
     ) -> impl Future<Output = ()> + Send + 'static
     where
+        S: Fn() -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.supervise_with(name, stopping, fatal, start, RESTART_BACKOFF)
+    }
+
+    fn supervise_with<S, F>(
+        &self,
+        name: &'static str,
+        stopping: impl Fn() -> bool + Send + 'static,
+        fatal: tokio_util::sync::CancellationToken,
+        start: S,
+        backoff: std::time::Duration,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: Fn() -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let health = self.clone();
         async move {
-            let result = AssertUnwindSafe(service).catch_unwind().await;
-            let panicked = result.is_err();
-            if panicked || !stopping() {
+            let mut failures: std::collections::VecDeque<std::time::Instant> =
+                std::collections::VecDeque::new();
+            loop {
+                let result = AssertUnwindSafe(start()).catch_unwind().await;
+                if stopping() {
+                    return;
+                }
+                let panicked = result.is_err();
+                let now = std::time::Instant::now();
+                failures.push_back(now);
+                while failures
+                    .front()
+                    .is_some_and(|at| now.duration_since(*at) > RESTART_WINDOW)
+                {
+                    failures.pop_front();
+                }
+                crate::measure::loop_restarted(name);
+                if failures.len() >= MAX_RESTARTS {
+                    tracing::error!(
+                        service = name,
+                        panicked,
+                        failures = failures.len(),
+                        "a worker loop keeps failing; stopping agentd so that its supervisor restarts it"
+                    );
+                    health.lock_dead().push(name.to_string());
+                    fatal.cancel();
+                    return;
+                }
+                let delay = backoff * (1u32 << failures.len().min(6));
                 tracing::error!(
                     service = name,
                     panicked,
-                    "a worker loop ended unexpectedly; /healthz now fails"
+                    restart_in_ms = delay.as_millis() as u64,
+                    "a worker loop ended unexpectedly; restarting it"
                 );
-                health.lock_dead().push(name.to_string());
+                tokio::time::sleep(delay).await;
+                if stopping() {
+                    return;
+                }
             }
         }
     }
@@ -100,22 +158,34 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_loop_that_ends_or_panics_before_shutdown_makes_the_process_dead() {
+    async fn a_failing_loop_is_restarted_then_given_up_on() {
         let health = Health::new();
-        health.watch("quiet", || true, async {}).await;
-        assert!(health.liveness().is_ok(), "ended during shutdown: fine");
-        health.watch("scheduler", || false, async {}).await;
+        let fatal = tokio_util::sync::CancellationToken::new();
+        let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = starts.clone();
+        let start = move || {
+            let starts = counted.clone();
+            async move {
+                if starts.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+                    panic!("hostile row");
+                }
+            }
+        };
+        let backoff = std::time::Duration::from_millis(1);
+        health
+            .supervise_with("scheduler", || false, fatal.clone(), start, backoff)
+            .await;
+        assert_eq!(starts.load(Ordering::SeqCst), MAX_RESTARTS);
+        assert!(fatal.is_cancelled());
         assert_eq!(
             health.liveness().unwrap_err(),
             "worker loop(s) stopped: scheduler"
         );
+        // During shutdown, a loop that ends is not a failure.
         let health = Health::new();
-        health
-            .watch("reaper", || true, async { panic!("boom") })
-            .await;
-        assert_eq!(
-            health.liveness().unwrap_err(),
-            "worker loop(s) stopped: reaper"
-        );
+        let fatal = tokio_util::sync::CancellationToken::new();
+        health.supervise("reaper", || true, fatal.clone(), || async {}).await;
+        assert!(!fatal.is_cancelled());
+        assert!(health.liveness().is_ok());
     }
 }

@@ -28,6 +28,7 @@ pub const CLAIM_BATCH: &str = "agentd_claim_batch_size";
 pub const DATABASE_ERRORS: &str = "agentd_database_errors_total";
 pub const DATABASE_RECONNECTS: &str = "agentd_database_reconnects_total";
 pub const LEASES_REAPED: &str = "agentd_leases_reaped_total";
+pub const LOOP_RESTARTS: &str = "agentd_worker_loop_restarts_total";
 pub const RETENTION_DELETED: &str = "agentd_retention_deleted_total";
 pub const WORKER_INFO: &str = "agentd_worker_info";
 
@@ -86,6 +87,10 @@ pub const CATALOG: &[(&str, &str)] = &[
     (
         LEASES_REAPED,
         "Runs marked failed because their worker's lease expired (worker lost).",
+    ),
+    (
+        LOOP_RESTARTS,
+        "Times a worker loop panicked or ended unexpectedly and was started again, by loop.",
     ),
     (
         RETENTION_DELETED,
@@ -214,6 +219,11 @@ pub fn database_reconnected() {
 /// The reaper failed runs whose leases expired.
 pub fn leases_reaped(runs: usize) {
     counter!(LEASES_REAPED).increment(runs as u64);
+}
+
+/// A worker loop failed and is started again (or, too often, given up on).
+pub fn loop_restarted(service: &'static str) {
+    counter!(LOOP_RESTARTS, "loop" => service).increment(1);
 }
 
 /// Retention deleted rows of a kind.

@@ -1,7 +1,9 @@
 //! A worker: the services of one replica, started together and stopped in order.
 //!
-//! Start: register the worker, then the listener, lease keeper, reaper and scheduler.
-//! Shutdown (the token fires): the scheduler stops claiming at once; running runs get
+//! Start: register the worker, then the listener, lease keeper, reaper, and the two claim
+//! loops (schedules, requests). Each loop is supervised ([`Health::supervise`]): restarted
+//! when it fails, and when one keeps failing the worker stops as on shutdown and returns
+//! an error. Shutdown (the token fires): the claim loops stop at once; running runs get
 //! `shutdown.grace` to finish; the rest are cancelled and recorded as failed ("worker
 //! shutting down"), which also ends their leases; then the other services stop and the
 //! worker deregisters.
@@ -24,7 +26,8 @@ use crate::runner::logs::LogLimits;
 use crate::runner::{Runner, RunnerOptions, StopReason};
 use crate::scheduler::Scheduler;
 use crate::scheduler::listener::Listener;
-use crate::store::workers::{WorkerInfo, deregister_worker, register_worker};
+use crate::scheduler::requests::RequestClaimer;
+use crate::store::workers::{WorkerInfo, deregister_worker, publish_limits, register_worker};
 
 /// How long cancelled runs get to record their outcome after the grace period.
 const CANCEL_SETTLE: Duration = Duration::from_secs(10);
@@ -38,7 +41,7 @@ pub async fn serve(
     executors: Executors,
     health: Health,
     shutdown: CancellationToken,
-) -> Result<(), crate::store::StoreError> {
+) -> Result<(), WorkerError> {
     let worker_id = settings.worker.id.clone();
     let info = WorkerInfo {
         id: worker_id.clone(),
@@ -50,6 +53,7 @@ pub async fn serve(
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     register_worker(&pool, &info).await?;
+    publish_limits(&pool, settings.requests.max_pending_per_user).await?;
 
     let runner = Runner::new(
         pool.clone(),
@@ -71,96 +75,160 @@ pub async fn serve(
         executors,
     );
     let wake = Arc::new(Notify::new());
+    let requests = Arc::new(Notify::new());
     let leases = Arc::new(Notify::new());
+    let renew = Arc::new(Notify::new());
+    // Claiming stops on shutdown, or when a loop keeps failing (`fatal`): then the worker
+    // stops as on shutdown and `serve` returns an error, so the process exits non-zero.
+    let fatal = CancellationToken::new();
+    let claiming = shutdown.child_token();
     // Services that must outlive the runs (leases are renewed during the grace period).
     let services_stop = CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
-    // A service that ends before it is told to is dead, and so is the process (/healthz).
     let until = |token: &CancellationToken| {
         let token = token.clone();
         move || token.is_cancelled()
     };
-    tracker.spawn(
-        health.watch(
-            "listener",
+    // Each loop is supervised: restarted when it panics or ends early, given up on (and
+    // the process stopped) when it keeps failing.
+    let listener = Listener {
+        pool: pool.clone(),
+        wake: wake.clone(),
+        requests: requests.clone(),
+        leases: leases.clone(),
+        renew: renew.clone(),
+        max_backoff: settings.database.max_backoff,
+    };
+    let stop = services_stop.clone();
+    tracker.spawn(health.supervise(
+        "listener",
+        until(&services_stop),
+        fatal.clone(),
+        move || listener.clone().run(stop.clone()),
+    ));
+    let lease_keeper = LeaseKeeper {
+        pool: pool.clone(),
+        runner: runner.clone(),
+        worker_id: worker_id.clone(),
+        ttl: settings.lease.ttl,
+        interval: settings.lease.renew_interval(),
+        renew,
+    };
+    let stop = services_stop.clone();
+    tracker.spawn(health.supervise(
+        "lease keeper",
+        until(&services_stop),
+        fatal.clone(),
+        move || lease_keeper.clone().run(stop.clone()),
+    ));
+    let reaper = Reaper {
+        pool: pool.clone(),
+        retry: settings.lease.renew_interval(),
+        leases,
+    };
+    let stop = services_stop.clone();
+    tracker.spawn(health.supervise(
+        "reaper",
+        until(&services_stop),
+        fatal.clone(),
+        move || reaper.clone().run(stop.clone()),
+    ));
+    if settings.retention.enabled() {
+        let retention = Retention {
+            pool: pool.clone(),
+            worker_id: worker_id.clone(),
+            settings: settings.retention.clone(),
+            artifacts: ArtifactOptions::from_settings(
+                &settings.artifacts,
+                settings.database.max_backoff,
+            ),
+        };
+        let stop = services_stop.clone();
+        tracker.spawn(health.supervise(
+            "retention",
             until(&services_stop),
-            Listener {
-                pool: pool.clone(),
-                runner: runner.clone(),
-                wake: wake.clone(),
-                leases: leases.clone(),
-                max_backoff: settings.database.max_backoff,
-            }
-            .run(services_stop.clone()),
-        ),
-    );
-    tracker.spawn(
-        health.watch(
-            "lease keeper",
-            until(&services_stop),
-            LeaseKeeper {
+            fatal.clone(),
+            move || retention.clone().run(stop.clone()),
+        ));
+    }
+    let claimers = tokio_util::task::TaskTracker::new();
+    let request_claimer = {
+        let requests = requests.clone();
+        let (pool, runner, worker_id, stop) = (
+            pool.clone(),
+            runner.clone(),
+            worker_id.clone(),
+            claiming.clone(),
+        );
+        let (lease_ttl, batch_size, max_backoff) = (
+            settings.lease.ttl,
+            settings.scheduler.batch_size,
+            settings.database.max_backoff,
+        );
+        move || {
+            RequestClaimer {
                 pool: pool.clone(),
                 runner: runner.clone(),
                 worker_id: worker_id.clone(),
-                ttl: settings.lease.ttl,
-                interval: settings.lease.renew_interval(),
+                lease_ttl,
+                batch_size,
+                max_backoff,
+                wake: requests.clone(),
             }
-            .run(services_stop.clone()),
-        ),
-    );
-    tracker.spawn(
-        health.watch(
-            "reaper",
-            until(&services_stop),
-            Reaper {
-                pool: pool.clone(),
-                retry: settings.lease.renew_interval(),
-                leases,
-            }
-            .run(services_stop.clone()),
-        ),
-    );
-    if settings.retention.enabled() {
-        tracker.spawn(
-            health.watch(
-                "retention",
-                until(&services_stop),
-                Retention {
-                    pool: pool.clone(),
-                    worker_id: worker_id.clone(),
-                    settings: settings.retention.clone(),
-                    artifacts: ArtifactOptions::from_settings(
-                        &settings.artifacts,
-                        settings.database.max_backoff,
-                    ),
-                }
-                .run(services_stop.clone()),
-            ),
+            .run(stop.clone())
+        }
+    };
+    claimers.spawn(health.supervise(
+        "requests",
+        until(&claiming),
+        fatal.clone(),
+        request_claimer,
+    ));
+    let scheduler = {
+        let (pool, runner, worker_id, stop) = (
+            pool.clone(),
+            runner.clone(),
+            worker_id.clone(),
+            claiming.clone(),
         );
-    }
-    let scheduler = tokio::spawn(
-        health.watch(
-            "scheduler",
-            until(&shutdown),
+        let (scheduler_settings, lease, max_backoff) = (
+            settings.scheduler.clone(),
+            settings.lease.clone(),
+            settings.database.max_backoff,
+        );
+        let requests = requests.clone();
+        move || {
             Scheduler {
                 pool: pool.clone(),
                 runner: runner.clone(),
                 worker_id: worker_id.clone(),
-                settings: settings.scheduler.clone(),
-                lease: settings.lease.clone(),
-                max_backoff: settings.database.max_backoff,
-                wake,
+                settings: scheduler_settings.clone(),
+                lease: lease.clone(),
+                max_backoff,
+                wake: wake.clone(),
+                requests: requests.clone(),
                 rules: Default::default(),
             }
-            .run(shutdown.clone()),
-        ),
-    );
+            .run(stop.clone())
+        }
+    };
+    claimers.spawn(health.supervise(
+        "scheduler",
+        until(&claiming),
+        fatal.clone(),
+        scheduler,
+    ));
+    claimers.close();
     health.set_serving(true);
     tracing::info!(concurrency = settings.worker.concurrency, "worker started");
 
-    shutdown.cancelled().await;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = fatal.cancelled() => {}
+    }
+    claiming.cancel();
     health.set_stopping();
-    let _ = scheduler.await;
+    claimers.wait().await;
     let in_flight = runner.in_flight();
     if in_flight > 0 {
         tracing::info!(
@@ -196,5 +264,19 @@ pub async fn serve(
     }
     health.set_serving(false);
     tracing::info!("worker stopped");
-    Ok(())
+    match health.liveness() {
+        Ok(()) => Ok(()),
+        Err(dead) => Err(WorkerError::LoopFailed(dead)),
+    }
+}
+
+/// Why a worker stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The database refused to register the worker.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A loop kept failing; the worker stopped so that its supervisor restarts the process.
+    #[error("{0}")]
+    LoopFailed(String),
 }

@@ -2,8 +2,9 @@
 //!
 //! The program gets the run as JSON on stdin (run id, agent, input; variable values only if
 //! `executors.command.variables_in_input`), the agent's variables as environment variables
-//! (and nothing of agentd's own environment but PATH, HOME, LANG, LC_ALL, TZ and TMPDIR, so
-//! the database URL never reaches it), and `AGENTD_RUN_ID` and `AGENTD_ARTIFACTS_DIR`.
+//! (except names that steer a loader, shell or interpreter: [`super::environment`]; and
+//! nothing of agentd's own environment but PATH, HOME, LANG, LC_ALL, TZ and TMPDIR, so the
+//! database URL never reaches it), and `AGENTD_RUN_ID` and `AGENTD_ARTIFACTS_DIR`.
 //! Each stdout line becomes an `info` log line, each stderr line a `warn` line; a stdout line
 //! that is a JSON object with an `output` key sets the run's output; files written to
 //! `$AGENTD_ARTIFACTS_DIR` become artifacts; exit status 0 means `completed`.
@@ -24,6 +25,7 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 
+use super::environment::refusal;
 use super::{ArtifactFile, BoxFuture, Executor, Level, LogSink, Outcome, RunContext};
 use crate::config::CommandExecutorSettings;
 use crate::runner::logs::MAX_LINE_BYTES;
@@ -120,19 +122,14 @@ impl CommandExecutor {
             .stderr(Stdio::piped())
             .process_group(0);
         for variable in run.agent.iter().flat_map(|agent| agent.variables.iter()) {
-            let valid_name = !variable.name.is_empty()
-                && !variable.name.contains(['=', '\0'])
-                && !variable.name.starts_with("AGENTD_");
-            match (&variable.value, valid_name) {
-                (Some(value), true) if !value.contains('\0') => {
-                    command.env(&variable.name, value);
+            match refusal(&variable.name, &self.settings.refused_env) {
+                Some(why) => run.logs.log(Level::Warn, why).await,
+                None => {
+                    // PostgreSQL text cannot hold NUL, so a value never has one.
+                    if let Some(value) = &variable.value {
+                        command.env(&variable.name, value);
+                    }
                 }
-                (_, false) => {
-                    run.logs
-                        .log(Level::Warn, format!("variable {:?} is not a valid environment variable name; not passed", variable.name))
-                        .await;
-                }
-                _ => {}
             }
         }
         let mut child = command

@@ -9,6 +9,7 @@
 
 pub mod builtin;
 pub mod command;
+pub mod environment;
 pub mod http;
 pub mod openai;
 pub mod redact;

@@ -24,7 +24,11 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
 /// With no lease known, look anyway this often (a safety net for lost notifications).
 const IDLE_LOOK: Duration = Duration::from_secs(600);
 
+/// Shortest time between two looks that notifications asked for (any role may NOTIFY).
+const MIN_NOTIFIED_GAP: Duration = Duration::from_millis(100);
+
 /// The reaper service.
+#[derive(Clone)]
 pub struct Reaper {
     pub pool: PgPool,
     /// Wait before looking again after a failed look.
@@ -45,7 +49,7 @@ impl Reaper {
                     _ = stop.cancelled() => return,
                 },
                 None => tokio::select! {
-                    _ = self.leases.notified() => {}
+                    _ = self.leases.notified() => tokio::time::sleep(MIN_NOTIFIED_GAP).await,
                     _ = tokio::time::sleep(IDLE_LOOK) => {}
                     _ = stop.cancelled() => return,
                 },

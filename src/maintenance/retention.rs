@@ -44,6 +44,7 @@ pub struct Deleted {
 }
 
 /// The retention service.
+#[derive(Clone)]
 pub struct Retention {
     pub pool: PgPool,
     pub worker_id: String,

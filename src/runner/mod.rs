@@ -12,17 +12,19 @@ pub mod artifacts;
 pub mod batch;
 pub mod leases;
 pub mod logs;
+pub mod slots;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sqlx::postgres::PgPool;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use futures_util::FutureExt;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -36,6 +38,7 @@ use crate::store::workers::HeldLease;
 use artifacts::ArtifactOptions;
 use batch::Batcher;
 use logs::LogLimits;
+use slots::Reservation;
 
 /// What a run executes, loaded before it starts.
 enum Target {
@@ -269,7 +272,8 @@ struct RunnerInner {
     outcome_writer: Batcher<OutcomeRequest, Fenced>,
     active: Mutex<HashMap<Uuid, RunControl>>,
     tracker: TaskTracker,
-    freed: Notify,
+    /// The slots the sources of runs share.
+    slots: slots::Slots,
 }
 
 /// What the runner needs to know, from settings.
@@ -332,7 +336,7 @@ impl Runner {
                 executors,
                 active: Mutex::new(HashMap::new()),
                 tracker: TaskTracker::new(),
-                freed: Notify::new(),
+                slots: slots::Slots::new(options.concurrency.max(1)),
             }),
         }
     }
@@ -351,12 +355,12 @@ impl Runner {
 
     /// Room for more runs.
     pub fn free_slots(&self) -> usize {
-        self.inner.concurrency.saturating_sub(self.in_flight())
+        self.inner.slots.available()
     }
 
-    /// Resolves when a run ends (room may have appeared).
-    pub async fn slot_freed(&self) {
-        self.inner.freed.notified().await;
+    /// The slots, for the sources of runs to reserve room in.
+    pub fn slots(&self) -> &slots::Slots {
+        &self.inner.slots
     }
 
     /// Ids of the runs whose executor is still executing: the heartbeat renews their
@@ -370,9 +374,14 @@ impl Runner {
             .collect()
     }
 
-    /// Starts executing a claimed run. `claimed_at` is when the claim was sent: the lease
-    /// is certainly valid until `claimed_at + ttl`.
-    pub fn start(&self, run: ClaimedRun, claimed_at: Instant) {
+    /// Starts executing a claimed run in one of the slots of `reservation`. `claimed_at` is
+    /// when the claim was sent: the lease is certainly valid until `claimed_at + ttl`.
+    pub fn start(&self, run: ClaimedRun, claimed_at: Instant, reservation: &mut Reservation<'_>) {
+        if !reservation.occupy() {
+            // Claimed beyond the reservation (never by the sources' own loops): the run is
+            // leased to this worker, so it runs all the same.
+            self.inner.slots.occupy_extra();
+        }
         let control = RunControl::new(claimed_at + self.inner.lease_ttl);
         self.active().insert(run.run_id, control.clone());
         crate::measure::run_started(
@@ -389,9 +398,38 @@ impl Runner {
             run_id = %run.run_id,
             schedule_id = run.schedule_id.map(|id| id.to_string()),
         );
-        self.inner
-            .tracker
-            .spawn(async move { runner.execute(run, control).await }.instrument(span));
+        // A panic in a run (a bug met by some tenant's input) fails that run alone: it is
+        // recorded as failed and its slot freed, like any other outcome.
+        self.inner.tracker.spawn(
+            async move {
+                let (run_id, kind) = (run.run_id, run.kind.as_str());
+                let executed = AssertUnwindSafe(runner.execute(run, control.clone()))
+                    .catch_unwind()
+                    .await;
+                if executed.is_err() {
+                    tracing::error!("the run panicked; recording it as failed");
+                    control.end_execution();
+                    runner
+                        .finish(
+                            run_id,
+                            kind,
+                            &control,
+                            Instant::now(),
+                            Some(Outcome::Failed {
+                                error: "agentd failed internally while running it (a panic; see the worker's logs)".into(),
+                                output: None,
+                            }),
+                            None,
+                            &Redactor::default(),
+                            "none",
+                            Default::default(),
+                            Default::default(),
+                        )
+                        .await;
+                }
+            }
+            .instrument(span),
+        );
     }
 
     /// Stops one run, if it runs here.
@@ -420,7 +458,8 @@ impl Runner {
         for lease in held {
             if let Some(control) = active.get(&lease.run_id) {
                 control.extend_lease(sent_at + self.inner.lease_ttl);
-                if lease.cancel_requested {
+                if lease.cancel_requested && control.reason().is_none() {
+                    tracing::info!(run_id = %lease.run_id, "cancellation requested");
                     control.stop(StopReason::Cancelled);
                 }
             }
@@ -742,9 +781,10 @@ impl Runner {
                 "run abandoned: its lease was lost, so another replica owns its outcome"
             );
         }
-        self.active().remove(&run_id);
-        crate::measure::run_ended();
-        self.inner.freed.notify_one();
+        if self.active().remove(&run_id).is_some() {
+            crate::measure::run_ended();
+            self.inner.slots.release_running();
+        }
     }
 
     /// Writes the outcome and the run's last lines, retrying with backoff while the database

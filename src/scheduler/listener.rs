@@ -2,8 +2,10 @@
 //! run, and stops runs whose owner cancelled them, without waiting for a poll.
 //!
 //! Notifications are a hint, never the only path: they are lost while the connection is
-//! down, so after every reconnect the scheduler is woken to look again, and cancellations
-//! also arrive with the next lease renewal.
+//! down, so after every reconnect the loops are woken to look again, and cancellations
+//! also arrive with the next lease renewal. Any database role may send a NOTIFY, so none
+//! is trusted: a cancellation only makes the lease keeper renew at once, and the run stops
+//! when the database's answer says its owner asked (`cancel_requested`).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -14,7 +16,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::runner::{Runner, StopReason};
 
 /// Channels the migrations notify on.
 pub const CHANNELS: [&str; 4] = [
@@ -25,12 +26,17 @@ pub const CHANNELS: [&str; 4] = [
 ];
 
 /// The listener service.
+#[derive(Clone)]
 pub struct Listener {
     pub pool: PgPool,
-    pub runner: Runner,
+    /// Notified when schedules change (the schedule loop's cue).
     pub wake: Arc<Notify>,
+    /// Notified when runs are requested (the request loop's cue).
+    pub requests: Arc<Notify>,
     /// Notified when a replica took leases (the reaper's cue).
     pub leases: Arc<Notify>,
+    /// Notified when a run may have been cancelled (the lease keeper's cue to ask now).
+    pub renew: Arc<Notify>,
     pub max_backoff: Duration,
 }
 
@@ -68,7 +74,9 @@ impl Listener {
             failures = 0;
             // Whatever was notified while we were not listening: look again.
             self.wake.notify_one();
+            self.requests.notify_one();
             self.leases.notify_one();
+            self.renew.notify_one();
             loop {
                 let received = tokio::select! {
                     received = listener.try_recv() => received,
@@ -81,6 +89,7 @@ impl Listener {
                     Ok(None) => {
                         tracing::warn!("notification connection lost; reconnecting");
                         self.wake.notify_one();
+                        self.requests.notify_one();
                     }
                     Err(error) => {
                         tracing::warn!(error = %error, "notification connection failed");
@@ -94,11 +103,10 @@ impl Listener {
     fn dispatch(&self, channel: &str, payload: &str) {
         match channel {
             "agentd_leases" => self.leases.notify_one(),
+            "agentd_requests" => self.requests.notify_one(),
             "agentd_cancel" => {
-                if let Ok(run_id) = Uuid::from_str(payload)
-                    && self.runner.stop(run_id, StopReason::Cancelled)
-                {
-                    tracing::info!(run_id = %run_id, "cancellation requested");
+                if Uuid::from_str(payload).is_ok() {
+                    self.renew.notify_one();
                 }
             }
             _ => self.wake.notify_one(),

@@ -1,13 +1,16 @@
-//! The claim loop: sleep until something is due (the earliest `next_run`, a notification,
-//! or the poll interval as a safety net), claim a batch in one short transaction, hand the
-//! runs to the runner, repeat.
+//! The schedule loop: sleep until something is due (the earliest `next_run`, a
+//! notification, or the poll interval as a safety net), claim a batch of due schedules in
+//! one short transaction, hand the runs to the runner, repeat.
 //!
 //! An idle wake-up costs one cheap query ([`due_summary`], which also marks the replica as
-//! seen); the claim transaction runs only when that query says work is waiting. Requests
-//! are claimed before schedules.
+//! seen and says whether requests wait); the claim transaction runs only when that query
+//! says schedules are due. Requests are claimed by their own loop ([`requests`]): neither
+//! claim waits for, or fails with, the other, and the runner's slots are shared between
+//! them ([`crate::runner::slots`]).
 
 pub mod listener;
 pub mod plan;
+pub mod requests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,12 +23,17 @@ use uuid::Uuid;
 
 use crate::config::{LeaseSettings, SchedulerSettings};
 use crate::runner::Runner;
+use crate::runner::slots::{Reservation, Source};
 use crate::store::StoreError;
-use crate::store::runs::{ClaimedRun, RunKind, claim_requests};
+use crate::store::runs::{ClaimedRun, RunKind};
 use crate::store::schedules::{ClaimTransaction, due_summary};
 use plan::{PlanEvent, RuleCache, plan_claim};
 
-/// The scheduler service.
+/// Shortest time between two looks that notifications asked for: a flood of NOTIFYs (any
+/// database role may send them) costs at most one look per gap.
+pub const MIN_NOTIFIED_GAP: Duration = Duration::from_millis(5);
+
+/// The schedule loop's service.
 pub struct Scheduler {
     pub pool: PgPool,
     pub runner: Runner,
@@ -33,10 +41,23 @@ pub struct Scheduler {
     pub settings: SchedulerSettings,
     pub lease: LeaseSettings,
     pub max_backoff: Duration,
-    /// Notified by the listener when schedules or requests change.
+    /// Notified by the listener when schedules change.
     pub wake: Arc<Notify>,
+    /// Notified when this loop's look finds requests waiting (the request loop's safety
+    /// net when a notification was lost).
+    pub requests: Arc<Notify>,
     /// Parsed rules of the definitions seen so far.
     pub rules: std::sync::Mutex<RuleCache>,
+}
+
+/// What the loop does after a look.
+enum Next {
+    /// Work may remain: look again at once.
+    Again,
+    /// Sleep up to this long (a notification ends it early).
+    Sleep(Duration),
+    /// Schedules are due but every slot is taken: sleep until a run ends (or this long).
+    Room(Duration),
 }
 
 impl Scheduler {
@@ -45,75 +66,55 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
         let mut last_heartbeat: Option<Instant> = None;
+        let mut freed = self.runner.slots().subscribe();
+        let mut last_look = Instant::now();
         while !shutdown.is_cancelled() {
-            if self.runner.free_slots() == 0 {
-                // Full: wait for a run to end (the poll interval keeps it responsive).
-                tokio::select! {
-                    _ = self.runner.slot_freed() => {}
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                continue;
-            }
-            let sleep_for = match self.tick(&mut last_heartbeat).await {
-                Ok(Some(sleep_for)) => {
-                    failures = 0;
-                    sleep_for
-                }
-                Ok(None) => {
+            freed.borrow_and_update();
+            last_look = last_look.max(Instant::now());
+            let (sleep_for, room) = match self.tick(&mut last_heartbeat).await {
+                Ok(Next::Again) => {
                     failures = 0;
                     continue;
+                }
+                Ok(Next::Sleep(sleep_for)) => {
+                    failures = 0;
+                    (sleep_for, false)
+                }
+                Ok(Next::Room(sleep_for)) => {
+                    failures = 0;
+                    (sleep_for, true)
                 }
                 Err(error) => {
                     failures += 1;
                     crate::measure::database_error("claim");
                     let delay = crate::store::backoff_delay(failures, self.max_backoff);
                     tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claim failed; retrying");
-                    delay
+                    (delay, false)
                 }
             };
             tokio::select! {
                 _ = tokio::time::sleep(sleep_for) => {}
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => {
+                    tokio::time::sleep_until(last_look + MIN_NOTIFIED_GAP).await;
+                }
+                _ = freed.changed(), if room => {}
                 _ = shutdown.cancelled() => {}
             }
         }
+        self.runner.slots().set_waiting(Source::Schedules, false);
         tracing::info!("scheduler stopped claiming");
     }
 
-    /// One look at the database. `Ok(None)`: work may remain, look again at once;
-    /// `Ok(Some(d))`: sleep up to `d` (a notification or a freed slot ends it early).
-    async fn tick(
-        &self,
-        last_heartbeat: &mut Option<Instant>,
-    ) -> Result<Option<Duration>, StoreError> {
-        let free = self.runner.free_slots();
+    /// One look at the database, and a claim when schedules are due and a slot is free.
+    async fn tick(&self, last_heartbeat: &mut Option<Instant>) -> Result<Next, StoreError> {
         // The summary doubles as the replica's heartbeat (every lease.ttl / 3 at most).
         let heartbeat = last_heartbeat.is_none_or(|at| at.elapsed() >= self.lease.renew_interval());
         let summary = due_summary(&self.pool, heartbeat.then_some(self.worker_id.as_str())).await?;
         if heartbeat {
             *last_heartbeat = Some(Instant::now());
         }
-        let limit = free.min(self.settings.batch_size);
-        let mut claimed_full_batch = false;
-
         if summary.requests_waiting {
-            let sent_at = Instant::now();
-            let runs = claim_requests(&self.pool, limit, &self.worker_id, self.lease.ttl).await?;
-            claimed_full_batch |= runs.len() == limit;
-            crate::measure::claim_batch(runs.len());
-            for run in runs {
-                tracing::info!(run_id = %run.run_id, kind = run.kind.as_str(), target_id = %run.target_id, "request claimed");
-                self.runner.start(run, sent_at);
-            }
-        }
-        let free = self.runner.free_slots();
-        if summary.schedules_due() && free > 0 {
-            let limit = free.min(self.settings.batch_size);
-            claimed_full_batch |= self.claim_schedules(limit).await? == limit;
-        }
-        if claimed_full_batch {
-            return Ok(None);
+            self.requests.notify_one();
         }
         // Sleep until the earliest next_run, within the poll interval. The summary was
         // read before this tick's claims; a claim only moves next_run later, and an
@@ -125,15 +126,29 @@ impl Scheduler {
         let sleep_for = until_due.map_or(self.settings.poll_interval, |d| {
             d.min(self.settings.poll_interval)
         });
-        if summary.schedules_due() {
-            // Due rows were locked by other replicas or just claimed: look again soon.
-            return Ok(Some(sleep_for.min(Duration::from_millis(50))));
+        let slots = self.runner.slots();
+        if !summary.schedules_due() {
+            slots.set_waiting(Source::Schedules, false);
+            return Ok(Next::Sleep(sleep_for));
         }
-        Ok(Some(sleep_for))
+        slots.set_waiting(Source::Schedules, true);
+        let mut reservation = slots.reserve(Source::Schedules, self.settings.batch_size);
+        if reservation.is_empty() {
+            return Ok(Next::Room(self.settings.poll_interval));
+        }
+        let limit = reservation.len();
+        if self.claim_schedules(&mut reservation).await? >= limit {
+            return Ok(Next::Again);
+        }
+        slots.set_waiting(Source::Schedules, false);
+        // Due rows were locked by other replicas or just claimed: look again soon.
+        Ok(Next::Sleep(sleep_for.min(Duration::from_millis(50))))
     }
 
-    /// One claim transaction; returns how many schedules it locked.
-    async fn claim_schedules(&self, limit: usize) -> Result<usize, StoreError> {
+    /// One claim transaction of at most `reservation.len()` schedules of each kind (due, to
+    /// plan); returns how many schedules it locked.
+    async fn claim_schedules(&self, reservation: &mut Reservation<'_>) -> Result<usize, StoreError> {
+        let limit = reservation.len();
         let sent_at = Instant::now();
         let mut transaction = ClaimTransaction::begin(&self.pool).await?;
         let (now, rows) = transaction.lock_schedules(limit).await?;
@@ -193,6 +208,7 @@ impl Scheduler {
                         defect: None,
                     },
                     sent_at,
+                    reservation,
                 );
             }
         }

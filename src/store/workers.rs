@@ -36,6 +36,23 @@ pub async fn register_worker(pool: &PgPool, worker: &WorkerInfo) -> Result<(), S
     Ok(())
 }
 
+/// Writes the limits the SQL functions apply (`requests.max_pending_per_user`): the
+/// database has no other way to know this replica's settings.
+pub async fn publish_limits(pool: &PgPool, max_pending_per_user: u32) -> Result<(), StoreError> {
+    sqlx::query(
+        r#"
+        INSERT INTO agentd.limits (id, max_pending_per_user) VALUES (true, $1)
+        ON CONFLICT (id) DO UPDATE
+           SET max_pending_per_user = excluded.max_pending_per_user, updated_at = now()
+         WHERE agentd.limits.max_pending_per_user IS DISTINCT FROM excluded.max_pending_per_user
+        "#,
+    )
+    .bind(max_pending_per_user.min(i32::MAX as u32) as i32)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Removes this worker from the registry on a clean stop.
 pub async fn deregister_worker(pool: &PgPool, worker_id: &str) -> Result<(), StoreError> {
     sqlx::query("DELETE FROM agentd.workers WHERE id = $1")

@@ -1,0 +1,250 @@
+//! The runner's slots (`worker.concurrency`), shared between the sources of runs.
+//!
+//! Each source (requests, schedules) claims its own work in its own loop, and asks here for
+//! room first: a reservation of free slots, which the runs it claims then occupy and which
+//! is given back for what it did not claim. When several sources have work waiting, free
+//! slots are split between them, and a single free slot goes to each in turn, so no source
+//! can starve another: a flood of requests cannot hold back a schedule that is due, nor
+//! the other way round.
+
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+/// Where runs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `request_run`, the CLI's `trigger`.
+    Requests,
+    /// Due schedules.
+    Schedules,
+}
+
+impl Source {
+    /// Every source, in the order single slots go round.
+    const ALL: [Source; 2] = [Source::Requests, Source::Schedules];
+
+    fn index(self) -> usize {
+        match self {
+            Source::Requests => 0,
+            Source::Schedules => 1,
+        }
+    }
+}
+
+/// The slot accounting of one runner.
+pub struct Slots {
+    state: Mutex<State>,
+    /// Counts runs that ended: a source waiting for room watches it.
+    freed: watch::Sender<u64>,
+}
+
+struct State {
+    capacity: usize,
+    running: usize,
+    reserved: usize,
+    waiting: [bool; Source::ALL.len()],
+    /// The source whose turn it is when there are fewer free slots than sources waiting.
+    turn: usize,
+}
+
+impl Slots {
+    /// `capacity` slots, none in use.
+    pub fn new(capacity: usize) -> Slots {
+        Slots {
+            state: Mutex::new(State {
+                capacity: capacity.max(1),
+                running: 0,
+                reserved: 0,
+                waiting: [false; Source::ALL.len()],
+                turn: 0,
+            }),
+            freed: watch::Sender::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Says whether `source` has work waiting for room (it then gets its share).
+    pub fn set_waiting(&self, source: Source, waiting: bool) {
+        self.state().waiting[source.index()] = waiting;
+    }
+
+    /// Slots neither running nor reserved.
+    pub fn available(&self) -> usize {
+        let state = self.state();
+        state.capacity.saturating_sub(state.running + state.reserved)
+    }
+
+    /// Runs occupying a slot.
+    pub fn running(&self) -> usize {
+        self.state().running
+    }
+
+    /// Reserves up to `at_most` slots for `source`: all free slots when no other source is
+    /// waiting, otherwise an even share (rounded up), or a single slot in turn when there
+    /// are fewer free slots than sources waiting.
+    pub fn reserve(&self, source: Source, at_most: usize) -> Reservation<'_> {
+        let mut state = self.state();
+        let free = state
+            .capacity
+            .saturating_sub(state.running + state.reserved);
+        let others = Source::ALL
+            .iter()
+            .filter(|other| **other != source && state.waiting[other.index()])
+            .count();
+        let share = if free == 0 {
+            0
+        } else if others == 0 {
+            free
+        } else if free > others {
+            free.div_ceil(others + 1)
+        } else {
+            let turn = Source::ALL[state.turn % Source::ALL.len()];
+            if turn == source || !state.waiting[turn.index()] {
+                state.turn = (source.index() + 1) % Source::ALL.len();
+                1
+            } else {
+                0
+            }
+        };
+        let granted = share.min(at_most);
+        state.reserved += granted;
+        Reservation {
+            slots: self,
+            left: granted,
+        }
+    }
+
+    /// A run started without a reservation (claimed beyond it): it occupies a slot all the
+    /// same, over capacity if need be.
+    pub fn occupy_extra(&self) {
+        self.state().running += 1;
+    }
+
+    /// A run ended: its slot is free.
+    pub fn release_running(&self) {
+        {
+            let mut state = self.state();
+            state.running = state.running.saturating_sub(1);
+        }
+        self.freed.send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever a run ends.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.freed.subscribe()
+    }
+}
+
+/// Reserved slots; each run started with it occupies one, and whatever is left is given
+/// back when it is dropped.
+pub struct Reservation<'a> {
+    slots: &'a Slots,
+    left: usize,
+}
+
+impl Reservation<'_> {
+    /// Slots still reserved.
+    pub fn len(&self) -> usize {
+        self.left
+    }
+
+    /// Whether nothing is reserved.
+    pub fn is_empty(&self) -> bool {
+        self.left == 0
+    }
+
+    /// Turns one reserved slot into a running run; false when none is left.
+    pub fn occupy(&mut self) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        let mut state = self.slots.state();
+        state.reserved -= 1;
+        state.running += 1;
+        true
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            let mut state = self.slots.state();
+            state.reserved -= self.left;
+            drop(state);
+            self.slots
+                .freed
+                .send_modify(|count| *count = count.wrapping_add(1));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_source_alone_gets_every_free_slot() {
+        let slots = Slots::new(16);
+        slots.set_waiting(Source::Requests, true);
+        let mut reservation = slots.reserve(Source::Requests, 500);
+        assert_eq!(reservation.len(), 16);
+        assert!(reservation.occupy());
+        drop(reservation);
+        assert_eq!(slots.running(), 1);
+        assert_eq!(slots.available(), 15);
+    }
+
+    #[test]
+    fn waiting_sources_split_free_slots_and_take_single_ones_in_turn() {
+        let slots = Slots::new(16);
+        slots.set_waiting(Source::Requests, true);
+        slots.set_waiting(Source::Schedules, true);
+        let mut requests = slots.reserve(Source::Requests, 500);
+        assert_eq!(requests.len(), 8);
+        while requests.occupy() {}
+        drop(requests);
+        let mut schedules = slots.reserve(Source::Schedules, 500);
+        assert_eq!(schedules.len(), 4, "half of the 8 left");
+        while schedules.occupy() {}
+        drop(schedules);
+        // Fill up, then free one slot at a time: it goes to each source in turn.
+        let mut rest = slots.reserve(Source::Requests, 3);
+        while rest.occupy() {}
+        drop(rest);
+        assert_eq!(slots.available(), 0);
+        let mut winners = Vec::new();
+        for _ in 0..6 {
+            slots.release_running();
+            let mut requests = slots.reserve(Source::Requests, 500);
+            if requests.occupy() {
+                winners.push(Source::Requests);
+                continue;
+            }
+            drop(requests);
+            let mut schedules = slots.reserve(Source::Schedules, 500);
+            assert!(schedules.occupy(), "{winners:?}");
+            winners.push(Source::Schedules);
+        }
+        use Source::{Requests, Schedules};
+        assert_eq!(
+            winners,
+            [Requests, Schedules, Requests, Schedules, Requests, Schedules]
+        );
+    }
+
+    #[test]
+    fn unused_reservations_are_given_back() {
+        let slots = Slots::new(4);
+        let reservation = slots.reserve(Source::Schedules, 3);
+        assert_eq!(slots.available(), 1);
+        drop(reservation);
+        assert_eq!(slots.available(), 4);
+    }
+}
