@@ -215,9 +215,11 @@ mod tests {
         while schedules.occupy() {}
         drop(schedules);
         // Fill up, then free one slot at a time: it goes to each source in turn.
-        let mut rest = slots.reserve(Source::Requests, 3);
+        slots.set_waiting(Source::Schedules, false);
+        let mut rest = slots.reserve(Source::Requests, 500);
         while rest.occupy() {}
         drop(rest);
+        slots.set_waiting(Source::Schedules, true);
         assert_eq!(slots.available(), 0);
         let mut winners = Vec::new();
         for _ in 0..6 {
