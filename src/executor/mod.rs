@@ -276,13 +276,14 @@ impl LogSink {
         (LogSink { sender }, receiver)
     }
 
-    /// Emits one line. Lines sent after the run stopped are dropped silently: nobody can
-    /// store them any more.
+    /// Emits one line, cut to the longest line stored (so lines waiting in the pipe cost
+    /// little however long a tenant's were). Lines sent after the run stopped are dropped
+    /// silently: nobody can store them any more.
     pub async fn log(&self, level: Level, message: impl Into<String>) {
         let entry = LogEntry {
             id: Uuid::now_v7(),
             level,
-            message: message.into(),
+            message: crate::runner::logs::cut_line(message.into()),
             timestamp: Utc::now(),
         };
         let _ = self.sender.send(entry).await;
