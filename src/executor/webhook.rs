@@ -207,11 +207,11 @@ impl WebhookExecutor {
                 match (name, data) {
                     (Some(name), Some(data)) => {
                         run.artifacts
-                            .save(ArtifactFile {
-                                name: name.to_string(),
-                                content_type: event["content_type"].as_str().map(str::to_string),
+                            .save(ArtifactFile::bytes(
+                                name,
+                                event["content_type"].as_str().map(str::to_string),
                                 data,
-                            })
+                            ))
                             .await
                     }
                     _ => {
