@@ -42,7 +42,7 @@ pub fn from_settings(settings: &crate::config::Settings) -> Executors {
                 settings.executors.command.clone(),
             )) as Arc<dyn Executor>
         });
-    let client = http::client();
+    let client = http::client(settings.executors.http);
     let openai: Option<Arc<dyn Executor>> = client.as_ref().ok().map(|client| {
         Arc::new(openai::OpenAiExecutor::new(
             settings.executors.openai.clone(),
@@ -53,6 +53,7 @@ pub fn from_settings(settings: &crate::config::Settings) -> Executors {
         Arc::new(webhook::WebhookExecutor::new(
             settings.executors.webhook.clone(),
             client.clone(),
+            settings.artifacts.max_bytes,
         )) as Arc<dyn Executor>
     });
     if let Err(error) = &client {
