@@ -20,10 +20,11 @@ use super::RunControl;
 use crate::executor::{ArtifactContent, ArtifactFile, Level, LogSink};
 
 /// Size of the parts of a multipart upload to a bucket (S3's smallest), and of the buffer an
-/// upload starts with; at most [`UPLOAD_PARTS_IN_FLIGHT`] of them are in memory at once.
+/// upload starts with: an object smaller than this is sent in one request.
 pub const UPLOAD_PART_BYTES: usize = 5 * 1024 * 1024;
 
-/// Parts of one upload sent at the same time.
+/// Parts of one upload sent at the same time; one more fills meanwhile, so an upload holds
+/// at most this many parts plus one in memory.
 pub const UPLOAD_PARTS_IN_FLIGHT: usize = 2;
 
 /// An artifact's content as a reader of at most one byte more than its announced `size`,
