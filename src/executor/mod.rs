@@ -195,9 +195,11 @@ impl Usage {
 /// against the limits before reading any of it.
 #[derive(Debug)]
 pub struct ArtifactFile {
+    /// The name the run gave it (the store makes it safe for a path).
     pub name: String,
     /// MIME type; `None`: guessed from the name.
     pub content_type: Option<String>,
+    /// Its bytes, or the file holding them.
     pub content: ArtifactContent,
 }
 
