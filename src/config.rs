@@ -244,6 +244,9 @@ pub struct OpenAiExecutorSettings {
     pub model_by_category: std::collections::HashMap<String, String>,
     /// The API key, read from the environment variable `api_key_env` names.
     pub api_key: Option<String>,
+    /// Most bytes of streamed reply text kept; past it the run fails (a hostile endpoint
+    /// could stream forever).
+    pub max_reply_bytes: usize,
 }
 
 /// The webhook executor.
@@ -279,10 +282,21 @@ pub struct ExecutorChoice {
 /// Settings of each executor.
 #[derive(Debug, Clone)]
 pub struct ExecutorSettings {
+    pub http: HttpClientSettings,
     pub builtin: BuiltinExecutorSettings,
     pub command: CommandExecutorSettings,
     pub openai: OpenAiExecutorSettings,
     pub webhook: WebhookExecutorSettings,
+}
+
+/// The HTTP client of the openai and webhook executors: endpoints are driven by tenants,
+/// so a connection attempt and every silence while reading an answer have a limit.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpClientSettings {
+    /// Longest a connection (TCP and TLS) may take to open.
+    pub connect_timeout: Duration,
+    /// Longest silence while waiting for or reading a response.
+    pub read_timeout: Duration,
 }
 
 /// The command executor.
@@ -687,6 +701,11 @@ impl Layers {
             model: self.string("executors.openai.model")?,
             model_by_category,
             api_key: self.env_value(&api_key_env),
+            max_reply_bytes: self.integer(
+                "executors.openai.max_reply_bytes",
+                1,
+                i64::from(u32::MAX),
+            )? as usize,
         };
         let webhook_url = self.string("executors.webhook.url")?;
         let secret_env = self.string("executors.webhook.secret_env")?;
@@ -710,6 +729,10 @@ impl Layers {
             }
         }
         let executors = ExecutorSettings {
+            http: HttpClientSettings {
+                connect_timeout: self.positive_duration("executors.http.connect_timeout")?,
+                read_timeout: self.positive_duration("executors.http.read_timeout")?,
+            },
             openai,
             webhook,
             builtin: BuiltinExecutorSettings {
@@ -1096,6 +1119,52 @@ mod tests {
             .to_string();
         assert!(
             error.contains("retention.runs = \"0s\"") && error.contains("above zero"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn http_client_timeouts_and_the_reply_cap() {
+        let defaults = Settings::load(None, &env(&[])).unwrap();
+        assert_eq!(
+            defaults.executors.http.connect_timeout,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            defaults.executors.http.read_timeout,
+            Duration::from_secs(60)
+        );
+        assert_eq!(defaults.executors.openai.max_reply_bytes, 1024 * 1024);
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("AGENTD__EXECUTORS__HTTP__READ_TIMEOUT", "2s"),
+                ("AGENTD__EXECUTORS__OPENAI__MAX_REPLY_BYTES", "4096"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.executors.http.read_timeout, Duration::from_secs(2));
+        assert_eq!(settings.executors.openai.max_reply_bytes, 4096);
+        let error = Settings::load(
+            None,
+            &env(&[("AGENTD__EXECUTORS__HTTP__CONNECT_TIMEOUT", "0s")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            error,
+            "config: executors.http.connect_timeout = \"0s\" (from environment variable \
+             AGENTD__EXECUTORS__HTTP__CONNECT_TIMEOUT): expected a duration above zero"
+        );
+        let error = Settings::load(
+            None,
+            &env(&[("AGENTD__EXECUTORS__OPENAI__MAX_REPLY_BYTES", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with("config: executors.openai.max_reply_bytes = 0 ")
+                && error.ends_with("expected a whole number from 1 to 4294967295"),
             "{error}"
         );
     }

@@ -162,21 +162,31 @@ async fn metrics(State(endpoints): State<Endpoints>) -> Response {
     }
 }
 
+/// Longest `agentd healthcheck` waits for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// `agentd healthcheck`: GET `url` with a short timeout; true on HTTP 200. For container
 /// health checks in images that have no curl.
 pub async fn probe(url: &str) -> anyhow::Result<()> {
-    let client = crate::executor::http::client().map_err(anyhow::Error::msg)?;
+    use crate::executor::http;
+    let client = http::client(crate::config::HttpClientSettings {
+        connect_timeout: PROBE_TIMEOUT,
+        read_timeout: PROBE_TIMEOUT,
+    })
+    .map_err(anyhow::Error::msg)?;
     let response = client
         .get(url)
-        .timeout(Duration::from_secs(3))
+        .timeout(PROBE_TIMEOUT)
         .send()
         .await
         .map_err(|error| anyhow::anyhow!("{url}: {error}"))?;
     let status = response.status();
-    let body = response.text().await.unwrap_or_default();
     if status == reqwest::StatusCode::OK {
         Ok(())
     } else {
-        anyhow::bail!("{url}: HTTP {status}: {}", body.trim())
+        anyhow::bail!(
+            "{url}: HTTP {status}: {}",
+            http::error_excerpt(response).await.trim()
+        )
     }
 }

@@ -115,3 +115,75 @@ async fn artifacts_go_to_the_bucket_with_s3_urls() {
     assert_eq!(body.len() as i32, size);
     assert!(body.starts_with(b"# Test agent"));
 }
+
+#[tokio::test]
+async fn a_file_larger_than_one_upload_part_is_streamed_to_the_bucket() {
+    let (_moto, endpoint) = moto().await;
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    // Over two parts of agentd's multipart upload.
+    let size = 12 * 1024 * 1024;
+    let program = serde_json::to_string(&[
+        "sh",
+        "-c",
+        &format!("yes 0123456789abcde | head -c {size} > \"$AGENTD_ARTIFACTS_DIR/big.txt\""),
+    ])
+    .unwrap();
+    let worker = InProcessWorker::start_configured(
+        &db,
+        "w1",
+        &[
+            ("AGENTD__EXECUTOR__DEFAULT", "command"),
+            ("AGENTD__EXECUTORS__COMMAND__PROGRAM", &program),
+            ("AGENTD__ARTIFACTS__MAX_BYTES", "20971520"),
+            ("AGENTD__ARTIFACTS__URL", "s3://artifacts/runs"),
+            ("AWS_ENDPOINT_URL", &endpoint),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    )
+    .await;
+    let run_id = request_run(&db.pool, RunKind::Agent, agent, None)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the run completes", || async {
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM runs WHERE id = '{run_id}' AND status = 'completed'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    worker.stop().await;
+    let (url, recorded): (String, i32) =
+        sqlx::query_as("SELECT url, size FROM run_artifacts WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(url, format!("s3://artifacts/runs/{run_id}/big.txt"));
+    assert_eq!(recorded, size as i32);
+    use object_store::ObjectStoreExt;
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("artifacts")
+        .with_endpoint(&endpoint)
+        .with_allow_http(true)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_region("us-east-1")
+        .build()
+        .unwrap();
+    let location = object_store::path::Path::parse(format!("runs/{run_id}/big.txt")).unwrap();
+    let body = store.get(&location).await.unwrap().bytes().await.unwrap();
+    let expected: Vec<u8> = b"0123456789abcde\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(size)
+        .collect();
+    assert!(body == expected, "the object differs from the file");
+}

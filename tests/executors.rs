@@ -471,3 +471,45 @@ async fn secret_variable_values_never_appear_in_agentds_own_logs() {
         "a secret leaked into agentd's logs"
     );
 }
+
+#[tokio::test]
+async fn only_regular_files_become_artifacts_and_the_run_budget_is_checked_before_reading() {
+    let world = world(&[]).await;
+    let (_, run) = world
+        .run_command(
+            "cd \"$AGENTD_ARTIFACTS_DIR\"\n\
+             head -c 1000 /dev/zero > a.bin\n\
+             head -c 1000 /dev/zero > b.bin\n\
+             printf 'ok' > c.txt\n\
+             ln -s /etc/hostname link.txt\n\
+             mkfifo pipe\n\
+             mkdir folder\n",
+            &[("AGENTD__ARTIFACTS__MAX_BYTES_PER_RUN", "1500")],
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(run.status, "completed", "{:?}", run.error);
+    let stored: Vec<(&str, i32)> = run
+        .artifacts
+        .iter()
+        .map(|(name, _, size, _)| (name.as_str(), *size))
+        .collect();
+    assert_eq!(stored, vec![("a.bin", 1000), ("c.txt", 2)]);
+    // The store's lines and the executor's may interleave either way.
+    let mut warnings: Vec<&str> = run
+        .logs
+        .iter()
+        .filter(|(level, _)| level == "warn")
+        .map(|(_, message)| message.as_str())
+        .collect();
+    warnings.sort();
+    assert_eq!(
+        warnings,
+        vec![
+            "artifact \"b.bin\" not stored: 1000 bytes is over the limit (10485760 per artifact, \
+             1500 per run, 1000 already used)",
+            "artifact \"link.txt\" not stored: a symbolic link, which is not followed",
+            "artifact \"pipe\" not stored: not a regular file",
+        ]
+    );
+}

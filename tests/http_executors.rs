@@ -401,3 +401,151 @@ async fn a_webhook_that_never_answers_times_out() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// Serves POST `path` answering `status` with a body of `chunk` repeated forever.
+async fn endless_answer(path: &str, status: u16, chunk: &'static str) -> String {
+    let router = Router::new().route(
+        path,
+        post(move || async move {
+            let body = futures_util::stream::repeat_with(move || {
+                Ok::<_, std::io::Error>(Bytes::from_static(chunk.as_bytes()))
+            });
+            Response::builder()
+                .status(status)
+                .body(Body::from_stream(body))
+                .unwrap()
+        }),
+    );
+    format!("{}{path}", serve(router).await)
+}
+
+/// Accepts connections on a free loopback port and never answers (nor reads); returns its
+/// base URL.
+async fn silent_server() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test]
+async fn openai_reply_past_max_reply_bytes_fails_and_keeps_the_text_it_had() {
+    let event = r#"{"choices":[{"delta":{"content":"abcdefghi\n"}}]}"#;
+    let (base, _) = fake_model(vec![(200, sse(&[event; 150]), false)]).await;
+    let mut settings = openai_settings(&base);
+    settings.push(("AGENTD__EXECUTORS__OPENAI__MAX_REPLY_BYTES", "1005".into()));
+    let run = run_once(&borrowed(&settings), "x", json!("y")).await;
+    assert_eq!(run.status, "failed");
+    assert_eq!(
+        run.error.as_deref(),
+        Some(
+            "the model's reply passed executors.openai.max_reply_bytes (1005 bytes); \
+             stopped after 1005 characters"
+        )
+    );
+    let output = run.output.unwrap();
+    assert_eq!(output["partial"], true);
+    assert_eq!(output["text"].as_str().unwrap().len(), 1005);
+    assert_eq!(run.logs.len(), 101, "{:?}", run.logs.last());
+    assert_eq!(run.logs[100], ("info".into(), "abcde".into()));
+}
+
+#[tokio::test]
+async fn endless_error_bodies_are_cut() {
+    let url = endless_answer("/v1/chat/completions", 400, "no no no ").await;
+    let base = url.trim_end_matches("/chat/completions");
+    let settings = openai_settings(base.trim_end_matches("/v1"));
+    let run = run_once(&borrowed(&settings), "x", json!("y")).await;
+    let expected = format!(
+        "the model endpoint answered 400 Bad Request: {}…",
+        &"no no no ".repeat(23)[..200]
+    );
+    assert_eq!(run.error.as_deref(), Some(expected.as_str()));
+
+    let url = endless_answer("/hook", 500, "oops ").await;
+    let settings = webhook_settings(&url);
+    let run = run_once(&borrowed(&settings), "x", json!(null)).await;
+    let expected = format!(
+        "webhook answered 500 Internal Server Error: {}…",
+        "oops ".repeat(40)
+    );
+    assert_eq!(run.error.as_deref(), Some(expected.as_str()));
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_fails_the_run_after_the_read_timeout() {
+    let base = silent_server().await;
+    let mut settings = webhook_settings(&format!("{base}/hook"));
+    settings.push(("AGENTD__EXECUTORS__HTTP__READ_TIMEOUT", "1s".into()));
+    let started = std::time::Instant::now();
+    let run = run_once(&borrowed(&settings), "x", json!(null)).await;
+    assert_eq!(run.status, "failed");
+    assert_eq!(
+        run.error.as_deref(),
+        Some("webhook request failed: no data within executors.http.read_timeout")
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    // A model that sends a token and then nothing more.
+    let stalled = Router::new().route(
+        "/v1/chat/completions",
+        post(|| async {
+            let first = futures_util::stream::once(async {
+                Ok::<_, std::io::Error>(Bytes::from(sse(&[GOOD_STREAM[0]]).concat()))
+            });
+            let body = first.chain(futures_util::stream::pending());
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(body))
+                .unwrap()
+        }),
+    );
+    let base = serve(stalled).await;
+    let mut settings = openai_settings(&base);
+    settings.push(("AGENTD__EXECUTORS__HTTP__READ_TIMEOUT", "1s".into()));
+    let run = run_once(&borrowed(&settings), "x", json!("y")).await;
+    assert_eq!(run.status, "failed");
+    assert_eq!(
+        run.error.as_deref(),
+        Some(
+            "the model's stream was cut after 3 characters: no data within \
+             executors.http.read_timeout"
+        )
+    );
+    assert_eq!(run.output.unwrap()["text"], "Hel");
+}
+
+#[tokio::test]
+async fn a_webhook_line_may_hold_the_largest_artifact_and_no_more() {
+    use base64::Engine as _;
+    let max_bytes = 3000;
+    let largest = base64::engine::general_purpose::STANDARD.encode(vec![7u8; max_bytes]);
+    let (url, _) = fake_runtime(
+        vec![
+            json!({"type": "artifact", "name": "largest.bin", "data_base64": largest}).to_string(),
+            json!({"type": "log", "level": "info", "message": "x".repeat(80_000)}).to_string(),
+            json!({"type": "output", "output": "never read"}).to_string(),
+        ],
+        false,
+    )
+    .await;
+    let mut settings = webhook_settings(&url);
+    settings.push(("AGENTD__ARTIFACTS__MAX_BYTES", max_bytes.to_string()));
+    let run = run_once(&borrowed(&settings), "x", json!(null)).await;
+    assert_eq!(run.status, "failed");
+    assert_eq!(
+        run.error.as_deref(),
+        Some(
+            "the webhook sent an event line over 69536 bytes, the limit of one event (an \
+             artifact of artifacts.max_bytes in base64 and 65536 bytes more)"
+        )
+    );
+    assert_eq!(run.usage["artifacts"], 1);
+    assert_eq!(run.usage["artifact_bytes"], max_bytes);
+    assert_eq!(run.output, None);
+}

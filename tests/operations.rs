@@ -19,7 +19,11 @@ use uuid::Uuid;
 
 /// GET `url`: status code and body.
 async fn get(url: &str) -> (u16, String) {
-    let client = agentd::executor::http::client().unwrap();
+    let client = agentd::executor::http::client(agentd::config::HttpClientSettings {
+        connect_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(10),
+    })
+    .unwrap();
     let response = client
         .get(url)
         .timeout(Duration::from_secs(10))

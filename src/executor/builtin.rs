@@ -132,11 +132,11 @@ impl Executor for BuiltinExecutor {
             };
             let markdown = format!("# {title}\n\n{body}\n");
             run.artifacts
-                .save(ArtifactFile {
-                    name: "result.md".into(),
-                    content_type: Some("text/markdown".into()),
-                    data: markdown.into_bytes(),
-                })
+                .save(ArtifactFile::bytes(
+                    "result.md",
+                    Some("text/markdown".into()),
+                    markdown.into_bytes(),
+                ))
                 .await;
             run.logs.info(format!("finished {title}")).await;
             Outcome::Completed {

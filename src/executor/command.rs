@@ -224,13 +224,15 @@ impl CommandExecutor {
         })
     }
 
+    /// Hands every file the program left in its artifacts folder to the store without
+    /// reading it; the store decides by the size whether to read it at all.
     async fn collect_artifacts(&self, folder: &PathBuf, run: &RunContext) {
         let Ok(mut entries) = tokio::fs::read_dir(folder).await else {
             return;
         };
         let mut files = Vec::new();
         while let Ok(Some(entry)) = entries.next_entry().await {
-            if entry.file_type().await.is_ok_and(|kind| kind.is_file()) {
+            if !entry.file_type().await.is_ok_and(|kind| kind.is_dir()) {
                 files.push(entry.path());
             }
         }
@@ -240,21 +242,13 @@ impl CommandExecutor {
                 .file_name()
                 .map(|name| name.to_string_lossy().to_string())
                 .unwrap_or_default();
-            match tokio::fs::read(&path).await {
-                Ok(data) => {
-                    run.artifacts
-                        .save(ArtifactFile {
-                            name,
-                            content_type: None,
-                            data,
-                        })
-                        .await
-                }
-                Err(error) => {
+            match ArtifactFile::open_regular(name.clone(), &path) {
+                Ok(artifact) => run.artifacts.save(artifact).await,
+                Err(reason) => {
                     run.logs
                         .log(
                             Level::Warn,
-                            format!("artifact {name:?} could not be read: {error}"),
+                            format!("artifact {name:?} not stored: {reason}"),
                         )
                         .await
                 }

@@ -43,7 +43,7 @@ pub fn from_settings(settings: &crate::config::Settings) -> Executors {
                 settings.executors.command.clone(),
             )) as Arc<dyn Executor>
         });
-    let client = http::client();
+    let client = http::client(settings.executors.http);
     let openai: Option<Arc<dyn Executor>> = client.as_ref().ok().map(|client| {
         Arc::new(openai::OpenAiExecutor::new(
             settings.executors.openai.clone(),
@@ -54,6 +54,7 @@ pub fn from_settings(settings: &crate::config::Settings) -> Executors {
         Arc::new(webhook::WebhookExecutor::new(
             settings.executors.webhook.clone(),
             client.clone(),
+            settings.artifacts.max_bytes,
         )) as Arc<dyn Executor>
     });
     if let Err(error) = &client {
@@ -191,13 +192,79 @@ impl Usage {
     }
 }
 
-/// A file a run produced.
-#[derive(Debug, Clone)]
+/// A file a run produced, on its way to the runner's artifact store, which checks its size
+/// against the limits before reading any of it.
+#[derive(Debug)]
 pub struct ArtifactFile {
+    /// The name the run gave it (the store makes it safe for a path).
     pub name: String,
     /// MIME type; `None`: guessed from the name.
     pub content_type: Option<String>,
-    pub data: Vec<u8>,
+    /// Its bytes, or the file holding them.
+    pub content: ArtifactContent,
+}
+
+/// What an artifact holds: bytes already in memory, or a file nobody has read yet, so that a
+/// program's huge file costs no memory before the store refuses it.
+#[derive(Debug)]
+pub enum ArtifactContent {
+    /// Bytes an executor made or received (builtin, webhook).
+    Bytes(Vec<u8>),
+    /// An open regular file (command) and its size when it was opened; the store reads at
+    /// most one byte more than `size`, so a file that keeps growing is noticed, not copied.
+    File { file: tokio::fs::File, size: u64 },
+}
+
+impl ArtifactFile {
+    /// An artifact of bytes in memory.
+    pub fn bytes(
+        name: impl Into<String>,
+        content_type: Option<String>,
+        data: Vec<u8>,
+    ) -> ArtifactFile {
+        ArtifactFile {
+            name: name.into(),
+            content_type,
+            content: ArtifactContent::Bytes(data),
+        }
+    }
+
+    /// The regular file at `path` as an artifact named `name`, opened without reading it: a
+    /// symbolic link is not followed (`O_NOFOLLOW`), a FIFO or device is refused without
+    /// waiting on it (`O_NONBLOCK`, then fstat of what was opened). The error says why.
+    pub fn open_regular(name: String, path: &std::path::Path) -> Result<ArtifactFile, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|error| match error.raw_os_error() {
+                Some(nix::libc::ELOOP) => "a symbolic link, which is not followed".to_string(),
+                _ => format!("cannot open it: {error}"),
+            })?;
+        let metadata = file
+            .metadata()
+            .map_err(|error| format!("cannot inspect it: {error}"))?;
+        if !metadata.is_file() {
+            return Err("not a regular file".into());
+        }
+        Ok(ArtifactFile {
+            name,
+            content_type: None,
+            content: ArtifactContent::File {
+                file: tokio::fs::File::from_std(file),
+                size: metadata.len(),
+            },
+        })
+    }
+
+    /// The artifact's size in bytes (a file's when it was opened).
+    pub fn size(&self) -> u64 {
+        match &self.content {
+            ArtifactContent::Bytes(data) => data.len() as u64,
+            ArtifactContent::File { size, .. } => *size,
+        }
+    }
 }
 
 /// The sending end of a run's artifacts; the runner stores them (within limits).
@@ -277,13 +344,14 @@ impl LogSink {
         (LogSink { sender }, receiver)
     }
 
-    /// Emits one line. Lines sent after the run stopped are dropped silently: nobody can
-    /// store them any more.
+    /// Emits one line, cut to the longest line stored (so lines waiting in the pipe cost
+    /// little however long a tenant's were). Lines sent after the run stopped are dropped
+    /// silently: nobody can store them any more.
     pub async fn log(&self, level: Level, message: impl Into<String>) {
         let entry = LogEntry {
             id: Uuid::now_v7(),
             level,
-            message: message.into(),
+            message: crate::runner::logs::cut_line(message.into()),
             timestamp: Utc::now(),
         };
         let _ = self.sender.send(entry).await;
@@ -292,5 +360,40 @@ impl LogSink {
     /// Shorthand for an `info` line.
     pub async fn info(&self, message: impl Into<String>) {
         self.log(Level::Info, message).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_regular_files_are_opened_as_artifacts_and_none_is_read() {
+        let folder = tempfile::tempdir().unwrap();
+        let big = folder.path().join("big.bin");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(3 << 30)
+            .unwrap();
+        let artifact = ArtifactFile::open_regular("big.bin".into(), &big).unwrap();
+        assert_eq!(artifact.size(), 3 << 30);
+        assert_eq!(artifact.name, "big.bin");
+
+        let link = folder.path().join("link");
+        std::os::unix::fs::symlink(&big, &link).unwrap();
+        assert_eq!(
+            ArtifactFile::open_regular("link".into(), &link).unwrap_err(),
+            "a symbolic link, which is not followed"
+        );
+        // A FIFO with no writer: refused at once instead of waiting for one.
+        let fifo = folder.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(
+            ArtifactFile::open_regular("fifo".into(), &fifo).unwrap_err(),
+            "not a regular file"
+        );
+        let missing = ArtifactFile::open_regular("gone".into(), &folder.path().join("gone"));
+        assert!(missing.unwrap_err().starts_with("cannot open it: "));
+        assert_eq!(ArtifactFile::bytes("a", None, vec![1, 2, 3]).size(), 3);
     }
 }

@@ -7,17 +7,30 @@
 //! to `resource_usage`. Connection errors, 429 and 5xx answers are retried with backoff
 //! before the first token; a stream cut after tokens arrived fails the run with a clear
 //! error and keeps the partial text in the logs and the output.
+//!
+//! The endpoint is driven by a tenant, so what it sends is bounded: one stream event at most
+//! [`MAX_EVENT_BYTES`] (counted on the raw bytes, before the SSE parser buffers them), the
+//! reply text at most `executors.openai.max_reply_bytes`, an error answer's body read within
+//! [`ERROR_BODY_BYTES`](super::http::ERROR_BODY_BYTES), the router's answer within
+//! [`MAX_ANSWER_BYTES`]. Past a cap the run fails with an error naming it, keeping the text
+//! it had.
 
 use std::time::Duration;
 
-use eventsource_stream::Eventsource;
+use eventsource_stream::{EventStreamError, Eventsource};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::builtin::{input_text, render};
-use super::http::excerpt;
+use super::http::{describe, error_excerpt, excerpt, read_capped};
 use super::{BoxFuture, Executor, Level, Outcome, RunContext};
 use crate::config::OpenAiExecutorSettings;
+
+/// Most bytes of one stream event (the bytes between two blank lines).
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Most bytes of the router's (non-streamed) answer.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
 /// Attempts before the first token (the first plus three retries).
 const ATTEMPTS: u32 = 4;
@@ -110,7 +123,18 @@ impl OpenAiExecutor {
             }
         };
 
-        let mut events = response.bytes_stream().eventsource();
+        let mut boundary = EventBoundary::default();
+        let mut events = response
+            .bytes_stream()
+            .map(move |chunk| match chunk {
+                Ok(chunk) => match boundary.admit(&chunk) {
+                    Ok(()) => Ok(chunk),
+                    Err(EventTooLong) => Err(StreamError::EventTooLong),
+                },
+                Err(error) => Err(StreamError::Transport(error)),
+            })
+            .eventsource();
+        let max_reply_bytes = self.settings.max_reply_bytes;
         let mut text = String::new();
         let mut line = String::new();
         let mut finish_reason: Option<String> = None;
@@ -121,13 +145,21 @@ impl OpenAiExecutor {
                 Ok(event) => event,
                 Err(error) => {
                     flush(run, &mut line).await;
-                    return failed(
-                        format!(
-                            "the model's stream was cut after {} characters: {error}",
-                            text.chars().count()
+                    let characters = text.chars().count();
+                    let error = match error {
+                        EventStreamError::Transport(StreamError::EventTooLong) => format!(
+                            "the model sent a stream event over {MAX_EVENT_BYTES} bytes, the limit \
+                             of one event; stopped after {characters} characters"
                         ),
-                        partial(&text, &model_used),
-                    );
+                        EventStreamError::Transport(StreamError::Transport(error)) => format!(
+                            "the model's stream was cut after {characters} characters: {}",
+                            describe(&error)
+                        ),
+                        other => format!(
+                            "the model's stream was cut after {characters} characters: {other}"
+                        ),
+                    };
+                    return failed(error, partial(&text, &model_used));
                 }
             };
             if event.data.trim() == "[DONE]" {
@@ -159,12 +191,24 @@ impl OpenAiExecutor {
             }
             let choice = &chunk["choices"][0];
             if let Some(delta) = choice["delta"]["content"].as_str() {
-                text.push_str(delta);
-                for piece in delta.split_inclusive('\n') {
+                let (kept, over) = within(delta, max_reply_bytes - text.len());
+                text.push_str(kept);
+                for piece in kept.split_inclusive('\n') {
                     line.push_str(piece.trim_end_matches('\n'));
                     if piece.ends_with('\n') {
                         run.logs.info(std::mem::take(&mut line)).await;
                     }
+                }
+                if over {
+                    flush(run, &mut line).await;
+                    return failed(
+                        format!(
+                            "the model's reply passed executors.openai.max_reply_bytes \
+                             ({max_reply_bytes} bytes); stopped after {} characters",
+                            text.chars().count()
+                        ),
+                        partial(&text, &model_used),
+                    );
                 }
             }
             if let Some(reason) = choice["finish_reason"].as_str() {
@@ -196,16 +240,18 @@ impl OpenAiExecutor {
             request = request.bearer_auth(key);
         }
         let response = request.send().await.map_err(|error| {
-            AttemptError::Retry(format!("cannot reach the model endpoint: {error}"))
+            AttemptError::Retry(format!(
+                "cannot reach the model endpoint: {}",
+                describe(&error)
+            ))
         })?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
         }
-        let text = response.text().await.unwrap_or_default();
         let message = format!(
             "the model endpoint answered {status}: {}",
-            excerpt(&text, 200)
+            error_excerpt(response).await
         );
         if status.as_u16() == 429 || status.is_server_error() {
             Err(AttemptError::Retry(message))
@@ -227,6 +273,80 @@ fn partial(text: &str, model: &str) -> Option<Value> {
 
 fn failed(error: String, output: Option<Value>) -> Outcome {
     Outcome::Failed { error, output }
+}
+
+/// The longest start of `text` within `room` bytes (on a character boundary), and whether
+/// anything was left out.
+fn within(text: &str, room: usize) -> (&str, bool) {
+    if text.len() <= room {
+        (text, false)
+    } else {
+        (&text[..text.floor_char_boundary(room)], true)
+    }
+}
+
+/// Why the byte stream under the SSE parser ended.
+#[derive(Debug)]
+enum StreamError {
+    /// The connection broke, or was silent past `executors.http.read_timeout`.
+    Transport(reqwest::Error),
+    /// An event grew past [`MAX_EVENT_BYTES`] without ending.
+    EventTooLong,
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamError::Transport(error) => write!(f, "{error}"),
+            StreamError::EventTooLong => write!(f, "a stream event over {MAX_EVENT_BYTES} bytes"),
+        }
+    }
+}
+
+/// The bytes since the last event boundary passed [`MAX_EVENT_BYTES`].
+#[derive(Debug, PartialEq)]
+struct EventTooLong;
+
+/// Counts the raw bytes of the event being received, so the SSE parser (which buffers an
+/// event until the blank line that ends it) never holds more than [`MAX_EVENT_BYTES`].
+/// Lines end with LF, CR or CRLF; an empty line ends an event.
+#[derive(Debug, Default)]
+struct EventBoundary {
+    /// Bytes since the last empty line.
+    pending: usize,
+    /// Bytes of the current line, without its end.
+    line: usize,
+    /// The previous byte was a CR (an LF right after it belongs to the same line end).
+    after_cr: bool,
+}
+
+impl EventBoundary {
+    /// Takes in the next bytes of the stream.
+    fn admit(&mut self, bytes: &[u8]) -> Result<(), EventTooLong> {
+        for &byte in bytes {
+            match byte {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\n' | b'\r' => {
+                    if self.line == 0 {
+                        self.pending = 0;
+                    } else {
+                        self.pending += 1;
+                    }
+                    self.line = 0;
+                    self.after_cr = byte == b'\r';
+                }
+                _ => {
+                    self.line += 1;
+                    self.pending += 1;
+                    self.after_cr = false;
+                }
+            }
+            if self.pending > MAX_EVENT_BYTES {
+                return Err(EventTooLong);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Picks a `route` team's member by asking the model (`executor.team_router = "openai"`).
@@ -278,18 +398,27 @@ impl ModelRouter {
         let response = request
             .send()
             .await
-            .map_err(|error| format!("cannot reach the model: {error}"))?;
+            .map_err(|error| format!("cannot reach the model: {}", describe(&error)))?;
         let status = response.status();
-        let text = response
-            .text()
-            .await
-            .map_err(|error| format!("reading the model's answer failed: {error}"))?;
         if !status.is_success() {
             return Err(format!(
                 "the model endpoint answered {status}: {}",
-                excerpt(&text, 200)
+                error_excerpt(response).await
             ));
         }
+        let body = read_capped(response, MAX_ANSWER_BYTES).await;
+        if let Some(error) = &body.error {
+            return Err(format!(
+                "reading the model's answer failed: {}",
+                describe(error)
+            ));
+        }
+        if body.truncated {
+            return Err(format!(
+                "the model's answer is over {MAX_ANSWER_BYTES} bytes, the limit of a routing answer"
+            ));
+        }
+        let text = String::from_utf8_lossy(&body.bytes);
         let answer: Value = serde_json::from_str(&text)
             .map_err(|_| format!("the model's answer is not JSON: {}", excerpt(&text, 200)))?;
         let content = answer["choices"][0]["message"]["content"]
@@ -313,5 +442,45 @@ impl ModelRouter {
                     excerpt(content, 100)
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_may_be_long_but_not_longer_than_the_cap() {
+        let mut boundary = EventBoundary::default();
+        let line = format!("data: {}\n", "x".repeat(1000));
+        // Many events, each well under the cap: far more than the cap in all.
+        for _ in 0..3 * MAX_EVENT_BYTES / 1000 {
+            assert_eq!(boundary.admit(line.as_bytes()), Ok(()));
+            assert_eq!(boundary.admit(b"\n"), Ok(()));
+        }
+        // CRLF and CR line ends end events too.
+        for ending in ["\r\n\r\n", "\r\r"] {
+            let event = format!("data: {}{ending}", "y".repeat(MAX_EVENT_BYTES - 10));
+            assert_eq!(boundary.admit(event.as_bytes()), Ok(()), "{ending:?}");
+        }
+        // One event of many data lines without a blank line between them is one event.
+        let mut lines = EventBoundary::default();
+        let result = (0..2 * MAX_EVENT_BYTES / line.len())
+            .map(|_| lines.admit(line.as_bytes()))
+            .find(Result::is_err);
+        assert_eq!(result, Some(Err(EventTooLong)));
+        // A stream without any line end.
+        let mut endless = EventBoundary::default();
+        assert_eq!(endless.admit(&vec![b'z'; MAX_EVENT_BYTES]), Ok(()));
+        assert_eq!(endless.admit(b"z"), Err(EventTooLong));
+    }
+
+    #[test]
+    fn reply_text_is_cut_on_a_character_boundary() {
+        assert_eq!(within("hello", 10), ("hello", false));
+        assert_eq!(within("hello", 5), ("hello", false));
+        assert_eq!(within("hello", 3), ("hel", true));
+        assert_eq!(within("héllo", 2), ("h", true));
+        assert_eq!(within("héllo", 0), ("", true));
     }
 }

@@ -11,7 +11,12 @@
 //! `{"type":"artifact","name":…,"content_type":…,"data_base64":…}`,
 //! `{"type":"output","output":…}`, `{"type":"error","message":…}`.
 //! A line that is not such an event is logged as a warning and skipped; an `error` event
-//! fails the run; a non-2xx answer fails it with the status and the start of the body.
+//! fails the run; a non-2xx answer fails it with the status and the start of the body (read
+//! within [`ERROR_BODY_BYTES`](super::http::ERROR_BODY_BYTES)).
+//!
+//! The runtime is driven by a tenant, so a line is at most [`max_event_bytes`]: room for an
+//! artifact of `artifacts.max_bytes` in base64. A longer line fails the run at once instead
+//! of being buffered or skipped forever.
 
 use base64::Engine;
 use futures_util::StreamExt;
@@ -19,23 +24,47 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use super::http::excerpt;
+use super::http::{describe, error_excerpt, excerpt};
 use super::{ArtifactFile, BoxFuture, Executor, Level, Outcome, RunContext};
 use crate::config::WebhookExecutorSettings;
 
-/// Longest event line read (an artifact of 10 MiB is about 14 MiB of base64).
-const MAX_EVENT_BYTES: usize = 32 * 1024 * 1024;
+/// Room in an event line beyond an artifact's base64 data: the JSON around it, its name and
+/// content type.
+pub const EVENT_SLACK_BYTES: u64 = 64 * 1024;
+
+/// Longest event line read: an artifact of `artifact_max_bytes` (`artifacts.max_bytes`) in
+/// base64 (4 bytes for every 3) plus [`EVENT_SLACK_BYTES`].
+pub fn max_event_bytes(artifact_max_bytes: u64) -> usize {
+    let line = artifact_max_bytes
+        .div_ceil(3)
+        .saturating_mul(4)
+        .saturating_add(EVENT_SLACK_BYTES);
+    usize::try_from(line).unwrap_or(usize::MAX)
+}
+
+/// A buffer that held a line longer than this is given back rather than kept for the next.
+const KEPT_BUFFER_BYTES: usize = 64 * 1024;
 
 /// See the module documentation.
 pub struct WebhookExecutor {
     settings: WebhookExecutorSettings,
     client: reqwest::Client,
+    max_event_bytes: usize,
 }
 
 impl WebhookExecutor {
-    /// An executor posting to `settings.url`.
-    pub fn new(settings: WebhookExecutorSettings, client: reqwest::Client) -> WebhookExecutor {
-        WebhookExecutor { settings, client }
+    /// An executor posting to `settings.url`, reading event lines long enough for an
+    /// artifact of `artifact_max_bytes`.
+    pub fn new(
+        settings: WebhookExecutorSettings,
+        client: reqwest::Client,
+        artifact_max_bytes: u64,
+    ) -> WebhookExecutor {
+        WebhookExecutor {
+            settings,
+            client,
+            max_event_bytes: max_event_bytes(artifact_max_bytes),
+        }
     }
 }
 
@@ -104,47 +133,57 @@ impl WebhookExecutor {
             .body(body)
             .send()
             .await
-            .map_err(|error| format!("webhook request failed: {error}"))?;
+            .map_err(|error| format!("webhook request failed: {}", describe(&error)))?;
         let status = response.status();
         if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
             return Err(format!(
                 "webhook answered {status}: {}",
-                excerpt(&text, 200)
+                error_excerpt(response).await
             ));
         }
         let mut stream = response.bytes_stream();
         let mut buffer: Vec<u8> = Vec::new();
         let mut output: Option<Value> = None;
         let mut failure: Option<String> = None;
-        let mut overlong = false;
         loop {
             let chunk = match stream.next().await {
                 Some(Ok(chunk)) => chunk,
                 Some(Err(error)) => {
-                    return Err(format!("the webhook's event stream broke off: {error}"));
+                    return Err(format!(
+                        "the webhook's event stream broke off: {}",
+                        describe(&error)
+                    ));
                 }
                 None => break,
             };
-            for byte in chunk {
-                if byte == b'\n' {
-                    if overlong {
-                        run.logs
-                            .log(Level::Warn, format!("webhook sent an event line over {MAX_EVENT_BYTES} bytes; skipped"))
-                            .await;
-                    } else {
-                        self.event(run, &buffer, &mut output, &mut failure).await;
-                    }
-                    buffer.clear();
-                    overlong = false;
-                } else if buffer.len() < MAX_EVENT_BYTES {
-                    buffer.push(byte);
-                } else {
-                    overlong = true;
+            let mut rest: &[u8] = &chunk;
+            while !rest.is_empty() {
+                let end = rest.iter().position(|byte| *byte == b'\n');
+                let piece = &rest[..end.unwrap_or(rest.len())];
+                if buffer.len() + piece.len() > self.max_event_bytes {
+                    return Ok(Outcome::Failed {
+                        error: format!(
+                            "the webhook sent an event line over {} bytes, the limit of one \
+                             event (an artifact of artifacts.max_bytes in base64 and {EVENT_SLACK_BYTES} bytes more)",
+                            self.max_event_bytes
+                        ),
+                        output,
+                    });
                 }
+                buffer.extend_from_slice(piece);
+                let Some(end) = end else {
+                    break;
+                };
+                self.event(run, &buffer, &mut output, &mut failure).await;
+                if buffer.capacity() > KEPT_BUFFER_BYTES {
+                    buffer = Vec::new();
+                } else {
+                    buffer.clear();
+                }
+                rest = &rest[end + 1..];
             }
         }
-        if !buffer.is_empty() && !overlong {
+        if !buffer.is_empty() {
             self.event(run, &buffer, &mut output, &mut failure).await;
         }
         Ok(match failure {
@@ -207,11 +246,11 @@ impl WebhookExecutor {
                 match (name, data) {
                     (Some(name), Some(data)) => {
                         run.artifacts
-                            .save(ArtifactFile {
-                                name: name.to_string(),
-                                content_type: event["content_type"].as_str().map(str::to_string),
+                            .save(ArtifactFile::bytes(
+                                name,
+                                event["content_type"].as_str().map(str::to_string),
                                 data,
-                            })
+                            ))
                             .await
                     }
                     _ => {
@@ -234,5 +273,21 @@ impl WebhookExecutor {
             }
             _ => run.logs.log(Level::Warn, malformed("unknown type")).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_line_has_room_for_the_largest_artifact_in_base64() {
+        let data = vec![0xa5_u8; 10 * 1024 * 1024 + 1];
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&data);
+        let event = json!({"type": "artifact", "name": "x".repeat(1000), "data_base64": encoded});
+        assert!(event.to_string().len() <= max_event_bytes(data.len() as u64));
+        assert!(max_event_bytes(data.len() as u64) < data.len() * 2);
+        assert_eq!(max_event_bytes(0), EVENT_SLACK_BYTES as usize);
+        assert_eq!(max_event_bytes(u64::MAX), usize::MAX);
     }
 }

@@ -3,15 +3,54 @@
 //! S3-compatible bucket (`s3://` URLs), and get a `run_artifacts` row (name, MIME type,
 //! size, URL), within `artifacts.max_bytes` per artifact and `artifacts.max_bytes_per_run`
 //! per run; what is over a limit is not stored and a `warn` line in the run's logs says so.
+//!
+//! The limits are checked here, once, on the size an artifact announces, before a byte of
+//! it is read; a file is then streamed to the backend (a bounded copy into the folder, or a
+//! multipart upload of [`UPLOAD_PART_BYTES`] parts into the bucket), never held whole in
+//! memory, and one that turns out longer or shorter than announced is not stored.
 
 use std::path::{Path, PathBuf};
 
 use sqlx::postgres::PgPool;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::RunControl;
-use crate::executor::{ArtifactFile, Level, LogSink};
+use crate::executor::{ArtifactContent, ArtifactFile, Level, LogSink};
+
+/// Size of the parts of a multipart upload to a bucket (S3's smallest), and of the buffer an
+/// upload starts with: an object smaller than this is sent in one request.
+pub const UPLOAD_PART_BYTES: usize = 5 * 1024 * 1024;
+
+/// Parts of one upload sent at the same time; one more fills meanwhile, so an upload holds
+/// at most this many parts plus one in memory.
+pub const UPLOAD_PARTS_IN_FLIGHT: usize = 2;
+
+/// An artifact's content as a reader of at most one byte more than its announced `size`,
+/// so that a file growing while it is copied is noticed without copying the growth.
+fn bounded_reader(content: ArtifactContent) -> (Box<dyn AsyncRead + Send + Unpin>, u64) {
+    match content {
+        ArtifactContent::Bytes(data) => {
+            let size = data.len() as u64;
+            (Box::new(std::io::Cursor::new(data)), size)
+        }
+        ArtifactContent::File { file, size } => (Box::new(file.take(size.saturating_add(1))), size),
+    }
+}
+
+/// Why a copy of `copied` bytes does not match the announced `size`; `None` when it does.
+fn size_mismatch(size: u64, copied: u64) -> Option<String> {
+    match copied.cmp(&size) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Greater => Some(format!(
+            "the file grew past its {size} bytes while it was stored"
+        )),
+        std::cmp::Ordering::Less => Some(format!(
+            "the file shrank from {size} to {copied} bytes while it was stored"
+        )),
+    }
+}
 use crate::store::runs::{ArtifactRow, Fenced, insert_artifact};
 
 /// Limits and place of the artifact store.
@@ -90,8 +129,14 @@ fn bucket_backend(url: &str, _options: &[(String, String)]) -> ArtifactBackend {
 }
 
 impl ArtifactBackend {
-    /// Stores one file; returns its URL.
-    async fn write(&self, run_id: Uuid, name: &str, data: &[u8]) -> Result<String, String> {
+    /// Stores one artifact, streaming it; returns its URL.
+    async fn write(
+        &self,
+        run_id: Uuid,
+        name: &str,
+        content: ArtifactContent,
+    ) -> Result<String, String> {
+        let (mut reader, size) = bounded_reader(content);
         match self {
             ArtifactBackend::Local(dir) => {
                 let folder = dir.join(run_id.to_string());
@@ -99,9 +144,21 @@ impl ArtifactBackend {
                 tokio::fs::create_dir_all(&folder)
                     .await
                     .map_err(|error| error.to_string())?;
-                tokio::fs::write(&path, data)
-                    .await
-                    .map_err(|error| error.to_string())?;
+                let copied = async {
+                    let mut file = tokio::fs::File::create(&path).await?;
+                    let copied = tokio::io::copy(&mut reader, &mut file).await?;
+                    file.flush().await?;
+                    Ok::<u64, std::io::Error>(copied)
+                }
+                .await;
+                let failure = match copied {
+                    Ok(copied) => size_mismatch(size, copied),
+                    Err(error) => Some(error.to_string()),
+                };
+                if let Some(failure) = failure {
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return Err(failure);
+                }
                 Ok(file_url(&path))
             }
             #[cfg(feature = "s3")]
@@ -110,7 +167,6 @@ impl ArtifactBackend {
                 bucket,
                 prefix,
             } => {
-                use object_store::ObjectStoreExt;
                 let key = if prefix.is_empty() {
                     format!("{run_id}/{name}")
                 } else {
@@ -118,10 +174,22 @@ impl ArtifactBackend {
                 };
                 let location =
                     object_store::path::Path::parse(&key).map_err(|error| error.to_string())?;
-                store
-                    .put(&location, object_store::PutPayload::from(data.to_vec()))
-                    .await
-                    .map_err(|error| error.to_string())?;
+                let mut upload = object_store::buffered::BufWriter::with_capacity(
+                    store.clone(),
+                    location.clone(),
+                    UPLOAD_PART_BYTES,
+                )
+                .with_max_concurrency(UPLOAD_PARTS_IN_FLIGHT);
+                let failure = match tokio::io::copy(&mut reader, &mut upload).await {
+                    Ok(copied) => size_mismatch(size, copied),
+                    Err(error) => Some(error.to_string()),
+                };
+                if let Some(failure) = failure {
+                    // Nothing is stored until the upload completes; abort drops its parts.
+                    let _ = upload.abort().await;
+                    return Err(failure);
+                }
+                upload.shutdown().await.map_err(|error| error.to_string())?;
                 Ok(format!("s3://{bucket}/{location}"))
             }
             ArtifactBackend::Unavailable(reason) => Err(reason.clone()),
@@ -215,8 +283,9 @@ pub async fn run_store(
     let mut totals = ArtifactTotals::default();
     let mut used_names: Vec<String> = Vec::new();
     while let Some(artifact) = receiver.recv().await {
-        let size = artifact.data.len() as u64;
-        if size > options.max_bytes || totals.bytes + size > options.max_bytes_per_run {
+        let size = artifact.size();
+        if size > options.max_bytes || totals.bytes.saturating_add(size) > options.max_bytes_per_run
+        {
             totals.rejected += 1;
             crate::measure::artifact_rejected();
             logs.log(
@@ -233,25 +302,27 @@ pub async fn run_store(
             continue;
         }
         let name = unique_name(&safe_name(&artifact.name), &mut used_names);
-        let url = match options.backend.write(run_id, &name, &artifact.data).await {
+        let ArtifactFile {
+            name: given_name,
+            content_type,
+            content,
+        } = artifact;
+        let url = match options.backend.write(run_id, &name, content).await {
             Ok(url) => url,
             Err(error) => {
                 totals.rejected += 1;
                 tracing::warn!(error = %error, "could not store an artifact");
                 logs.log(
                     Level::Warn,
-                    format!("artifact {:?} not stored: {error}", artifact.name),
+                    format!("artifact {given_name:?} not stored: {error}"),
                 )
                 .await;
                 continue;
             }
         };
         let row = ArtifactRow {
-            name: artifact.name.clone(),
-            content_type: artifact
-                .content_type
-                .clone()
-                .unwrap_or_else(|| guess_type(&artifact.name).to_string()),
+            content_type: content_type.unwrap_or_else(|| guess_type(&given_name).to_string()),
+            name: given_name.clone(),
             size: size.min(i32::MAX as u64) as i32,
             url,
         };
@@ -278,7 +349,7 @@ pub async fn run_store(
                     tracing::warn!(error = %error, "could not record an artifact");
                     logs.log(
                         Level::Warn,
-                        format!("artifact {:?} not recorded: {error}", artifact.name),
+                        format!("artifact {given_name:?} not recorded: {error}"),
                     )
                     .await;
                 }
@@ -382,5 +453,52 @@ mod tests {
         assert_eq!(path_of_file_url("file:///x/%zz"), None);
         assert_eq!(path_of_file_url("s3://b/k"), None);
         assert_eq!(file_url(Path::new("/tmp/a b.md")), "file:///tmp/a%20b.md");
+    }
+
+    fn file_of(path: &Path, data: &[u8], announced: u64) -> ArtifactContent {
+        std::fs::write(path, data).unwrap();
+        ArtifactContent::File {
+            file: tokio::fs::File::from_std(std::fs::File::open(path).unwrap()),
+            size: announced,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_is_copied_only_when_it_has_the_size_it_announced() {
+        let source = tempfile::tempdir().unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let backend = ArtifactBackend::Local(store.path().to_path_buf());
+        let run_id = Uuid::new_v4();
+        let stored = store.path().join(run_id.to_string());
+
+        let content = file_of(&source.path().join("a"), b"hello", 5);
+        let url = backend.write(run_id, "a.txt", content).await.unwrap();
+        assert_eq!(
+            path_of_file_url(&url),
+            Some(std::path::absolute(stored.join("a.txt")).unwrap())
+        );
+        assert_eq!(std::fs::read(stored.join("a.txt")).unwrap(), b"hello");
+
+        // It grew after it was checked: refused after one byte more, nothing left behind.
+        let content = file_of(&source.path().join("b"), &[7; 100_000], 10);
+        assert_eq!(
+            backend.write(run_id, "b.bin", content).await.unwrap_err(),
+            "the file grew past its 10 bytes while it was stored"
+        );
+        assert!(!stored.join("b.bin").exists());
+
+        let content = file_of(&source.path().join("c"), b"abc", 5);
+        assert_eq!(
+            backend.write(run_id, "c.bin", content).await.unwrap_err(),
+            "the file shrank from 5 to 3 bytes while it was stored"
+        );
+        assert!(!stored.join("c.bin").exists());
+
+        let url = backend
+            .write(run_id, "d.md", ArtifactContent::Bytes(b"# d".to_vec()))
+            .await
+            .unwrap();
+        assert!(url.ends_with("/d.md"));
+        assert_eq!(std::fs::read(stored.join("d.md")).unwrap(), b"# d");
     }
 }

@@ -254,30 +254,37 @@ pub async fn run_pipe(
 }
 
 /// A stored line: no NUL bytes (PostgreSQL text cannot hold them), at most
-/// [`MAX_LINE_BYTES`] bytes (cut on a character boundary, with a marker).
+/// [`MAX_LINE_BYTES`] bytes (see [`cut_line`]).
 fn to_line(entry: LogEntry) -> LogLine {
-    let mut message = if entry.message.contains('\0') {
+    let message = if entry.message.contains('\0') {
         entry.message.replace('\0', "")
     } else {
         entry.message
     };
-    if message.len() > MAX_LINE_BYTES {
-        let original = message.len();
-        let mut cut = MAX_LINE_BYTES;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-        message.push_str(&format!(
-            " … [line truncated: {original} bytes, {MAX_LINE_BYTES} kept]"
-        ));
-    }
     LogLine {
         id: entry.id,
         level: entry.level.as_str(),
-        message,
+        message: cut_line(message),
         timestamp: entry.timestamp,
     }
+}
+
+/// `message` cut, on a character boundary, to at most [`MAX_LINE_BYTES`] bytes including a
+/// marker that says how long it was, and its memory given back; a shorter one unchanged (so
+/// cutting twice changes nothing). The log sink cuts each line before it is queued, so lines
+/// waiting to be written cost at most this much.
+pub fn cut_line(mut message: String) -> String {
+    if message.len() > MAX_LINE_BYTES {
+        let original = message.len();
+        let widest_marker = format!(" … [line truncated: {original} bytes, {MAX_LINE_BYTES} kept]");
+        let kept = message.floor_char_boundary(MAX_LINE_BYTES - widest_marker.len());
+        message.truncate(kept);
+        message.push_str(&format!(
+            " … [line truncated: {original} bytes, {kept} kept]"
+        ));
+        message.shrink_to_fit();
+    }
+    message
 }
 
 #[cfg(test)]
@@ -298,11 +305,17 @@ mod tests {
         assert_eq!(to_line(entry("a\0b")).message, "ab");
         let long = "é".repeat(MAX_LINE_BYTES);
         let line = to_line(entry(&long));
-        assert!(line.message.len() < MAX_LINE_BYTES + 100);
+        assert!(line.message.len() <= MAX_LINE_BYTES);
+        assert!(line.message.starts_with("éé"));
+        let kept = line.message.find(" … [line").unwrap();
         assert!(line.message.ends_with(&format!(
-            "[line truncated: {} bytes, {MAX_LINE_BYTES} kept]",
+            " … [line truncated: {} bytes, {kept} kept]",
             long.len()
         )));
+        // A cut line gives its memory back, and cutting twice changes nothing.
+        let cut = cut_line("x".repeat(10 * 1024 * 1024));
+        assert!(cut.capacity() < MAX_LINE_BYTES + 100, "{}", cut.capacity());
+        assert_eq!(cut_line(cut.clone()), cut);
     }
 
     #[test]

@@ -1,0 +1,204 @@
+//! Memory stays bounded whatever a tenant's program or endpoint sends: real `agentd run`
+//! replicas get a 2 GiB artifact file and answers that never end a line (openai, webhook);
+//! the artifact is refused without being read, each run fails with an error naming the cap
+//! long before its timeout, and the replica's peak resident memory stays under 100 MiB.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::response::Response;
+use axum::routing::post;
+use support::{Daemon, TestDb, count, create_agent, create_user, eventually, replica};
+use uuid::Uuid;
+
+/// The bound on a replica's peak resident memory (VmHWM).
+const MAX_PEAK_RSS_KIB: u64 = 100 * 1024;
+
+/// A run's timeout in these tests: far longer than any of them may take.
+const RUN_TIMEOUT: &str = "120s";
+
+/// What a finished run left in the database, and what its replica used.
+#[derive(Debug)]
+struct Finished {
+    status: String,
+    error: Option<String>,
+    logs: Vec<(String, String)>,
+    artifacts: Vec<(String, i32)>,
+    elapsed: Duration,
+    peak_rss_kib: u64,
+    read_bytes: u64,
+}
+
+/// One field (in kB or bytes) of a /proc file of `pid`.
+fn proc_figure(pid: nix::unistd::Pid, file: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|figure| figure.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/{file}: {text}"))
+}
+
+/// Runs one agent run on a fresh `agentd run` replica with `settings`; returns how it ended
+/// with the replica's peak RSS and the bytes it read from files and pipes (`rchar`).
+async fn run_on_replica(settings: &[(&str, &str)]) -> Finished {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let mut all = vec![("AGENTD__EXECUTOR__TIMEOUT", RUN_TIMEOUT)];
+    all.extend_from_slice(settings);
+    let mut daemon: Daemon = replica(&db.url, "bounded", &all);
+    daemon.wait_for("worker started", Duration::from_secs(30));
+    let started = Instant::now();
+    let run_id: Uuid = support::request_agent_run(&db.pool, agent).await;
+    eventually(Duration::from_secs(60), "the run ends", || async {
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM runs WHERE id = '{run_id}' AND status <> 'running'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let peak_rss_kib = proc_figure(daemon.pid(), "status", "VmHWM:");
+    let read_bytes = proc_figure(daemon.pid(), "io", "rchar:");
+    let (status, error): (String, Option<String>) =
+        sqlx::query_as("SELECT status, error FROM runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let logs = sqlx::query_as(
+        "SELECT level, message FROM run_logs WHERE run_id = $1 ORDER BY timestamp, id",
+    )
+    .bind(run_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let artifacts =
+        sqlx::query_as("SELECT name, size FROM run_artifacts WHERE run_id = $1 ORDER BY name")
+            .bind(run_id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    drop(daemon);
+    Finished {
+        status,
+        error,
+        logs,
+        artifacts,
+        elapsed,
+        peak_rss_kib,
+        read_bytes,
+    }
+}
+
+/// Serves, on a free loopback port, a POST route at `path` that answers 200 with `content_type`
+/// and a body of `x` bytes that never ends (no line end, ever); returns the URL.
+async fn endless_server(path: &str, content_type: &'static str) -> String {
+    let router = Router::new().route(
+        path,
+        post(move || async move {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let body =
+                futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+            Response::builder()
+                .header("content-type", content_type)
+                .body(Body::from_stream(body))
+                .unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    format!("http://{address}{path}")
+}
+
+fn assert_bounded(run: &Finished) {
+    assert!(
+        run.peak_rss_kib < MAX_PEAK_RSS_KIB,
+        "the replica's peak RSS was {} KiB: {run:?}",
+        run.peak_rss_kib
+    );
+    assert!(run.elapsed < Duration::from_secs(60), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_2_gib_artifact_is_refused_unread_and_a_small_one_stored() {
+    let program = serde_json::to_string(&[
+        "sh",
+        "-c",
+        "truncate -s 2G \"$AGENTD_ARTIFACTS_DIR/big.bin\" && \
+         printf 'small' > \"$AGENTD_ARTIFACTS_DIR/small.txt\"",
+    ])
+    .unwrap();
+    let run = run_on_replica(&[
+        ("AGENTD__EXECUTOR__DEFAULT", "command"),
+        ("AGENTD__EXECUTORS__COMMAND__PROGRAM", &program),
+    ])
+    .await;
+    assert_eq!(run.status, "completed", "{run:?}");
+    assert_eq!(run.artifacts, vec![("small.txt".to_string(), 5)]);
+    assert!(
+        run.logs.iter().any(|(level, message)| level == "warn"
+            && message.starts_with(
+                "artifact \"big.bin\" not stored: 2147483648 bytes is over the limit"
+            )),
+        "{:?}",
+        run.logs
+    );
+    // The file was not read: all the replica read from files is far less than it.
+    assert!(run.read_bytes < 16 << 20, "read {} bytes", run.read_bytes);
+    assert_bounded(&run);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_stream_without_a_line_end_fails_the_run_at_the_event_cap() {
+    let url = endless_server("/v1/chat/completions", "text/event-stream").await;
+    let base_url = url.trim_end_matches("/chat/completions").to_string();
+    let run = run_on_replica(&[
+        ("AGENTD__EXECUTOR__DEFAULT", "openai"),
+        ("AGENTD__EXECUTORS__OPENAI__BASE_URL", &base_url),
+    ])
+    .await;
+    assert_eq!(run.status, "failed", "{run:?}");
+    assert_eq!(
+        run.error.as_deref(),
+        Some(
+            "the model sent a stream event over 1048576 bytes, the limit of one event; \
+             stopped after 0 characters"
+        )
+    );
+    assert_bounded(&run);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_stream_without_a_line_end_fails_the_run_at_the_line_cap() {
+    let url = endless_server("/hook", "application/x-ndjson").await;
+    let run = run_on_replica(&[
+        ("AGENTD__EXECUTOR__DEFAULT", "webhook"),
+        ("AGENTD__EXECUTORS__WEBHOOK__URL", &url),
+        (
+            "AGENTD__EXECUTORS__WEBHOOK__SECRET_ENV",
+            "TEST_WEBHOOK_SECRET",
+        ),
+        ("TEST_WEBHOOK_SECRET", "whsec-test"),
+    ])
+    .await;
+    assert_eq!(run.status, "failed", "{run:?}");
+    let error = run.error.as_deref().unwrap_or_default();
+    // artifacts.max_bytes (10 MiB) in base64, plus 64 KiB.
+    assert!(
+        error.starts_with(
+            "the webhook sent an event line over 14046552 bytes, the limit of one event"
+        ),
+        "{error}"
+    );
+    assert_bounded(&run);
+}
