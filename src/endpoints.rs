@@ -4,9 +4,12 @@
 //! The server starts before the database is reached, so an orchestrator sees a live but
 //! not-ready process while agentd connects, and it stops after the worker has finished, so
 //! liveness holds through the shutdown grace period while readiness already says no.
+//!
+//! No request reaches the database: `/readyz` reads the last answer of the readiness check
+//! ([`crate::readiness`]), which runs on a connection of its own, so a flood of requests
+//! costs the worker's pool nothing.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -16,13 +19,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::config::DatabaseSettings;
 use crate::health::Health;
+use crate::readiness::DatabaseReadiness;
 
-/// Longest the readiness check waits for the database.
-const READY_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often histogram buckets are folded and idle metrics expired.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -30,8 +34,10 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Endpoints {
     health: Health,
-    pool: Arc<OnceLock<PgPool>>,
+    database: DatabaseReadiness,
     metrics: Option<PrometheusHandle>,
+    /// The readiness check, which the server waits for when it stops.
+    tasks: TaskTracker,
 }
 
 impl Endpoints {
@@ -39,14 +45,30 @@ impl Endpoints {
     pub fn new(health: Health, metrics: Option<PrometheusHandle>) -> Endpoints {
         Endpoints {
             health,
-            pool: Arc::new(OnceLock::new()),
+            database: DatabaseReadiness::new(),
             metrics,
+            tasks: TaskTracker::new(),
         }
     }
 
-    /// The database is connected: readiness can check it from now on.
-    pub fn set_pool(&self, pool: PgPool) {
-        let _ = self.pool.set(pool);
+    /// The database is reachable: from now on readiness follows a background check on a
+    /// connection of its own, made with the worker's connection `options`, until `stop`
+    /// fires. Requests never reach the database themselves.
+    pub fn check_database(
+        &self,
+        options: PgConnectOptions,
+        settings: &DatabaseSettings,
+        stop: CancellationToken,
+    ) {
+        let check = self
+            .database
+            .check(options, settings.connect_timeout, settings.max_backoff);
+        let stopping = stop.clone();
+        self.tasks.spawn(self.health.watch(
+            "readiness check",
+            move || stopping.is_cancelled(),
+            check.run(stop),
+        ));
     }
 
     /// The routes, for serving or for tests.
@@ -58,7 +80,8 @@ impl Endpoints {
             .with_state(self.clone())
     }
 
-    /// Binds `addr` (failing at once if it cannot) and serves until `stop` fires.
+    /// Binds `addr` (failing at once if it cannot) and serves until `stop` fires; the
+    /// returned task ends once the readiness check has stopped too.
     pub async fn bind(
         &self,
         addr: SocketAddr,
@@ -71,6 +94,7 @@ impl Endpoints {
         tracing::info!(addr = %bound, "operations endpoints listening (/healthz, /readyz, /metrics)");
         let router = self.router();
         let upkeep = self.metrics.clone();
+        let tasks = self.tasks.clone();
         Ok(tokio::spawn(async move {
             let upkeep_stop = stop.clone();
             if let Some(handle) = upkeep {
@@ -89,6 +113,8 @@ impl Endpoints {
             if let Err(error) = served {
                 tracing::warn!(error = %error, "operations endpoints stopped");
             }
+            tasks.close();
+            tasks.wait().await;
         }))
     }
 }
@@ -105,7 +131,7 @@ async fn healthz(State(endpoints): State<Endpoints>) -> Response {
 }
 
 async fn readyz(State(endpoints): State<Endpoints>) -> Response {
-    match readiness(&endpoints).await {
+    match readiness(&endpoints) {
         Ok(()) => (StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -115,33 +141,18 @@ async fn readyz(State(endpoints): State<Endpoints>) -> Response {
     }
 }
 
-/// Ready: not shutting down, the worker serving, the database answering within
-/// [`READY_TIMEOUT`], and every migration of this binary applied.
-async fn readiness(endpoints: &Endpoints) -> Result<(), String> {
+/// Ready: not shutting down, alive, the database check's last answer ready, and the
+/// worker serving. Answered from memory.
+fn readiness(endpoints: &Endpoints) -> Result<(), String> {
+    // Read first: shutdown marks the process stopping before the worker stops serving, so
+    // a worker found not serving because it stopped is found stopping below.
+    let serving = endpoints.health.serving();
     if endpoints.health.stopping() {
         return Err("shutting down".into());
     }
     endpoints.health.liveness()?;
-    let Some(pool) = endpoints.pool.get() else {
-        return Err("connecting to the database".into());
-    };
-    let pending = tokio::time::timeout(READY_TIMEOUT, crate::store::pending_migrations(pool))
-        .await
-        .map_err(|_| format!("database did not answer within {READY_TIMEOUT:?}"))?
-        .map_err(|error| format!("database unreachable: {error}"))?;
-    if !pending.is_empty() {
-        let versions: Vec<String> = pending.iter().map(i64::to_string).collect();
-        return Err(format!(
-            "migrations pending: {} (run `agentd migrate`)",
-            versions.join(", ")
-        ));
-    }
-    // Shutdown may have begun (and the worker stopped serving) while the database was
-    // asked: that is "shutting down", not "not started yet".
-    if endpoints.health.stopping() {
-        return Err("shutting down".into());
-    }
-    if !endpoints.health.serving() {
+    endpoints.database.verdict()?;
+    if !serving {
         return Err("worker not started yet".into());
     }
     Ok(())

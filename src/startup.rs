@@ -148,7 +148,11 @@ pub async fn run(
         }
     };
     if let Some((served, _)) = &endpoints {
-        served.set_pool(database.pool.clone());
+        served.check_database(
+            (*database.pool.connect_options()).clone(),
+            &settings.database,
+            http_stop.clone(),
+        );
     }
     if migrate || settings.database.migrate {
         match store::migrate(&database.pool).await {
