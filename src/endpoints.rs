@@ -7,14 +7,15 @@
 //!
 //! No request reaches the database: `/readyz` reads the last answer of the readiness check
 //! ([`crate::readiness`]), which runs on a connection of its own, so a flood of requests
-//! costs the worker's pool nothing.
+//! costs the worker's pool nothing. With `http.token_env` set, `/readyz` and `/metrics`
+//! require the bearer token; `/healthz` stays open for probes that cannot send one.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -23,7 +24,7 @@ use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::DatabaseSettings;
+use crate::config::{BearerToken, DatabaseSettings};
 use crate::health::Health;
 use crate::readiness::DatabaseReadiness;
 
@@ -36,17 +37,24 @@ pub struct Endpoints {
     health: Health,
     database: DatabaseReadiness,
     metrics: Option<PrometheusHandle>,
+    token: Option<BearerToken>,
     /// The readiness check, which the server waits for when it stops.
     tasks: TaskTracker,
 }
 
 impl Endpoints {
-    /// Endpoints reporting `health`, and metrics from `metrics` when a recorder is installed.
-    pub fn new(health: Health, metrics: Option<PrometheusHandle>) -> Endpoints {
+    /// Endpoints reporting `health`, and metrics from `metrics` when a recorder is installed;
+    /// with a `token`, `/readyz` and `/metrics` answer only requests bearing it.
+    pub fn new(
+        health: Health,
+        metrics: Option<PrometheusHandle>,
+        token: Option<BearerToken>,
+    ) -> Endpoints {
         Endpoints {
             health,
             database: DatabaseReadiness::new(),
             metrics,
+            token,
             tasks: TaskTracker::new(),
         }
     }
@@ -91,7 +99,11 @@ impl Endpoints {
             .await
             .map_err(|error| anyhow::anyhow!("http.listen: cannot listen on {addr}: {error}"))?;
         let bound = listener.local_addr()?;
-        tracing::info!(addr = %bound, "operations endpoints listening (/healthz, /readyz, /metrics)");
+        tracing::info!(
+            addr = %bound,
+            token_required = self.token.is_some(),
+            "operations endpoints listening (/healthz, /readyz, /metrics)"
+        );
         let router = self.router();
         let upkeep = self.metrics.clone();
         let tasks = self.tasks.clone();
@@ -117,6 +129,34 @@ impl Endpoints {
             tasks.wait().await;
         }))
     }
+
+    /// Whether the request may read `/readyz` and `/metrics`: always without a token,
+    /// otherwise only with `Authorization: Bearer <token>`.
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let Some(value) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+        else {
+            return false;
+        };
+        let Some((scheme, credentials)) = value.trim().split_once(' ') else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case("bearer") && token.matches(credentials.trim())
+    }
+}
+
+/// 401 for a missing or wrong token, the same whichever it was.
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        axum::Json(json!({"status": "unauthorized"})),
+    )
+        .into_response()
 }
 
 async fn healthz(State(endpoints): State<Endpoints>) -> Response {
@@ -130,7 +170,10 @@ async fn healthz(State(endpoints): State<Endpoints>) -> Response {
     }
 }
 
-async fn readyz(State(endpoints): State<Endpoints>) -> Response {
+async fn readyz(State(endpoints): State<Endpoints>, headers: HeaderMap) -> Response {
+    if !endpoints.authorized(&headers) {
+        return unauthorized();
+    }
     match readiness(&endpoints) {
         Ok(()) => (StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response(),
         Err(reason) => (
@@ -158,7 +201,10 @@ fn readiness(endpoints: &Endpoints) -> Result<(), String> {
     Ok(())
 }
 
-async fn metrics(State(endpoints): State<Endpoints>) -> Response {
+async fn metrics(State(endpoints): State<Endpoints>, headers: HeaderMap) -> Response {
+    if !endpoints.authorized(&headers) {
+        return unauthorized();
+    }
     match &endpoints.metrics {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -173,13 +219,15 @@ async fn metrics(State(endpoints): State<Endpoints>) -> Response {
     }
 }
 
-/// `agentd healthcheck`: GET `url` with a short timeout; true on HTTP 200. For container
-/// health checks in images that have no curl.
-pub async fn probe(url: &str) -> anyhow::Result<()> {
+/// `agentd healthcheck`: GET `url` with a short timeout, bearing `token` when there is
+/// one; true on HTTP 200. For container health checks in images that have no curl.
+pub async fn probe(url: &str, token: Option<&BearerToken>) -> anyhow::Result<()> {
     let client = crate::executor::http::client().map_err(anyhow::Error::msg)?;
-    let response = client
-        .get(url)
-        .timeout(Duration::from_secs(3))
+    let mut request = client.get(url).timeout(Duration::from_secs(3));
+    if let Some(token) = token {
+        request = request.bearer_auth(token.expose());
+    }
+    let response = request
         .send()
         .await
         .map_err(|error| anyhow::anyhow!("{url}: {error}"))?;

@@ -30,6 +30,26 @@ async fn get(url: &str) -> (u16, String) {
     (status, response.text().await.unwrap())
 }
 
+/// GET `url` with an `Authorization` header when given: status code, the
+/// `WWW-Authenticate` header, and body.
+async fn get_with(url: &str, authorization: Option<&str>) -> (u16, Option<String>, String) {
+    let client = agentd::executor::http::client().unwrap();
+    let mut request = client.get(url).timeout(Duration::from_secs(10));
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = response.status().as_u16();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|value| value.to_str().unwrap().to_string());
+    (status, challenge, response.text().await.unwrap())
+}
+
 /// The endpoints' base URL, from the daemon's "listening" line.
 fn endpoints_of(daemon: &mut Daemon) -> String {
     let line = daemon.wait_for("operations endpoints listening", Duration::from_secs(20));
@@ -815,4 +835,116 @@ async fn a_thousand_concurrent_readyz_requests_do_not_delay_lease_renewals() {
         .filter(|line| line.contains("lease lost") || line.contains("worker lost"))
         .collect();
     assert!(lost.is_empty(), "{lost:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bearer_token_guards_readyz_and_metrics_and_healthz_stays_open() {
+    let db = TestDb::migrated().await;
+    let token = Uuid::new_v4().simple().to_string();
+    let mut daemon = replica(
+        &db.url,
+        "guarded-1",
+        &[
+            ("AGENTD__HTTP__TOKEN_ENV", "OPS_BEARER_TOKEN"),
+            ("OPS_BEARER_TOKEN", &token),
+        ],
+    );
+    let base = endpoints_of(&mut daemon);
+    let bearer = format!("Bearer {token}");
+    daemon.wait_for("worker started", Duration::from_secs(20));
+    eventually(Duration::from_secs(20), "ready with the token", || async {
+        get_with(&format!("{base}/readyz"), Some(&bearer)).await.0 == 200
+    })
+    .await;
+
+    assert_eq!(get_with(&format!("{base}/healthz"), None).await.0, 200);
+    let refused = (
+        401,
+        Some("Bearer".to_string()),
+        r#"{"status":"unauthorized"}"#.to_string(),
+    );
+    for path in ["/readyz", "/metrics"] {
+        let url = format!("{base}{path}");
+        let wrong = format!("Bearer {token}x");
+        let basic = format!("Basic {token}");
+        for authorization in [
+            None,
+            Some(wrong.as_str()),
+            Some(basic.as_str()),
+            Some("Bearer"),
+        ] {
+            assert_eq!(
+                get_with(&url, authorization).await,
+                refused,
+                "{path} with {authorization:?}"
+            );
+        }
+        let lower = format!("bearer {token}");
+        for authorization in [&bearer, &lower] {
+            let (status, _, body) = get_with(&url, Some(authorization)).await;
+            assert_eq!(status, 200, "{path}: {body}");
+        }
+    }
+    let metrics = get_with(&format!("{base}/metrics"), Some(&bearer)).await.2;
+    assert!(metrics.contains("agentd_worker_info{"), "{metrics}");
+
+    // `agentd healthcheck` sends the configured token.
+    let healthcheck = |with_token: bool| {
+        let mut command = agentd();
+        command
+            .args(["healthcheck", "--url", &format!("{base}/readyz")])
+            .env("DATABASE_URL", &db.url);
+        if with_token {
+            command
+                .env("AGENTD__HTTP__TOKEN_ENV", "OPS_BEARER_TOKEN")
+                .env("OPS_BEARER_TOKEN", &token);
+        }
+        command.output().unwrap()
+    };
+    let checked = healthcheck(true);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let refused = healthcheck(false);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("HTTP 401"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+    let leaked: Vec<&String> = daemon
+        .seen
+        .iter()
+        .filter(|line| line.contains(&token))
+        .collect();
+    assert!(leaked.is_empty(), "the token is in the log: {leaked:#?}");
+
+    // A token variable that is missing or empty stops start-up (exit status 2) with one
+    // line naming the setting and the variable.
+    for value in [None, Some("")] {
+        let mut command = agentd();
+        command
+            .arg("run")
+            .env("DATABASE_URL", &db.url)
+            .env("AGENTD__HTTP__TOKEN_ENV", "OPS_BEARER_TOKEN")
+            .env_remove("OPS_BEARER_TOKEN");
+        if let Some(value) = value {
+            command.env("OPS_BEARER_TOKEN", value);
+        }
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{value:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "config: http.token_env = \"OPS_BEARER_TOKEN\" (from environment variable \
+             AGENTD__HTTP__TOKEN_ENV): the environment variable OPS_BEARER_TOKEN is not set or \
+             empty",
+            "{value:?}"
+        );
+    }
 }
