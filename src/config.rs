@@ -85,6 +85,59 @@ pub struct Settings {
 pub struct HttpSettings {
     /// `None`: no HTTP server.
     pub listen: Option<std::net::SocketAddr>,
+    /// The token `/readyz` and `/metrics` require, read from the environment variable
+    /// `http.token_env` names; `None`: they are open.
+    pub token: Option<BearerToken>,
+}
+
+/// A bearer token that callers must present, parsed from a secret: visible ASCII without
+/// spaces (what fits an `Authorization` header). Kept with its SHA-256 digest so that a
+/// presented token is compared in constant time whatever its length, and never printed.
+#[derive(Clone)]
+pub struct BearerToken {
+    value: String,
+    digest: [u8; 32],
+}
+
+impl BearerToken {
+    /// The token in `text` (surrounding whitespace, such as a file's final newline, is
+    /// not part of it); the error says what is wrong without repeating the text.
+    pub fn parse(text: &str) -> Result<BearerToken, &'static str> {
+        use sha2::Digest;
+        let value = text.trim();
+        if value.is_empty() {
+            return Err("is empty");
+        }
+        if !value.bytes().all(|byte| byte.is_ascii_graphic()) {
+            return Err(
+                "holds characters a bearer token cannot have (expected visible ASCII without spaces)",
+            );
+        }
+        Ok(BearerToken {
+            value: value.to_string(),
+            digest: sha2::Sha256::digest(value.as_bytes()).into(),
+        })
+    }
+
+    /// Whether `presented` is this token, in time that does not depend on where they
+    /// differ.
+    pub fn matches(&self, presented: &str) -> bool {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        let presented: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
+        presented.ct_eq(&self.digest).into()
+    }
+
+    /// The token itself, for a client that sends it (`agentd healthcheck`).
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+}
+
+impl fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerToken(***)")
+    }
 }
 
 /// How long run history is kept (`None`: forever).
@@ -787,6 +840,24 @@ impl Layers {
             max_bytes_per_run: self.integer("artifacts.max_bytes_per_run", 1, i64::MAX)? as u64,
         };
         let listen = self.string("http.listen")?;
+        let token_env = self.string("http.token_env")?;
+        let token = if token_env.trim().is_empty() {
+            None
+        } else {
+            let name = token_env.trim();
+            let value = self.env_value(name).ok_or_else(|| {
+                self.invalid(
+                    "http.token_env",
+                    format!("the environment variable {name} is not set or empty"),
+                )
+            })?;
+            Some(BearerToken::parse(&value).map_err(|reason| {
+                self.invalid(
+                    "http.token_env",
+                    format!("the token in the environment variable {name} {reason}"),
+                )
+            })?)
+        };
         let http = HttpSettings {
             listen: if listen.trim().is_empty() {
                 None
@@ -798,6 +869,7 @@ impl Layers {
                     )
                 })?)
             },
+            token,
         };
         let retention = RetentionSettings {
             run_logs: self.optional_age("retention.run_logs")?,
@@ -1167,6 +1239,46 @@ mod tests {
                 && error.ends_with("expected a whole number from 1 to 4294967295"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_http_token_comes_from_the_variable_http_token_env_names() {
+        let open = Settings::load(None, &env(&[])).unwrap();
+        assert!(open.http.token.is_none(), "no token by default");
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("AGENTD__HTTP__TOKEN_ENV", "OPS_TOKEN"),
+                ("OPS_TOKEN", "s3cr3t-token\n"),
+            ]),
+        )
+        .unwrap();
+        let token = settings.http.token.as_ref().expect("a token");
+        assert!(token.matches("s3cr3t-token"));
+        assert!(!token.matches("s3cr3t-toke"));
+        assert!(!token.matches("s3cr3t-token2"));
+        assert!(!token.matches(""));
+        assert_eq!(token.expose(), "s3cr3t-token");
+        let shown = format!("{:?}", settings.http);
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+
+        for value in [None, Some(""), Some("two words"), Some("caf\u{e9}")] {
+            let mut pairs = vec![("AGENTD__HTTP__TOKEN_ENV", "OPS_TOKEN")];
+            if let Some(value) = value {
+                pairs.push(("OPS_TOKEN", value));
+            }
+            let error = Settings::load(None, &env(&pairs)).unwrap_err().to_string();
+            assert!(
+                error.starts_with(
+                    "config: http.token_env = \"OPS_TOKEN\" (from environment variable \
+                     AGENTD__HTTP__TOKEN_ENV): "
+                ) && error.contains("OPS_TOKEN"),
+                "{error}"
+            );
+            if let Some(value) = value.filter(|value| !value.is_empty()) {
+                assert!(!error.contains(value), "{error}");
+            }
+        }
     }
 
     #[test]

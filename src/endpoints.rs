@@ -4,25 +4,30 @@
 //! The server starts before the database is reached, so an orchestrator sees a live but
 //! not-ready process while agentd connects, and it stops after the worker has finished, so
 //! liveness holds through the shutdown grace period while readiness already says no.
+//!
+//! No request reaches the database: `/readyz` reads the last answer of the readiness check
+//! ([`crate::readiness`]), which runs on a connection of its own, so a flood of requests
+//! costs the worker's pool nothing. With `http.token_env` set, `/readyz` and `/metrics`
+//! require the bearer token; `/healthz` stays open for probes that cannot send one.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::config::{BearerToken, DatabaseSettings};
 use crate::health::Health;
+use crate::readiness::DatabaseReadiness;
 
-/// Longest the readiness check waits for the database.
-const READY_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often histogram buckets are folded and idle metrics expired.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -30,23 +35,51 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Endpoints {
     health: Health,
-    pool: Arc<OnceLock<PgPool>>,
+    database: DatabaseReadiness,
     metrics: Option<PrometheusHandle>,
+    token: Option<BearerToken>,
+    /// The readiness check, which the server waits for when it stops.
+    tasks: TaskTracker,
 }
 
 impl Endpoints {
-    /// Endpoints reporting `health`, and metrics from `metrics` when a recorder is installed.
-    pub fn new(health: Health, metrics: Option<PrometheusHandle>) -> Endpoints {
+    /// Endpoints reporting `health`, and metrics from `metrics` when a recorder is installed;
+    /// with a `token`, `/readyz` and `/metrics` answer only requests bearing it.
+    pub fn new(
+        health: Health,
+        metrics: Option<PrometheusHandle>,
+        token: Option<BearerToken>,
+    ) -> Endpoints {
         Endpoints {
             health,
-            pool: Arc::new(OnceLock::new()),
+            database: DatabaseReadiness::new(),
             metrics,
+            token,
+            tasks: TaskTracker::new(),
         }
     }
 
-    /// The database is connected: readiness can check it from now on.
-    pub fn set_pool(&self, pool: PgPool) {
-        let _ = self.pool.set(pool);
+    /// The database is reachable: from now on readiness follows a background check on a
+    /// connection of its own, made with the worker's connection `options`, until `stop`
+    /// fires. Requests never reach the database themselves. The check is supervised like
+    /// the worker's loops: when it keeps failing, `fatal` stops the process.
+    pub fn check_database(
+        &self,
+        options: PgConnectOptions,
+        settings: &DatabaseSettings,
+        stop: CancellationToken,
+        fatal: CancellationToken,
+    ) {
+        let check = self
+            .database
+            .check(options, settings.connect_timeout, settings.max_backoff);
+        let stopping = stop.clone();
+        self.tasks.spawn(self.health.supervise(
+            "readiness check",
+            move || stopping.is_cancelled(),
+            fatal,
+            move || check.clone().run(stop.clone()),
+        ));
     }
 
     /// The routes, for serving or for tests.
@@ -58,7 +91,8 @@ impl Endpoints {
             .with_state(self.clone())
     }
 
-    /// Binds `addr` (failing at once if it cannot) and serves until `stop` fires.
+    /// Binds `addr` (failing at once if it cannot) and serves until `stop` fires; the
+    /// returned task ends once the readiness check has stopped too.
     pub async fn bind(
         &self,
         addr: SocketAddr,
@@ -68,9 +102,14 @@ impl Endpoints {
             .await
             .map_err(|error| anyhow::anyhow!("http.listen: cannot listen on {addr}: {error}"))?;
         let bound = listener.local_addr()?;
-        tracing::info!(addr = %bound, "operations endpoints listening (/healthz, /readyz, /metrics)");
+        tracing::info!(
+            addr = %bound,
+            token_required = self.token.is_some(),
+            "operations endpoints listening (/healthz, /readyz, /metrics)"
+        );
         let router = self.router();
         let upkeep = self.metrics.clone();
+        let tasks = self.tasks.clone();
         Ok(tokio::spawn(async move {
             let upkeep_stop = stop.clone();
             if let Some(handle) = upkeep {
@@ -89,8 +128,38 @@ impl Endpoints {
             if let Err(error) = served {
                 tracing::warn!(error = %error, "operations endpoints stopped");
             }
+            tasks.close();
+            tasks.wait().await;
         }))
     }
+
+    /// Whether the request may read `/readyz` and `/metrics`: always without a token,
+    /// otherwise only with `Authorization: Bearer <token>`.
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let Some(value) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+        else {
+            return false;
+        };
+        let Some((scheme, credentials)) = value.trim().split_once(' ') else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case("bearer") && token.matches(credentials.trim())
+    }
+}
+
+/// 401 for a missing or wrong token, the same whichever it was.
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        axum::Json(json!({"status": "unauthorized"})),
+    )
+        .into_response()
 }
 
 async fn healthz(State(endpoints): State<Endpoints>) -> Response {
@@ -104,8 +173,11 @@ async fn healthz(State(endpoints): State<Endpoints>) -> Response {
     }
 }
 
-async fn readyz(State(endpoints): State<Endpoints>) -> Response {
-    match readiness(&endpoints).await {
+async fn readyz(State(endpoints): State<Endpoints>, headers: HeaderMap) -> Response {
+    if !endpoints.authorized(&headers) {
+        return unauthorized();
+    }
+    match readiness(&endpoints) {
         Ok(()) => (StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -115,39 +187,27 @@ async fn readyz(State(endpoints): State<Endpoints>) -> Response {
     }
 }
 
-/// Ready: not shutting down, the worker serving, the database answering within
-/// [`READY_TIMEOUT`], and every migration of this binary applied.
-async fn readiness(endpoints: &Endpoints) -> Result<(), String> {
+/// Ready: not shutting down, alive, the database check's last answer ready, and the
+/// worker serving. Answered from memory.
+fn readiness(endpoints: &Endpoints) -> Result<(), String> {
+    // Read first: shutdown marks the process stopping before the worker stops serving, so
+    // a worker found not serving because it stopped is found stopping below.
+    let serving = endpoints.health.serving();
     if endpoints.health.stopping() {
         return Err("shutting down".into());
     }
     endpoints.health.liveness()?;
-    let Some(pool) = endpoints.pool.get() else {
-        return Err("connecting to the database".into());
-    };
-    let pending = tokio::time::timeout(READY_TIMEOUT, crate::store::pending_migrations(pool))
-        .await
-        .map_err(|_| format!("database did not answer within {READY_TIMEOUT:?}"))?
-        .map_err(|error| format!("database unreachable: {error}"))?;
-    if !pending.is_empty() {
-        let versions: Vec<String> = pending.iter().map(i64::to_string).collect();
-        return Err(format!(
-            "migrations pending: {} (run `agentd migrate`)",
-            versions.join(", ")
-        ));
-    }
-    // Shutdown may have begun (and the worker stopped serving) while the database was
-    // asked: that is "shutting down", not "not started yet".
-    if endpoints.health.stopping() {
-        return Err("shutting down".into());
-    }
-    if !endpoints.health.serving() {
+    endpoints.database.verdict()?;
+    if !serving {
         return Err("worker not started yet".into());
     }
     Ok(())
 }
 
-async fn metrics(State(endpoints): State<Endpoints>) -> Response {
+async fn metrics(State(endpoints): State<Endpoints>, headers: HeaderMap) -> Response {
+    if !endpoints.authorized(&headers) {
+        return unauthorized();
+    }
     match &endpoints.metrics {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -165,18 +225,20 @@ async fn metrics(State(endpoints): State<Endpoints>) -> Response {
 /// Longest `agentd healthcheck` waits for an answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// `agentd healthcheck`: GET `url` with a short timeout; true on HTTP 200. For container
-/// health checks in images that have no curl.
-pub async fn probe(url: &str) -> anyhow::Result<()> {
+/// `agentd healthcheck`: GET `url` with a short timeout, bearing `token` when there is
+/// one; true on HTTP 200. For container health checks in images that have no curl.
+pub async fn probe(url: &str, token: Option<&BearerToken>) -> anyhow::Result<()> {
     use crate::executor::http;
     let client = http::client(crate::config::HttpClientSettings {
         connect_timeout: PROBE_TIMEOUT,
         read_timeout: PROBE_TIMEOUT,
     })
     .map_err(anyhow::Error::msg)?;
-    let response = client
-        .get(url)
-        .timeout(PROBE_TIMEOUT)
+    let mut request = client.get(url).timeout(PROBE_TIMEOUT);
+    if let Some(token) = token {
+        request = request.bearer_auth(token.expose());
+    }
+    let response = request
         .send()
         .await
         .map_err(|error| anyhow::anyhow!("{url}: {error}"))?;

@@ -125,7 +125,7 @@ pub async fn run(
     let mut endpoints = None;
     if let Some(addr) = settings.http.listen {
         let metrics = crate::measure::install(&settings.worker.id);
-        let served = Endpoints::new(health.clone(), metrics);
+        let served = Endpoints::new(health.clone(), metrics, settings.http.token.clone());
         let task = served.bind(addr, http_stop.clone()).await?;
         endpoints = Some((served, task));
     }
@@ -148,7 +148,12 @@ pub async fn run(
         }
     };
     if let Some((served, _)) = &endpoints {
-        served.set_pool(database.pool.clone());
+        served.check_database(
+            (*database.pool.connect_options()).clone(),
+            &settings.database,
+            http_stop.clone(),
+            shutdown.clone(),
+        );
     }
     if migrate || settings.database.migrate {
         match store::migrate(&database.pool).await {
@@ -206,7 +211,8 @@ pub async fn status(
     Ok(())
 }
 
-/// `agentd healthcheck`: GET the liveness endpoint; an error says why it failed.
+/// `agentd healthcheck`: GET the liveness endpoint (or `url`, with the bearer token when
+/// one is configured); an error says why it failed.
 pub async fn healthcheck(settings: &Settings, url: Option<&str>) -> anyhow::Result<()> {
     let url = match url {
         Some(url) => url.to_string(),
@@ -220,7 +226,7 @@ pub async fn healthcheck(settings: &Settings, url: Option<&str>) -> anyhow::Resu
             format!("http://{addr}/healthz")
         }
     };
-    crate::endpoints::probe(&url).await
+    crate::endpoints::probe(&url, settings.http.token.as_ref()).await
 }
 
 /// Exit status of `trigger --wait` when the run failed.

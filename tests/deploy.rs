@@ -1097,3 +1097,47 @@ fn systemd_unit_migrates_runs_and_drains() {
         "{origin}: WorkingDirectory must be the StateDirectory, the only writable place"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Every file
+
+/// The `AGENTD__…` variables a text names anywhere, comments included.
+fn named_variables(text: &str) -> BTreeSet<&str> {
+    text.split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+        .filter(|word| word.starts_with("AGENTD__"))
+        .collect()
+}
+
+#[test]
+fn every_setting_the_deployment_files_name_exists() {
+    // Examples in comments and instructions are meant to be copied: an unknown key stops
+    // agentd with exit status 2. AGENTD__SECTION__KEY is the pattern itself.
+    let mut files = vec![
+        "Dockerfile".to_string(),
+        "compose.yaml".to_string(),
+        "deploy/README.md".to_string(),
+    ];
+    for folder in ["deploy/kubernetes", "deploy/systemd"] {
+        let mut names: Vec<String> = std::fs::read_dir(root().join(folder))
+            .unwrap_or_else(|error| panic!("cannot list {folder}: {error}"))
+            .map(|entry| format!("{folder}/{}", entry.unwrap().file_name().to_string_lossy()))
+            .collect();
+        names.sort();
+        files.extend(names);
+    }
+    let mut seen = BTreeSet::new();
+    for file in &files {
+        let text = read(file);
+        let names: Vec<&str> = named_variables(&text)
+            .into_iter()
+            .filter(|name| *name != "AGENTD__SECTION__KEY")
+            .collect();
+        assert_known_variables(names.iter().copied(), file);
+        seen.extend(names.into_iter().map(str::to_string));
+    }
+    // The token's instructions are comments only: they are checked here or nowhere.
+    assert!(
+        seen.contains("AGENTD__HTTP__TOKEN_ENV"),
+        "no deployment file shows how to set http.token_env: {seen:?}"
+    );
+}

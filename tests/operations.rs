@@ -34,6 +34,26 @@ async fn get(url: &str) -> (u16, String) {
     (status, response.text().await.unwrap())
 }
 
+/// GET `url` with an `Authorization` header when given: status code, the
+/// `WWW-Authenticate` header, and body.
+async fn get_with(url: &str, authorization: Option<&str>) -> (u16, Option<String>, String) {
+    let client = agentd::executor::http::client().unwrap();
+    let mut request = client.get(url).timeout(Duration::from_secs(10));
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = response.status().as_u16();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|value| value.to_str().unwrap().to_string());
+    (status, challenge, response.text().await.unwrap())
+}
+
 /// The endpoints' base URL, from the daemon's "listening" line.
 fn endpoints_of(daemon: &mut Daemon) -> String {
     let line = daemon.wait_for("operations endpoints listening", Duration::from_secs(20));
@@ -152,7 +172,8 @@ async fn endpoints_follow_the_database_and_metrics_move_with_runs() {
         "{later}"
     );
 
-    // The database goes away: not ready (with the reason), still alive; back: ready.
+    // The database goes away: not ready (with a reason of ours, not the database's error
+    // text), still alive; back: ready.
     server.stop().await;
     let body = wait_status(
         &format!("{base}/readyz"),
@@ -160,13 +181,32 @@ async fn endpoints_follow_the_database_and_metrics_move_with_runs() {
         "not ready without the database",
     )
     .await;
-    let body: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(body["status"], "not ready");
-    assert!(
-        body["reason"].as_str().unwrap().starts_with("database"),
-        "{body}"
-    );
+    let expected = serde_json::json!({"status": "not ready", "reason": "database unreachable"});
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), expected);
+    // Many requests during the outage: the same answer, and the error logged once.
+    for _ in 0..50 {
+        let (status, body) = get(&format!("{base}/readyz")).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), expected);
+    }
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    let warnings: Vec<Value> = daemon
+        .drain()
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|line| line["message"] == "readiness check: not ready")
+        .collect();
+    assert!(
+        !warnings.is_empty() && warnings.len() <= 2,
+        "one warn line per change, not per request: {warnings:#?}"
+    );
+    for warning in &warnings {
+        assert_eq!(warning["level"], "warn", "{warning}");
+        assert!(
+            !warning["error"].as_str().unwrap_or("").is_empty(),
+            "the log has the error: {warning}"
+        );
+    }
     let server = EmbeddedPostgres::start(&options).await.unwrap();
     wait_status(&format!("{base}/readyz"), 200, "ready again").await;
     let metrics = get(&format!("{base}/metrics")).await.1;
@@ -633,5 +673,282 @@ async fn status_shows_workers_runs_in_flight_backlog_invalid_schedules_and_the_l
 
     for worker in workers {
         worker.stop().await;
+    }
+}
+
+/// Sends `concurrency` GET requests to `url` at once, and again as each one is answered,
+/// until `stop` fires or each sender has sent `rounds`; returns how many answers had each
+/// status (0: no answer).
+async fn flood(
+    url: &str,
+    concurrency: usize,
+    rounds: usize,
+    stop: &tokio_util::sync::CancellationToken,
+) -> std::collections::BTreeMap<u16, usize> {
+    let client = agentd::executor::http::client().unwrap();
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(concurrency));
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, url, start, stop) =
+            (client.clone(), url.to_string(), start.clone(), stop.clone());
+        senders.spawn(async move {
+            let mut seen = Vec::new();
+            start.wait().await;
+            for _ in 0..rounds {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let answer = client
+                    .get(&url)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                let status = match answer {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let _ = response.bytes().await;
+                        status
+                    }
+                    Err(_) => 0,
+                };
+                seen.push(status);
+            }
+            seen
+        });
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    while let Some(seen) = senders.join_next().await {
+        for status in seen.unwrap() {
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_concurrent_readyz_requests_do_not_delay_lease_renewals() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    // The database notes the time of every lease write (taken or renewed), so the test sees
+    // each renewal however busy it is itself.
+    support::execute_script(
+        &db.pool,
+        "CREATE TABLE lease_writes (run_id uuid, at timestamptz);
+         CREATE FUNCTION note_lease_write() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO lease_writes VALUES (NEW.run_id, clock_timestamp());
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER note_lease_write AFTER INSERT OR UPDATE OF expires_at ON agentd.leases
+           FOR EACH ROW EXECUTE FUNCTION note_lease_write();",
+    )
+    .await;
+    let mut daemon = replica(
+        &db.url,
+        "flooded-1",
+        &[
+            // Renewed every second.
+            ("AGENTD__LEASE__TTL", "3s"),
+            // The smallest pool that works (the listener holds one connection): the first
+            // thing requests that queried through it would exhaust.
+            ("AGENTD__DATABASE__MAX_CONNECTIONS", "2"),
+            // Two pauses: a run of about 10 s, more than three leases long.
+            ("AGENTD__EXECUTORS__BUILTIN__STEP_DELAY", "5s"),
+        ],
+    );
+    let base = endpoints_of(&mut daemon);
+    wait_status(&format!("{base}/readyz"), 200, "ready before the flood").await;
+    let run = request_agent_run(&db.pool, agent).await;
+    let has_lease = || async {
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM agentd.leases WHERE run_id = '{run}'"),
+        )
+        .await
+            == 1
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the run holds its lease",
+        has_lease,
+    )
+    .await;
+
+    // The flood lasts as long as the run, with at most 100 requests per sender.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let until_done = {
+        let (pool, stop) = (db.pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(40);
+            while std::time::Instant::now() < deadline
+                && count(
+                    &pool,
+                    &format!("SELECT count(*) FROM runs WHERE id = '{run}' AND status = 'running'"),
+                )
+                .await
+                    == 1
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            stop.cancel();
+        })
+    };
+    let statuses = tokio::time::timeout(
+        Duration::from_secs(60),
+        flood(&format!("{base}/readyz"), 1000, 100, &stop),
+    )
+    .await
+    .expect("the flood ends within a minute");
+    until_done.await.unwrap();
+
+    let state: (String, Option<String>) =
+        sqlx::query_as("SELECT status, error FROM runs WHERE id = $1")
+            .bind(run)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, ("completed".to_string(), None), "{statuses:?}");
+    let answered: usize = statuses.values().sum();
+    assert!(answered >= 1000, "{statuses:?}");
+    assert_eq!(
+        statuses.get(&200),
+        Some(&answered),
+        "every answer ready: {statuses:?}"
+    );
+    // The lease keeper renews every ttl / 3 (1 s); a renewal that waited for the pool
+    // behind the requests would come late.
+    let gaps: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM at - lag(at) OVER (ORDER BY at))::float8 \
+           FROM lease_writes WHERE run_id = $1 ORDER BY at OFFSET 1",
+    )
+    .bind(run)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(gaps.len() >= 7, "renewals {gaps:?}");
+    assert!(
+        gaps.iter().all(|gap| *gap < 1.25),
+        "renewals came late: {gaps:?} ({statuses:?})"
+    );
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+    let lost: Vec<&String> = daemon
+        .seen
+        .iter()
+        .filter(|line| line.contains("lease lost") || line.contains("worker lost"))
+        .collect();
+    assert!(lost.is_empty(), "{lost:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bearer_token_guards_readyz_and_metrics_and_healthz_stays_open() {
+    let db = TestDb::migrated().await;
+    let token = Uuid::new_v4().simple().to_string();
+    let mut daemon = replica(
+        &db.url,
+        "guarded-1",
+        &[
+            ("AGENTD__HTTP__TOKEN_ENV", "OPS_BEARER_TOKEN"),
+            ("OPS_BEARER_TOKEN", &token),
+        ],
+    );
+    let base = endpoints_of(&mut daemon);
+    let bearer = format!("Bearer {token}");
+    daemon.wait_for("worker started", Duration::from_secs(20));
+    eventually(Duration::from_secs(20), "ready with the token", || async {
+        get_with(&format!("{base}/readyz"), Some(&bearer)).await.0 == 200
+    })
+    .await;
+
+    assert_eq!(get_with(&format!("{base}/healthz"), None).await.0, 200);
+    let refused = (
+        401,
+        Some("Bearer".to_string()),
+        r#"{"status":"unauthorized"}"#.to_string(),
+    );
+    for path in ["/readyz", "/metrics"] {
+        let url = format!("{base}{path}");
+        let wrong = format!("Bearer {token}x");
+        let basic = format!("Basic {token}");
+        for authorization in [
+            None,
+            Some(wrong.as_str()),
+            Some(basic.as_str()),
+            Some("Bearer"),
+        ] {
+            assert_eq!(
+                get_with(&url, authorization).await,
+                refused,
+                "{path} with {authorization:?}"
+            );
+        }
+        let lower = format!("bearer {token}");
+        for authorization in [&bearer, &lower] {
+            let (status, _, body) = get_with(&url, Some(authorization)).await;
+            assert_eq!(status, 200, "{path}: {body}");
+        }
+    }
+    let metrics = get_with(&format!("{base}/metrics"), Some(&bearer)).await.2;
+    assert!(metrics.contains("agentd_worker_info{"), "{metrics}");
+
+    // `agentd healthcheck` sends the configured token.
+    let healthcheck = |with_token: bool| {
+        let mut command = agentd();
+        command
+            .args(["healthcheck", "--url", &format!("{base}/readyz")])
+            .env("DATABASE_URL", &db.url);
+        if with_token {
+            command
+                .env("AGENTD__HTTP__TOKEN_ENV", "OPS_BEARER_TOKEN")
+                .env("OPS_BEARER_TOKEN", &token);
+        }
+        command.output().unwrap()
+    };
+    let checked = healthcheck(true);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let refused = healthcheck(false);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("HTTP 401"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+    let leaked: Vec<&String> = daemon
+        .seen
+        .iter()
+        .filter(|line| line.contains(&token))
+        .collect();
+    assert!(leaked.is_empty(), "the token is in the log: {leaked:#?}");
+
+    // A token variable that is missing or empty stops start-up (exit status 2) with one
+    // line naming the setting and the variable.
+    for value in [None, Some("")] {
+        let mut command = agentd();
+        command
+            .arg("run")
+            .env("DATABASE_URL", &db.url)
+            .env("AGENTD__HTTP__TOKEN_ENV", "OPS_BEARER_TOKEN")
+            .env_remove("OPS_BEARER_TOKEN");
+        if let Some(value) = value {
+            command.env("OPS_BEARER_TOKEN", value);
+        }
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{value:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "config: http.token_env = \"OPS_BEARER_TOKEN\" (from environment variable \
+             AGENTD__HTTP__TOKEN_ENV): the environment variable OPS_BEARER_TOKEN is not set or \
+             empty",
+            "{value:?}"
+        );
     }
 }

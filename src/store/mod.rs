@@ -7,8 +7,9 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::Connection;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseSettings;
@@ -123,16 +124,31 @@ pub fn url_with_database(url: &str, name: &str) -> String {
 /// TLS).
 pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
     let pool = PgPoolOptions::new();
-    if options.get_socket().is_some() {
+    let Some(port) = tcp_port(options) else {
         return pool;
-    }
-    let port = options.get_port();
+    };
     pool.after_connect(move |_connection, _metadata| {
         Box::pin(async move {
             socket::disable_nagle_towards(port);
             Ok(())
         })
     })
+}
+
+/// The server's port when `options` connect over TCP (`None`: a Unix socket).
+fn tcp_port(options: &PgConnectOptions) -> Option<u16> {
+    options.get_socket().is_none().then(|| options.get_port())
+}
+
+/// One connection outside any pool, for a task that must never wait for the worker's
+/// pool nor take from it (the readiness check); with the TCP options a pool's connections
+/// get. A single attempt: the caller decides when to try again.
+pub async fn connect_one(options: &PgConnectOptions) -> Result<PgConnection, StoreError> {
+    let connection = PgConnection::connect_with(options).await?;
+    if let Some(port) = tcp_port(options) {
+        socket::disable_nagle_towards(port);
+    }
+    Ok(connection)
 }
 
 /// Opens a pool, retrying failed attempts with exponential backoff and jitter (capped at
@@ -227,9 +243,14 @@ pub async fn migrate(pool: &PgPool) -> Result<MigrationReport, StoreError> {
 
 /// The versions recorded as applied (empty before the first migration).
 pub async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
+    applied_versions_on(&mut *pool.acquire().await?).await
+}
+
+/// [`applied_versions`], on a connection of the caller's.
+async fn applied_versions_on(connection: &mut PgConnection) -> Result<Vec<i64>, StoreError> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(MIGRATIONS_TABLE)
-        .fetch_one(pool)
+        .fetch_one(&mut *connection)
         .await?;
     if !exists {
         return Ok(Vec::new());
@@ -237,7 +258,7 @@ pub async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
     let versions = sqlx::query_scalar(
         "SELECT version FROM agentd._sqlx_migrations WHERE success ORDER BY version",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *connection)
     .await?;
     Ok(versions)
 }
@@ -246,7 +267,12 @@ pub async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
 /// Migrations the database has and this binary does not know (a newer agentd ran them) do
 /// not count: replicas of the previous version keep working during a rolling upgrade.
 pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
-    let applied = applied_versions(pool).await?;
+    pending_migrations_on(&mut *pool.acquire().await?).await
+}
+
+/// [`pending_migrations`], on a connection of the caller's (the readiness check's own).
+pub async fn pending_migrations_on(connection: &mut PgConnection) -> Result<Vec<i64>, StoreError> {
+    let applied = applied_versions_on(connection).await?;
     Ok(migrator()
         .iter()
         .map(|migration| migration.version)

@@ -1,0 +1,306 @@
+//! The database's part of readiness, found by one background check on a connection of its
+//! own, so that `/readyz` answers from memory: however many requests arrive, the database
+//! sees at most one check a second, and the worker's pool sees none.
+//!
+//! The check asks which of this binary's migrations the database has not applied, every
+//! [`REFRESH_INTERVAL`], or sooner when a request finds the answer "not ready", but never
+//! within [`MIN_INTERVAL`] of the previous check. A failed check drops the connection; the
+//! next attempt reconnects after the store's backoff, and no sooner than [`MIN_INTERVAL`].
+//! The answer never carries the database's error text (whoever reaches `/readyz` reads
+//! it); the error goes to the log, once each time the answer changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{self, StoreError};
+
+/// How often the check runs while its connection works.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest time between the end of one check and the start of the next, whatever
+/// asks for them.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest one check may take before the database counts as not answering.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the last check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseState {
+    /// No check has finished yet.
+    Connecting,
+    /// Reached, and every migration of this binary is applied.
+    Current,
+    /// Reached, but these migrations of this binary are not applied.
+    MigrationsPending(Vec<i64>),
+    /// No connection could be made, or it broke.
+    Unreachable,
+    /// Connected, but the server answered the check with an error.
+    Refused,
+    /// The check took longer than [`CHECK_TIMEOUT`].
+    NoAnswer,
+}
+
+impl DatabaseState {
+    /// `Ok` when this state lets the process be ready; otherwise the reason `/readyz`
+    /// gives, in our words only.
+    pub fn verdict(&self) -> Result<(), String> {
+        match self {
+            DatabaseState::Current => Ok(()),
+            DatabaseState::Connecting => Err("connecting to the database".into()),
+            DatabaseState::MigrationsPending(versions) => {
+                let versions: Vec<String> = versions.iter().map(i64::to_string).collect();
+                Err(format!(
+                    "migrations pending: {} (run `agentd migrate`)",
+                    versions.join(", ")
+                ))
+            }
+            DatabaseState::Unreachable => Err("database unreachable".into()),
+            DatabaseState::Refused => Err("database refused the readiness check".into()),
+            DatabaseState::NoAnswer => {
+                Err(format!("database did not answer within {CHECK_TIMEOUT:?}"))
+            }
+        }
+    }
+
+    /// The state a failed connection or check leaves. A server that is shutting down, or
+    /// whose connection broke (SQLSTATE classes 57P and 08), is unreachable; any other
+    /// error the server sends is a refusal.
+    fn after(error: &StoreError) -> DatabaseState {
+        match error {
+            StoreError::Sql(sqlx::Error::Database(error)) => match error.code() {
+                Some(code) if code.starts_with("57P") || code.starts_with("08") => {
+                    DatabaseState::Unreachable
+                }
+                _ => DatabaseState::Refused,
+            },
+            StoreError::Sql(_)
+            | StoreError::BadUrl(_)
+            | StoreError::Migrate(_)
+            | StoreError::GaveUp { .. }
+            | StoreError::ShutDown
+            | StoreError::Corrupt(_) => DatabaseState::Unreachable,
+        }
+    }
+}
+
+/// The last answer of the check, shared by the check (which writes it) and the requests
+/// (which read it and may ask for a fresh one).
+#[derive(Clone)]
+pub struct DatabaseReadiness {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: watch::Sender<DatabaseState>,
+    wanted: Notify,
+}
+
+impl Default for DatabaseReadiness {
+    fn default() -> DatabaseReadiness {
+        DatabaseReadiness::new()
+    }
+}
+
+impl DatabaseReadiness {
+    /// "Connecting" until a check says otherwise.
+    pub fn new() -> DatabaseReadiness {
+        DatabaseReadiness {
+            shared: Arc::new(Shared {
+                state: watch::Sender::new(DatabaseState::Connecting),
+                wanted: Notify::new(),
+            }),
+        }
+    }
+
+    /// The last answer, without touching the database. When it is "not ready", the check
+    /// is asked to look again (it does so at most once every [`MIN_INTERVAL`]), so a
+    /// database that came back, or was migrated, is seen soon.
+    pub fn verdict(&self) -> Result<(), String> {
+        let verdict = self.shared.state.borrow().verdict();
+        if verdict.is_err() {
+            self.shared.wanted.notify_one();
+        }
+        verdict
+    }
+
+    /// The check that keeps this answer current, connecting with `options` (the worker's,
+    /// under an application name of its own), at most `connect_timeout` per attempt and
+    /// `max_backoff` between failed ones.
+    pub fn check(
+        &self,
+        options: PgConnectOptions,
+        connect_timeout: Duration,
+        max_backoff: Duration,
+    ) -> DatabaseCheck {
+        DatabaseCheck {
+            readiness: self.clone(),
+            options: options.application_name("agentd readiness"),
+            connect_timeout,
+            max_backoff,
+        }
+    }
+
+    /// Stores a check's answer; a change is logged once, with the error behind it.
+    fn record(&self, state: DatabaseState, error: Option<&str>) {
+        let changed = self.shared.state.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state.clone();
+            changed
+        });
+        if !changed {
+            return;
+        }
+        match (state.verdict(), error) {
+            (Ok(()), _) => {
+                tracing::info!("readiness check: database reachable, migrations current")
+            }
+            (Err(reason), Some(error)) => {
+                tracing::warn!(reason, error, "readiness check: not ready")
+            }
+            (Err(reason), None) => tracing::info!(reason, "readiness check: not ready"),
+        }
+    }
+}
+
+/// The background check: one connection of its own, one check at a time.
+#[derive(Clone)]
+pub struct DatabaseCheck {
+    readiness: DatabaseReadiness,
+    options: PgConnectOptions,
+    connect_timeout: Duration,
+    max_backoff: Duration,
+}
+
+impl DatabaseCheck {
+    /// Checks until `stop` fires.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut connection = None;
+        let mut failures: u32 = 0;
+        loop {
+            let checked = tokio::select! {
+                checked = self.check_once(&mut connection) => checked,
+                _ = stop.cancelled() => return,
+            };
+            let finished = Instant::now();
+            let next = match checked {
+                Ok(state) => {
+                    failures = 0;
+                    self.readiness.record(state, None);
+                    let asked = tokio::select! {
+                        _ = tokio::time::sleep(REFRESH_INTERVAL) => false,
+                        _ = self.readiness.shared.wanted.notified() => true,
+                        _ = stop.cancelled() => return,
+                    };
+                    if !asked {
+                        continue;
+                    }
+                    finished + MIN_INTERVAL
+                }
+                Err((state, error)) => {
+                    failures = failures.saturating_add(1);
+                    self.readiness.record(state, Some(&error));
+                    finished + store::backoff_delay(failures, self.max_backoff).max(MIN_INTERVAL)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// One check, on `connection` (opened first when there is none). The connection is
+    /// kept only when the check succeeds; a failure gives the state and the error to log.
+    async fn check_once(
+        &self,
+        connection: &mut Option<PgConnection>,
+    ) -> Result<DatabaseState, (DatabaseState, String)> {
+        let mut open = match connection.take() {
+            Some(open) => open,
+            None => {
+                match tokio::time::timeout(self.connect_timeout, store::connect_one(&self.options))
+                    .await
+                {
+                    Ok(Ok(open)) => open,
+                    Ok(Err(error)) => {
+                        return Err((DatabaseState::after(&error), error.to_string()));
+                    }
+                    Err(_) => {
+                        return Err((
+                            DatabaseState::Unreachable,
+                            format!("no connection within {:?}", self.connect_timeout),
+                        ));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(CHECK_TIMEOUT, store::pending_migrations_on(&mut open)).await {
+            Ok(Ok(pending)) => {
+                *connection = Some(open);
+                Ok(if pending.is_empty() {
+                    DatabaseState::Current
+                } else {
+                    DatabaseState::MigrationsPending(pending)
+                })
+            }
+            Ok(Err(error)) => Err((DatabaseState::after(&error), error.to_string())),
+            Err(_) => Err((
+                DatabaseState::NoAnswer,
+                format!("no answer within {CHECK_TIMEOUT:?}"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_ours_alone() {
+        assert_eq!(DatabaseState::Current.verdict(), Ok(()));
+        assert_eq!(
+            DatabaseState::MigrationsPending(vec![20260101000008, 20260101000009]).verdict(),
+            Err("migrations pending: 20260101000008, 20260101000009 (run `agentd migrate`)".into())
+        );
+        assert_eq!(
+            DatabaseState::Unreachable.verdict(),
+            Err("database unreachable".into())
+        );
+        assert_eq!(
+            DatabaseState::NoAnswer.verdict(),
+            Err("database did not answer within 3s".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_finding_not_ready_asks_for_a_check_and_many_ask_once() {
+        let readiness = DatabaseReadiness::new();
+        for _ in 0..1000 {
+            assert_eq!(
+                readiness.verdict(),
+                Err("connecting to the database".into())
+            );
+        }
+        // One stored permit, however many requests asked.
+        readiness.shared.wanted.notified().await;
+        let again = tokio::time::timeout(
+            Duration::from_millis(50),
+            readiness.shared.wanted.notified(),
+        )
+        .await;
+        assert!(again.is_err(), "a second permit was stored");
+        readiness.record(DatabaseState::Current, None);
+        assert_eq!(readiness.verdict(), Ok(()));
+        let asked = tokio::time::timeout(
+            Duration::from_millis(50),
+            readiness.shared.wanted.notified(),
+        )
+        .await;
+        assert!(asked.is_err(), "a ready answer asks for nothing");
+    }
+}
