@@ -17,13 +17,18 @@ use support::{
 };
 use uuid::Uuid;
 
-/// GET `url`: status code and body.
-async fn get(url: &str) -> (u16, String) {
-    let client = agentd::executor::http::client(agentd::config::HttpClientSettings {
+/// An HTTP client for the tests' requests to the endpoints.
+fn client() -> reqwest::Client {
+    agentd::executor::http::client(agentd::config::HttpClientSettings {
         connect_timeout: Duration::from_secs(10),
         read_timeout: Duration::from_secs(10),
     })
-    .unwrap();
+    .unwrap()
+}
+
+/// GET `url`: status code and body.
+async fn get(url: &str) -> (u16, String) {
+    let client = client();
     let response = client
         .get(url)
         .timeout(Duration::from_secs(10))
@@ -37,7 +42,7 @@ async fn get(url: &str) -> (u16, String) {
 /// GET `url` with an `Authorization` header when given: status code, the
 /// `WWW-Authenticate` header, and body.
 async fn get_with(url: &str, authorization: Option<&str>) -> (u16, Option<String>, String) {
-    let client = agentd::executor::http::client().unwrap();
+    let client = client();
     let mut request = client.get(url).timeout(Duration::from_secs(10));
     if let Some(authorization) = authorization {
         request = request.header("authorization", authorization);
@@ -685,7 +690,7 @@ async fn flood(
     rounds: usize,
     stop: &tokio_util::sync::CancellationToken,
 ) -> std::collections::BTreeMap<u16, usize> {
-    let client = agentd::executor::http::client().unwrap();
+    let client = client();
     let start = std::sync::Arc::new(tokio::sync::Barrier::new(concurrency));
     let mut senders = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
