@@ -51,7 +51,12 @@ fn size_mismatch(size: u64, copied: u64) -> Option<String> {
         )),
     }
 }
-use crate::store::runs::{ArtifactRow, Fenced, insert_artifact};
+use crate::store::runs::{ArtifactRow, Fenced, insert_artifact, storable_text};
+
+/// Longest artifact name recorded, in characters (the stored file's name is shorter still).
+const MAX_NAME_CHARS: usize = 1000;
+/// Longest MIME type recorded, in characters.
+const MAX_TYPE_CHARS: usize = 255;
 
 /// Limits and place of the artifact store.
 #[derive(Clone)]
@@ -291,8 +296,8 @@ pub async fn run_store(
             logs.log(
                 Level::Warn,
                 format!(
-                    "artifact {:?} not stored: {size} bytes is over the limit ({} per artifact, {} per run, {} already used)",
-                    artifact.name, options.max_bytes, options.max_bytes_per_run, totals.bytes
+                    "artifact {} not stored: {size} bytes is over the limit ({} per artifact, {} per run, {} already used)",
+                    crate::schedule::quoted(&artifact.name), options.max_bytes, options.max_bytes_per_run, totals.bytes
                 ),
             )
             .await;
@@ -314,18 +319,27 @@ pub async fn run_store(
                 tracing::warn!(error = %error, "could not store an artifact");
                 logs.log(
                     Level::Warn,
-                    format!("artifact {given_name:?} not stored: {error}"),
+                    format!(
+                        "artifact {} not stored: {error}",
+                        crate::schedule::quoted(&given_name)
+                    ),
                 )
                 .await;
                 continue;
             }
         };
+        // The row holds what the database accepts: no NUL, bounded lengths.
         let row = ArtifactRow {
-            content_type: content_type.unwrap_or_else(|| guess_type(&given_name).to_string()),
-            name: given_name.clone(),
+            content_type: storable_text(
+                content_type
+                    .map(|given| given.chars().take(MAX_TYPE_CHARS).collect())
+                    .unwrap_or_else(|| guess_type(&given_name).to_string()),
+            ),
+            name: storable_text(given_name.chars().take(MAX_NAME_CHARS).collect()),
             size: size.min(i32::MAX as u64) as i32,
             url,
         };
+        let given_name = crate::schedule::quoted(&given_name);
         // The row is retried like log lines while the database is away and the lease holds.
         let mut attempt = 0;
         loop {
@@ -336,6 +350,16 @@ pub async fn run_store(
                     crate::measure::artifact_stored(size);
                 }
                 Ok(Fenced::LeaseLost) => control.lose_lease(),
+                Err(error) if error.is_data_error() => {
+                    // Sending the same row again cannot succeed.
+                    totals.rejected += 1;
+                    tracing::warn!(sqlstate = error.sqlstate(), "the database refused an artifact's row");
+                    logs.log(
+                        Level::Warn,
+                        format!("artifact {given_name} not recorded: the database refused its row"),
+                    )
+                    .await;
+                }
                 Err(error) if !control.lease_expired_locally() && !control.lease_lost() => {
                     crate::measure::database_error("artifact");
                     attempt += 1;
@@ -349,7 +373,7 @@ pub async fn run_store(
                     tracing::warn!(error = %error, "could not record an artifact");
                     logs.log(
                         Level::Warn,
-                        format!("artifact {given_name:?} not recorded: {error}"),
+                        format!("artifact {given_name} not recorded: {error}"),
                     )
                     .await;
                 }
