@@ -78,6 +78,10 @@ pub struct Settings {
     pub artifacts: ArtifactSettings,
     pub http: HttpSettings,
     pub retention: RetentionSettings,
+    /// Environment variables whose values these settings hold and that are secrets
+    /// (`DATABASE_URL`, the API key, the webhook secret, the endpoints' token, AWS
+    /// credentials): `agentd run` wipes them from its own environment at start-up.
+    pub secret_variables: Vec<String>,
 }
 
 /// The operations endpoints.
@@ -362,6 +366,12 @@ pub struct CommandExecutorSettings {
     pub kill_grace: Duration,
     /// Variable names refused besides the built-in list (names, or prefixes ending in `*`).
     pub refused_env: Vec<String>,
+    /// As root: the users runs run as, first and last uid (each run has one of its own).
+    pub uid_range: (u32, u32),
+    /// Where runs get their folders; `None`: `agentd-runs` in the temporary folder.
+    pub runs_dir: Option<PathBuf>,
+    /// As root: most processes a run's user may have at once.
+    pub max_processes: u64,
 }
 
 impl fmt::Debug for ArtifactSettings {
@@ -762,6 +772,7 @@ impl Layers {
         };
         let webhook_url = self.string("executors.webhook.url")?;
         let secret_env = self.string("executors.webhook.secret_env")?;
+        let secret_env_name = secret_env.clone();
         let webhook = WebhookExecutorSettings {
             secret: self.env_value(&secret_env),
             url: webhook_url,
@@ -798,6 +809,13 @@ impl Layers {
                 variables_in_input: self.bool("executors.command.variables_in_input")?,
                 kill_grace: self.duration("executors.command.kill_grace")?,
                 refused_env: self.names("executors.command.refused_env")?,
+                uid_range: self.uid_range("executors.command.uid_range")?,
+                runs_dir: {
+                    let dir = self.string("executors.command.runs_dir")?;
+                    (!dir.trim().is_empty()).then(|| PathBuf::from(dir.trim()))
+                },
+                max_processes: self.integer("executors.command.max_processes", 1, 1_000_000)?
+                    as u64,
             },
         };
         let logs = LogLimitSettings {
@@ -879,7 +897,22 @@ impl Layers {
             batch_size: self.integer("retention.batch_size", 1, 100_000)? as u32,
         };
 
+        let mut secret_variables: Vec<String> = [
+            "DATABASE_URL",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_ACCESS_KEY_ID",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([api_key_env.trim(), secret_env_name.trim(), token_env.trim()].map(String::from))
+        .filter(|name| !name.is_empty() && self.env.contains_key(name))
+        .collect();
+        secret_variables.sort();
+        secret_variables.dedup();
+
         Ok(Settings {
+            secret_variables,
             database,
             embedded,
             log,
@@ -897,16 +930,36 @@ impl Layers {
         })
     }
 
+    /// `FIRST-LAST`: a range of unprivileged uids (at least 1000, at most 4294967294).
+    fn uid_range(&self, key: &str) -> Result<(u32, u32), ConfigError> {
+        let text = self.string(key)?;
+        let expected = "expected a range of uids such as \"100000-165535\" (from 1000 up, first not above last)";
+        let (first, last) = text
+            .trim()
+            .split_once('-')
+            .ok_or_else(|| self.invalid(key, expected))?;
+        let parse = |part: &str| part.trim().parse::<u32>().ok();
+        match (parse(first), parse(last)) {
+            (Some(first), Some(last)) if first >= 1000 && first <= last && last < u32::MAX => {
+                Ok((first, last))
+            }
+            _ => Err(self.invalid(key, expected)),
+        }
+    }
+
     /// A list of environment variable names or prefixes (`NAME`, `PREFIX_*`).
     fn names(&self, key: &str) -> Result<Vec<String>, ConfigError> {
-        let expected = "expected an array of names or prefixes such as [\"MY_TOOL_*\", \"SECRET_CONFIG\"]";
+        let expected =
+            "expected an array of names or prefixes such as [\"MY_TOOL_*\", \"SECRET_CONFIG\"]";
         let toml::Value::Array(items) = &self.get(key).0 else {
             return Err(self.invalid(key, expected));
         };
         items
             .iter()
             .map(|item| match item.as_str() {
-                Some(name) if crate::executor::environment::is_pattern(name) => Ok(name.to_string()),
+                Some(name) if crate::executor::environment::is_pattern(name) => {
+                    Ok(name.to_string())
+                }
                 _ => Err(self.invalid(key, expected)),
             })
             .collect()

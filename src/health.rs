@@ -184,7 +184,9 @@ mod tests {
         // During shutdown, a loop that ends is not a failure.
         let health = Health::new();
         let fatal = tokio_util::sync::CancellationToken::new();
-        health.supervise("reaper", || true, fatal.clone(), || async {}).await;
+        health
+            .supervise("reaper", || true, fatal.clone(), || async {})
+            .await;
         assert!(!fatal.is_cancelled());
         assert!(health.liveness().is_ok());
     }

@@ -28,6 +28,7 @@ pub mod executor;
 pub mod health;
 pub mod maintenance;
 pub mod measure;
+pub mod process;
 pub mod readiness;
 pub mod runner;
 pub mod schedule;

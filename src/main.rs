@@ -41,6 +41,18 @@ fn main() -> ExitCode {
         _ => telemetry::LogStream::Stderr,
     };
     telemetry::init(&settings.log, &settings.worker.id, stream);
+    // Before any other thread exists: agentd's memory and environment become unreadable to
+    // the programs it runs, and escaping processes come back to it (docs/security.md).
+    if matches!(cli.command, Command::Run(_) | Command::Demo) {
+        let secrets: Vec<&str> = settings
+            .secret_variables
+            .iter()
+            .map(String::as_str)
+            .collect();
+        for failure in agentd::process::harden(&secrets).failed {
+            tracing::warn!("{failure}");
+        }
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -119,6 +119,25 @@ pub async fn run(
     migrate: bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    // The executors first: a command executor whose runs cannot get places of their own
+    // stops start-up with one line.
+    let executors = crate::executor::from_settings(settings).map_err(anyhow::Error::msg)?;
+    // Processes escaping a run are re-parented to agentd: reaped here, so no zombie stays.
+    let orphans_stop = CancellationToken::new();
+    let orphans = tokio::spawn(crate::process::reap_orphans(orphans_stop.clone()));
+    let result = serve(settings, migrate, executors, shutdown).await;
+    orphans_stop.cancel();
+    let _ = orphans.await;
+    result
+}
+
+/// `agentd run` once its executors are ready.
+async fn serve(
+    settings: &Settings,
+    migrate: bool,
+    executors: crate::executor::Executors,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     // The endpoints come up first: live (and not ready) while the database is reached.
     let health = Health::new();
     let http_stop = CancellationToken::new();
@@ -170,7 +189,6 @@ pub async fn run(
         }
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "agentd running");
-    let executors = crate::executor::from_settings(settings);
     let served = worker::serve(
         database.pool.clone(),
         settings,
@@ -339,7 +357,9 @@ pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::
         .await?;
         println!("team run {run_id} queued; the worker runs it now (Ctrl-C stops)");
         let printer = tokio::spawn(print_logs(database.pool.clone(), since, shutdown.clone()));
-        let executors = crate::executor::from_settings(&settings);
+        let executors = crate::executor::from_settings(&settings).map_err(anyhow::Error::msg)?;
+        let orphans_stop = CancellationToken::new();
+        let orphans = tokio::spawn(crate::process::reap_orphans(orphans_stop.clone()));
         let served = worker::serve(
             database.pool.clone(),
             &settings,
@@ -349,6 +369,8 @@ pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::
         )
         .await;
         let _ = printer.await;
+        orphans_stop.cancel();
+        let _ = orphans.await;
         served.map_err(anyhow::Error::from)
     }
     .await;

@@ -127,12 +127,11 @@ pub async fn serve(
         leases,
     };
     let stop = services_stop.clone();
-    tracker.spawn(health.supervise(
-        "reaper",
-        until(&services_stop),
-        fatal.clone(),
-        move || reaper.clone().run(stop.clone()),
-    ));
+    tracker.spawn(
+        health.supervise("reaper", until(&services_stop), fatal.clone(), move || {
+            reaper.clone().run(stop.clone())
+        }),
+    );
     if settings.retention.enabled() {
         let retention = Retention {
             pool: pool.clone(),
@@ -178,12 +177,7 @@ pub async fn serve(
             .run(stop.clone())
         }
     };
-    claimers.spawn(health.supervise(
-        "requests",
-        until(&claiming),
-        fatal.clone(),
-        request_claimer,
-    ));
+    claimers.spawn(health.supervise("requests", until(&claiming), fatal.clone(), request_claimer));
     let scheduler = {
         let (pool, runner, worker_id, stop) = (
             pool.clone(),
@@ -212,12 +206,7 @@ pub async fn serve(
             .run(stop.clone())
         }
     };
-    claimers.spawn(health.supervise(
-        "scheduler",
-        until(&claiming),
-        fatal.clone(),
-        scheduler,
-    ));
+    claimers.spawn(health.supervise("scheduler", until(&claiming), fatal.clone(), scheduler));
     claimers.close();
     health.set_serving(true);
     tracing::info!(concurrency = settings.worker.concurrency, "worker started");

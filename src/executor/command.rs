@@ -18,7 +18,10 @@
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -26,22 +29,35 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 
 use super::environment::refusal;
+use super::sandbox::{RunSpace, Sandbox};
 use super::{ArtifactFile, BoxFuture, Executor, Level, LogSink, Outcome, RunContext};
 use crate::config::CommandExecutorSettings;
 use crate::runner::logs::MAX_LINE_BYTES;
 
-/// Environment variables of agentd passed on to programs; everything else stays behind.
-const PASSED_ENVIRONMENT: [&str; 6] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+/// Environment variables of agentd passed on to programs; everything else stays behind
+/// (`HOME` and `TMPDIR` are the run's own folders).
+const PASSED_ENVIRONMENT: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
 
 /// See the module documentation.
 pub struct CommandExecutor {
     settings: CommandExecutorSettings,
+    sandbox: Arc<Sandbox>,
 }
 
 impl CommandExecutor {
-    /// An executor running `settings.program`.
-    pub fn new(settings: CommandExecutorSettings) -> CommandExecutor {
-        CommandExecutor { settings }
+    /// An executor running `settings.program`, each run in a place of its own
+    /// ([`Sandbox`]); fails when that place cannot be prepared.
+    pub fn new(settings: CommandExecutorSettings) -> Result<CommandExecutor, String> {
+        let sandbox = Sandbox::prepare(&settings)?;
+        Ok(CommandExecutor {
+            settings,
+            sandbox: Arc::new(sandbox),
+        })
+    }
+
+    /// What this replica cannot do to keep runs apart (not running as root).
+    pub fn limitations(&self) -> Option<String> {
+        self.sandbox.limitations()
     }
 }
 
@@ -67,29 +83,41 @@ impl Executor for CommandExecutor {
     }
 }
 
-/// Kills the program's process group when dropped (run stopped, or finished).
-struct GroupGuard {
-    group: Pid,
+/// Ends the run's processes when dropped (run stopped, or finished), and with them its
+/// place: after the program exited, everything it left behind is killed at once; when the
+/// run is stopped early, its process group gets SIGTERM, then `kill_grace` later every
+/// process of the run SIGKILL. The run's folder (and, as root, its user) goes last.
+struct Guard {
+    program: Pid,
     kill_grace: Duration,
     exited: bool,
+    space: Option<RunSpace>,
 }
 
-impl Drop for GroupGuard {
+impl Drop for Guard {
     fn drop(&mut self) {
-        if self.exited {
-            // The program is gone; take down anything it left in its group at once.
-            let _ = killpg(self.group, Signal::SIGKILL);
+        let Some(space) = self.space.take() else {
             return;
-        }
-        let _ = killpg(self.group, Signal::SIGTERM);
-        let group = self.group;
-        let grace = self.kill_grace;
+        };
+        let program = self.program;
+        let grace = if self.exited {
+            Duration::ZERO
+        } else {
+            let _ = killpg(program, Signal::SIGTERM);
+            self.kill_grace
+        };
         std::thread::spawn(move || {
             std::thread::sleep(grace);
-            let _ = killpg(group, Signal::SIGKILL);
+            let _ = killpg(program, Signal::SIGKILL);
+            space.killer().kill(program.as_raw());
+            drop(space);
         });
     }
 }
+
+/// After the program exits, how long its output may take to drain; a descendant that
+/// escaped and still holds the streams cannot keep the run open longer.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 
 impl CommandExecutor {
     async fn run_program(&self, run: &RunContext) -> Result<Outcome, String> {
@@ -97,14 +125,12 @@ impl CommandExecutor {
         let Some((binary, arguments)) = program.split_first() else {
             return Err("the command executor has no program configured".into());
         };
-        // One folder per run and target: a team's members may run side by side.
-        let artifacts_dir = std::env::temp_dir().join(format!(
-            "agentd-run-{}-{}",
-            run.run.run_id, run.run.target_id
-        ));
-        std::fs::create_dir_all(&artifacts_dir)
-            .map_err(|error| format!("could not create the artifacts folder: {error}"))?;
-        let _cleanup = FolderCleanup(artifacts_dir.clone());
+        // A place of its own per run (and per team member: members may run side by side).
+        let sandbox = self.sandbox.clone();
+        let run_id = run.run.run_id;
+        let space = tokio::task::spawn_blocking(move || sandbox.enter(run_id))
+            .await
+            .map_err(|error| format!("could not prepare the run's place: {error}"))??;
 
         let mut command = std::process::Command::new(binary);
         command
@@ -116,11 +142,12 @@ impl CommandExecutor {
                     .filter_map(|name| std::env::var_os(name).map(|value| (*name, value))),
             )
             .env("AGENTD_RUN_ID", run.run.run_id.to_string())
-            .env("AGENTD_ARTIFACTS_DIR", &artifacts_dir)
+            .env("AGENTD_ARTIFACTS_DIR", &space.artifacts)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        space.configure(&mut command);
         for variable in run.agent.iter().flat_map(|agent| agent.variables.iter()) {
             match refusal(&variable.name, &self.settings.refused_env) {
                 Some(why) => run.logs.log(Level::Warn, why).await,
@@ -132,14 +159,16 @@ impl CommandExecutor {
                 }
             }
         }
-        let mut child = command
-            .spawn()
+        let mut child = crate::process::spawn(&mut command)
             .map_err(|error| format!("could not start {binary:?}: {error}"))?;
         let pid = Pid::from_raw(child.id() as i32);
-        let mut guard = GroupGuard {
-            group: pid,
+        let artifacts_dir = space.artifacts.clone();
+        let owner = space.owner();
+        let mut guard = Guard {
+            program: pid,
             kill_grace: self.settings.kill_grace,
             exited: false,
+            space: Some(space),
         };
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -157,14 +186,34 @@ impl CommandExecutor {
             let _ = stdin.write_all(document.to_string().as_bytes()).await;
             let _ = stdin.write_all(b"\n").await;
         };
-        let out = pump(stdout, run.logs.clone(), Level::Info, true);
-        let err = pump(stderr, run.logs.clone(), Level::Warn, false);
+        // The streams are read until they close, or until DRAIN_AFTER_EXIT after the
+        // program exited.
+        let exited = tokio_util::sync::CancellationToken::new();
+        let drained = {
+            let exited = exited.clone();
+            async move {
+                exited.cancelled().await;
+                tokio::time::sleep(DRAIN_AFTER_EXIT).await;
+            }
+        };
+        let drained = drained.shared();
+        let out = pump(stdout, run.logs.clone(), Level::Info, true, drained.clone());
+        let err = pump(stderr, run.logs.clone(), Level::Warn, false, drained);
         // Reap with wait4 on a blocking thread, for the child's own CPU time and peak memory;
-        // once the program has exited, whatever it left in its group is killed, so that
-        // grandchildren holding its stdout cannot keep the run open.
-        let waited = async move {
-            let waited = tokio::task::spawn_blocking(move || wait_with_usage(pid)).await;
-            let _ = killpg(pid, Signal::SIGKILL);
+        // once the program has exited, whatever it left is killed, so that descendants
+        // holding its streams cannot keep the run open.
+        let killer = guard.space.as_ref().map(RunSpace::killer);
+        let waited = async {
+            let waited = tokio::task::spawn_blocking(move || {
+                let waited = wait_with_usage(pid);
+                crate::process::forget(pid.as_raw() as u32);
+                if let Some(killer) = killer {
+                    killer.kill(pid.as_raw());
+                }
+                waited
+            })
+            .await;
+            exited.cancel();
             waited
         };
         let ((), (output, _), (_, last_error), waited) = tokio::join!(feed, out, err, waited);
@@ -173,12 +222,12 @@ impl CommandExecutor {
             .map_err(|error| format!("waiting for the program failed: {error}"))?
             .map_err(|error| format!("waiting for the program failed: {error}"))?;
         guard.exited = true;
-        drop(guard);
         run.usage.record("cpu_ms", json!(cpu_ms));
         run.usage.record("max_rss_kib", json!(max_rss_kib));
         run.usage.record("exit_status", json!(status));
 
-        self.collect_artifacts(&artifacts_dir, run).await;
+        self.collect_artifacts(&artifacts_dir, owner, run).await;
+        drop(guard);
         if status == 0 {
             Ok(Outcome::Completed {
                 output: output.unwrap_or_else(|| json!({ "exit_status": 0 })),
@@ -226,7 +275,7 @@ impl CommandExecutor {
 
     /// Hands every file the program left in its artifacts folder to the store without
     /// reading it; the store decides by the size whether to read it at all.
-    async fn collect_artifacts(&self, folder: &PathBuf, run: &RunContext) {
+    async fn collect_artifacts(&self, folder: &PathBuf, owner: Option<u32>, run: &RunContext) {
         let Ok(mut entries) = tokio::fs::read_dir(folder).await else {
             return;
         };
@@ -242,7 +291,7 @@ impl CommandExecutor {
                 .file_name()
                 .map(|name| name.to_string_lossy().to_string())
                 .unwrap_or_default();
-            match ArtifactFile::open_regular(name.clone(), &path) {
+            match ArtifactFile::open_regular(name.clone(), &path, owner) {
                 Ok(artifact) => run.artifacts.save(artifact).await,
                 Err(reason) => {
                     run.logs
@@ -257,15 +306,6 @@ impl CommandExecutor {
     }
 }
 
-/// Removes the run's artifacts folder when the execution ends, however it ends.
-struct FolderCleanup(PathBuf);
-
-impl Drop for FolderCleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Forwards a stream's lines to the run's logs with a bounded buffer; for stdout, returns
 /// the last `{"output": …}` object; for stderr, the last line (for the error message).
 async fn pump(
@@ -273,12 +313,18 @@ async fn pump(
     logs: LogSink,
     level: Level,
     parse_output: bool,
+    stop: impl std::future::Future<Output = ()>,
 ) -> (Option<Value>, Option<String>) {
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let mut output = None;
     let mut last = None;
+    tokio::pin!(stop);
     loop {
-        let (line, complete) = match read_bounded_line(&mut reader).await {
+        let read = tokio::select! {
+            read = read_bounded_line(&mut reader) => read,
+            _ = &mut stop => break,
+        };
+        let (line, complete) = match read {
             Ok(Some(line)) => line,
             _ => break,
         };

@@ -174,7 +174,10 @@ mod tests {
     fn names_must_be_identifiers() {
         for name in ["", "1A", "A-B", "A B", "A=B", "A\0B", "É", "A.B"] {
             let why = refusal(name, &[]).unwrap();
-            assert!(why.contains("not a valid environment variable name"), "{why}");
+            assert!(
+                why.contains("not a valid environment variable name"),
+                "{why}"
+            );
         }
         let long = "A".repeat(1 << 20);
         assert_eq!(refusal(&long, &[]), None, "long but valid");

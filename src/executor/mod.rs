@@ -13,6 +13,7 @@ pub mod environment;
 pub mod http;
 pub mod openai;
 pub mod redact;
+pub mod sandbox;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -31,18 +32,22 @@ pub use crate::store::runs::{ClaimedRun, RunKind};
 
 /// The executors the settings ask for: `builtin` always, `command` when a program is
 /// configured, chosen per agent category by `executor.default` and `executor.by_category`.
-pub fn from_settings(settings: &crate::config::Settings) -> Executors {
+/// Fails when the command executor's runs cannot be given places of their own.
+pub fn from_settings(settings: &crate::config::Settings) -> Result<Executors, String> {
     use crate::config::ExecutorKind;
     let builtin: Arc<dyn Executor> = Arc::new(
         builtin::BuiltinExecutor::new(settings.executors.builtin.step_delay)
             .with_noop_lines(settings.executors.builtin.noop_lines),
     );
-    let command: Option<Arc<dyn Executor>> =
-        (!settings.executors.command.program.is_empty()).then(|| {
-            Arc::new(command::CommandExecutor::new(
-                settings.executors.command.clone(),
-            )) as Arc<dyn Executor>
-        });
+    let command: Option<Arc<dyn Executor>> = if settings.executors.command.program.is_empty() {
+        None
+    } else {
+        let command = command::CommandExecutor::new(settings.executors.command.clone())?;
+        if let Some(limitations) = command.limitations() {
+            tracing::warn!("{limitations}");
+        }
+        Some(Arc::new(command) as Arc<dyn Executor>)
+    };
     let client = http::client(settings.executors.http);
     let openai: Option<Arc<dyn Executor>> = client.as_ref().ok().map(|client| {
         Arc::new(openai::OpenAiExecutor::new(
@@ -76,13 +81,13 @@ pub fn from_settings(settings: &crate::config::Settings) -> Executors {
             .map(|(category, kind)| (category.clone(), pick(*kind)))
             .collect(),
     );
-    match (&client, settings.executor.route_with_model) {
+    Ok(match (&client, settings.executor.route_with_model) {
         (Ok(client), true) => executors.with_router(Arc::new(openai::ModelRouter::new(
             settings.executors.openai.clone(),
             client.clone(),
         ))),
         _ => executors,
-    }
+    })
 }
 
 /// A boxed future, so executors can be trait objects chosen by configuration.
@@ -232,7 +237,11 @@ impl ArtifactFile {
     /// The regular file at `path` as an artifact named `name`, opened without reading it: a
     /// symbolic link is not followed (`O_NOFOLLOW`), a FIFO or device is refused without
     /// waiting on it (`O_NONBLOCK`, then fstat of what was opened). The error says why.
-    pub fn open_regular(name: String, path: &std::path::Path) -> Result<ArtifactFile, String> {
+    pub fn open_regular(
+        name: String,
+        path: &std::path::Path,
+        owner: Option<u32>,
+    ) -> Result<ArtifactFile, String> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -247,6 +256,15 @@ impl ArtifactFile {
             .map_err(|error| format!("cannot inspect it: {error}"))?;
         if !metadata.is_file() {
             return Err("not a regular file".into());
+        }
+        if let Some(owner) = owner {
+            use std::os::unix::fs::MetadataExt;
+            if metadata.uid() != owner {
+                return Err(format!(
+                    "owned by uid {}, not by the run's user (a link to someone else's file)",
+                    metadata.uid()
+                ));
+            }
         }
         Ok(ArtifactFile {
             name,
@@ -375,24 +393,24 @@ mod tests {
             .unwrap()
             .set_len(3 << 30)
             .unwrap();
-        let artifact = ArtifactFile::open_regular("big.bin".into(), &big).unwrap();
+        let artifact = ArtifactFile::open_regular("big.bin".into(), &big, None).unwrap();
         assert_eq!(artifact.size(), 3 << 30);
         assert_eq!(artifact.name, "big.bin");
 
         let link = folder.path().join("link");
         std::os::unix::fs::symlink(&big, &link).unwrap();
         assert_eq!(
-            ArtifactFile::open_regular("link".into(), &link).unwrap_err(),
+            ArtifactFile::open_regular("link".into(), &link, None).unwrap_err(),
             "a symbolic link, which is not followed"
         );
         // A FIFO with no writer: refused at once instead of waiting for one.
         let fifo = folder.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert_eq!(
-            ArtifactFile::open_regular("fifo".into(), &fifo).unwrap_err(),
+            ArtifactFile::open_regular("fifo".into(), &fifo, None).unwrap_err(),
             "not a regular file"
         );
-        let missing = ArtifactFile::open_regular("gone".into(), &folder.path().join("gone"));
+        let missing = ArtifactFile::open_regular("gone".into(), &folder.path().join("gone"), None);
         assert!(missing.unwrap_err().starts_with("cannot open it: "));
         assert_eq!(ArtifactFile::bytes("a", None, vec![1, 2, 3]).size(), 3);
     }

@@ -353,7 +353,10 @@ pub async fn run_store(
                 Err(error) if error.is_data_error() => {
                     // Sending the same row again cannot succeed.
                     totals.rejected += 1;
-                    tracing::warn!(sqlstate = error.sqlstate(), "the database refused an artifact's row");
+                    tracing::warn!(
+                        sqlstate = error.sqlstate(),
+                        "the database refused an artifact's row"
+                    );
                     logs.log(
                         Level::Warn,
                         format!("artifact {given_name} not recorded: the database refused its row"),

@@ -77,7 +77,9 @@ impl Slots {
     /// Slots neither running nor reserved.
     pub fn available(&self) -> usize {
         let state = self.state();
-        state.capacity.saturating_sub(state.running + state.reserved)
+        state
+            .capacity
+            .saturating_sub(state.running + state.reserved)
     }
 
     /// Runs occupying a slot.
@@ -132,7 +134,8 @@ impl Slots {
             let mut state = self.state();
             state.running = state.running.saturating_sub(1);
         }
-        self.freed.send_modify(|count| *count = count.wrapping_add(1));
+        self.freed
+            .send_modify(|count| *count = count.wrapping_add(1));
     }
 
     /// A receiver that changes whenever a run ends.
@@ -237,7 +240,9 @@ mod tests {
         use Source::{Requests, Schedules};
         assert_eq!(
             winners,
-            [Requests, Schedules, Requests, Schedules, Requests, Schedules]
+            [
+                Requests, Schedules, Requests, Schedules, Requests, Schedules
+            ]
         );
     }
 

@@ -16,7 +16,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-
 /// Channels the migrations notify on.
 pub const CHANNELS: [&str; 4] = [
     "agentd_schedules",

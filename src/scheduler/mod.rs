@@ -147,7 +147,10 @@ impl Scheduler {
 
     /// One claim transaction of at most `reservation.len()` schedules of each kind (due, to
     /// plan); returns how many schedules it locked.
-    async fn claim_schedules(&self, reservation: &mut Reservation<'_>) -> Result<usize, StoreError> {
+    async fn claim_schedules(
+        &self,
+        reservation: &mut Reservation<'_>,
+    ) -> Result<usize, StoreError> {
         let limit = reservation.len();
         let sent_at = Instant::now();
         let mut transaction = ClaimTransaction::begin(&self.pool).await?;

@@ -492,7 +492,7 @@ impl InProcessWorker {
         let handle = tokio::spawn(async move {
             let executors = match executor {
                 Some(executor) => agentd::executor::Executors::single(executor),
-                None => agentd::executor::from_settings(&settings),
+                None => agentd::executor::from_settings(&settings).unwrap(),
             };
             agentd::worker::serve(
                 pool.clone(),
