@@ -179,6 +179,7 @@ impl EmbeddedPostgres {
             let _ = kill(pid, Signal::SIGKILL);
             let _ = child.wait().await;
         }
+        crate::process::forget(pid.as_raw() as u32);
         tracing::info!("embedded PostgreSQL stopped");
     }
 
@@ -223,14 +224,16 @@ impl EmbeddedPostgres {
         if let Some(user) = user {
             command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
         }
-        let mut child = command
-            .spawn()
+        let mut child = crate::process::spawn_tokio(&mut command)
             .map_err(|error| io_error("start postgres", error))?;
         let pid = child.id().map(|raw| Pid::from_raw(raw as i32));
 
         let deadline = Instant::now() + options.start_timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
+                if let Some(pid) = pid {
+                    crate::process::forget(pid.as_raw() as u32);
+                }
                 return Err(EmbeddedError::Start {
                     reason: format!("postgres exited with {status}"),
                     log: self.log_tail(),
@@ -343,10 +346,19 @@ pub fn find_bin_dir(configured: Option<&Path>) -> Result<PathBuf, EmbeddedError>
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).collect())
         .unwrap_or_default();
-    if let Ok(output) = std::process::Command::new("pg_config")
-        .arg("--bindir")
-        .stderr(Stdio::null())
-        .output()
+    let pg_config = crate::process::spawn(
+        std::process::Command::new("pg_config")
+            .arg("--bindir")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )
+    .and_then(|child| {
+        let pid = child.id();
+        let output = child.wait_with_output();
+        crate::process::forget(pid);
+        output
+    });
+    if let Ok(output) = pg_config
         && output.status.success()
     {
         let dir = String::from_utf8_lossy(&output.stdout).trim().to_string();
@@ -409,10 +421,15 @@ async fn initdb(bin_dir: &Path, data_dir: &Path, user: Option<&User>) -> Result<
     if let Some(user) = user {
         command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
     }
-    let output = command
-        .output()
-        .await
-        .map_err(|error| io_error("run initdb", error))?;
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child =
+        crate::process::spawn_tokio(&mut command).map_err(|error| io_error("run initdb", error))?;
+    let pid = child.id();
+    let output = child.wait_with_output().await;
+    if let Some(pid) = pid {
+        crate::process::forget(pid);
+    }
+    let output = output.map_err(|error| io_error("run initdb", error))?;
     if !output.status.success() {
         let mut text = String::from_utf8_lossy(&output.stderr).trim().to_string();
         if text.is_empty() {
