@@ -389,4 +389,56 @@ proptest! {
             let _ = rule.latest_at_or_before(created + TimeDelta::days(30));
         }
     }
+
+    /// Any instant chrono can hold, as `created_at`, `now` or the instant asked about
+    /// (±infinity read as the range's ends included): parsing, the searches and planning
+    /// never panic; a `created_at` outside the years 1 to 9999 is an invalid row.
+    #[test]
+    fn the_whole_range_of_instants_never_panics(
+        frequency in prop::sample::select(vec!["once", "minutely", "hourly", "daily", "weekly", "monthly", "cron"]),
+        zone in prop::sample::select(vec!["UTC", "Pacific/Kiritimati", "Pacific/Pago_Pago", "Europe/Berlin", "America/St_Johns"]),
+        created in extreme_instant(),
+        now in extreme_instant(),
+        asked in extreme_instant(),
+    ) {
+        let spec = ScheduleSpec {
+            frequency: frequency.into(),
+            interval: 1,
+            time: Some(if frequency == "cron" { "*/5 * * * *".into() } else { "09:30".into() }),
+            days: None,
+            date: None,
+            timezone: zone.into(),
+            created_at: created,
+        };
+        match Rule::parse(&spec, now) {
+            Ok(rule) => {
+                prop_assert!((1..=9999).contains(&created.year()), "{:?}", created);
+                let _ = rule.next_after(asked);
+                let _ = rule.latest_at_or_before(asked);
+                let _ = rule.slots_between(asked, asked.max(now), 3);
+                let _ = plan_firing(&rule, asked.min(now), now, 100);
+            }
+            Err(error) => {
+                if !(1..=9999).contains(&created.year()) {
+                    prop_assert_eq!(error.column, "created_at");
+                }
+            }
+        }
+    }
+}
+
+/// Instants across chrono's whole range, its very ends included.
+fn extreme_instant() -> impl Strategy<Value = DateTime<Utc>> {
+    let (min, max) = (
+        DateTime::<Utc>::MIN_UTC.timestamp(),
+        DateTime::<Utc>::MAX_UTC.timestamp(),
+    );
+    prop_oneof![
+        Just(DateTime::<Utc>::MIN_UTC),
+        Just(DateTime::<Utc>::MAX_UTC),
+        (min..=max).prop_map(|seconds| DateTime::from_timestamp(seconds, 0).unwrap()),
+        (-62_135_596_800i64..253_402_300_799)
+            .prop_map(|seconds| DateTime::from_timestamp(seconds, 0).unwrap()),
+        instant(),
+    ]
 }

@@ -48,17 +48,35 @@ pub fn input_text(input: Option<&Value>) -> String {
     }
 }
 
+/// Longest rendered instructions, in bytes: instructions of 1 MiB repeating a variable of
+/// 64 KiB could otherwise render to gigabytes.
+pub const MAX_RENDERED_BYTES: usize = 4 * 1024 * 1024;
+
 /// Replaces `{{name}}` (spaces inside the braces allowed) by the variable's value and
-/// `{{input}}` by the input; unknown names are left as they are.
-pub fn render(template: &str, variables: &[(String, String)], input: &str) -> String {
-    let mut out = String::with_capacity(template.len());
+/// `{{input}}` by the input; unknown names are left as they are. Fails once the result
+/// would pass [`MAX_RENDERED_BYTES`].
+pub fn render(
+    template: &str,
+    variables: &[(String, String)],
+    input: &str,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(template.len().min(MAX_RENDERED_BYTES));
     let mut rest = template;
+    let push = |out: &mut String, text: &str| {
+        if out.len() + text.len() > MAX_RENDERED_BYTES {
+            return Err(format!(
+                "the rendered instructions would be over {MAX_RENDERED_BYTES} bytes"
+            ));
+        }
+        out.push_str(text);
+        Ok(())
+    };
     while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
+        push(&mut out, &rest[..start])?;
         let after = &rest[start + 2..];
         let Some(end) = after.find("}}") else {
-            out.push_str(&rest[start..]);
-            return out;
+            push(&mut out, &rest[start..])?;
+            return Ok(out);
         };
         let name = after[..end].trim();
         let value = if name == "input" {
@@ -70,13 +88,13 @@ pub fn render(template: &str, variables: &[(String, String)], input: &str) -> St
                 .map(|(_, value)| value.as_str())
         };
         match value {
-            Some(value) => out.push_str(value),
-            None => out.push_str(&rest[start..start + 2 + end + 2]),
+            Some(value) => push(&mut out, value)?,
+            None => push(&mut out, &rest[start..start + 2 + end + 2])?,
         }
         rest = &after[end + 2..];
     }
-    out.push_str(rest);
-    out
+    push(&mut out, rest)?;
+    Ok(out)
 }
 
 impl Executor for BuiltinExecutor {
@@ -123,7 +141,15 @@ impl Executor for BuiltinExecutor {
                     names.join(", ")
                 ))
                 .await;
-            let rendered = render(&template, &variables, &input);
+            let rendered = match render(&template, &variables, &input) {
+                Ok(rendered) => rendered,
+                Err(error) => {
+                    return Outcome::Failed {
+                        error,
+                        output: None,
+                    };
+                }
+            };
             self.pause().await;
             let body = if input.is_empty() {
                 rendered.clone()
@@ -163,8 +189,17 @@ mod tests {
                 "Weather in {{ CITY }} for {{input}}; {{unknown}} {{",
                 &variables,
                 "today"
-            ),
+            )
+            .unwrap(),
             "Weather in Oslo for today; {{unknown}} {{"
         );
+    }
+
+    #[test]
+    fn rendering_stops_at_its_bound() {
+        let variables = vec![("A".to_string(), "x".repeat(64 * 1024))];
+        let template = "{{A}}".repeat(200_000);
+        let error = render(&template, &variables, "").unwrap_err();
+        assert!(error.contains("would be over"), "{error}");
     }
 }

@@ -76,12 +76,16 @@ impl OpenAiExecutor {
                     .map(|v| (v.name.clone(), v.value.clone().unwrap_or_default()))
                     .collect();
                 let input = input_text(run.run.input.as_ref());
+                let system = match render(
+                    agent.instructions.as_deref().unwrap_or_default(),
+                    &variables,
+                    &input,
+                ) {
+                    Ok(system) => system,
+                    Err(error) => return failed(error, None),
+                };
                 (
-                    render(
-                        agent.instructions.as_deref().unwrap_or_default(),
-                        &variables,
-                        &input,
-                    ),
+                    system,
                     self.settings
                         .model_by_category
                         .get(&agent.category)
