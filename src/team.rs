@@ -164,10 +164,24 @@ pub async fn run_team(
     }
 }
 
+/// Most bytes of one member's output copied into the team's output (a team of many
+/// members must not add up to more than the database or the worker can hold).
+pub const MAX_STEP_OUTPUT_BYTES: usize = 1024 * 1024;
+
 fn output_of(outcome: &Outcome) -> Value {
     match outcome {
-        Outcome::Completed { output } => output.clone(),
-        Outcome::Failed { output, .. } => output.clone().unwrap_or(Value::Null),
+        Outcome::Completed { output } => bounded(output),
+        Outcome::Failed { output, .. } => output.as_ref().map_or(Value::Null, bounded),
+    }
+}
+
+/// `output`, or a note saying it was left out when it is over [`MAX_STEP_OUTPUT_BYTES`].
+fn bounded(output: &Value) -> Value {
+    let size = serde_json::to_vec(output).map_or(0, |bytes| bytes.len());
+    if size > MAX_STEP_OUTPUT_BYTES {
+        json!({ "omitted": format!("this output is {size} bytes, over the {MAX_STEP_OUTPUT_BYTES} a team records per member") })
+    } else {
+        output.clone()
     }
 }
 
@@ -218,7 +232,7 @@ async fn run_step(
     let outcome = executor.execute(&context).await;
     let duration_ms = started.elapsed().as_millis() as u64;
     let (status, detail) = match &outcome {
-        Outcome::Completed { output } => ("completed", json!({ "output": output })),
+        Outcome::Completed { output } => ("completed", json!({ "output": bounded(output) })),
         Outcome::Failed { error, .. } => ("failed", json!({ "error": error })),
     };
     logs.info(format!(
