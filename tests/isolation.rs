@@ -6,8 +6,8 @@
 //!   are not identifiers, agentd's own names and the operator's refused names never reach
 //!   the program; each refusal is a warn line of the run; no value appears anywhere else.
 //! - Isolation, as root: a user, a private folder and a process limit per run; a program
-//!   cannot read agentd's environment or memory, nor another run's environment or folder,
-//!   and a hard link to a file it does not own is not stored. Not as root: agentd says at
+//!   cannot read agentd's environment or memory, nor another run's environment, folder or
+//!   stored artifacts, and a hard link to a file it does not own is not stored. Not as root: agentd says at
 //!   start-up what it cannot keep apart, and its environment stays unreadable.
 //! - No process outlives its run: setsid and double-forked children, a cancelled run that
 //!   ignores SIGTERM, a run stopped by agentd's shutdown, and a thousand runs leaving
@@ -46,6 +46,7 @@ const USERS_ESCAPE: (u32, u32) = (3_100_500, 3_100_563);
 const USERS_CANCEL: (u32, u32) = (3_100_600, 3_100_663);
 const USERS_THOUSAND: (u32, u32) = (3_100_700, 3_100_763);
 const USERS_SHUTDOWN: (u32, u32) = (3_100_800, 3_100_863);
+const USERS_STORE: (u32, u32) = (3_100_900, 3_100_963);
 
 /// `executors.command.max_processes` where a test checks it: not the default.
 const MAX_PROCESSES: &str = "97";
@@ -748,6 +749,42 @@ async fn as_root_a_run_cannot_read_the_environment_or_folder_of_a_run_beside_it(
         ["report.txt"]
     );
     assert!(held.stored.contains("the first run's report"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_a_run_cannot_read_what_other_runs_stored() {
+    let world = World::new(USERS_STORE).await;
+    // As agentd's default `.agentd/artifacts` is: a folder agentd creates itself, inside a
+    // working folder that any user may pass through.
+    let store = world.scratch.path().join("agentd").join("artifacts");
+    let store_setting = store.display().to_string();
+    let daemon = world.start(
+        &world.probe(),
+        &[("AGENTD__ARTIFACTS__DIR", &store_setting)],
+    );
+    let secret = format!("stored-secret-{}", Uuid::new_v4().simple());
+    let first_agent = world.agent(&[]).await;
+    let first = world
+        .request(first_agent, Some(json!({"write": {"report.txt": secret}})))
+        .await;
+    let stored = finished_run(&world.db.pool, first, Duration::from_secs(30)).await;
+    assert_eq!(stored.status, "completed", "{stored:#?}");
+    assert!(stored.stored.contains(&secret), "{stored:#?}");
+    let (_, url) = &stored.artifacts[0];
+    let file = url.strip_prefix("file://").unwrap();
+    let folder = Path::new(file).parent().unwrap();
+
+    let second_agent = world.agent(&[]).await;
+    let look = json!({"look": [store, folder, file]});
+    let second = world.request(second_agent, Some(look)).await;
+    let attack = finished_run(&world.db.pool, second, Duration::from_secs(30)).await;
+    stop(daemon);
+    assert_eq!(attack.status, "completed", "{attack:#?}");
+    let seen = &facts(&attack)["look"];
+    for path in [store.to_str().unwrap(), folder.to_str().unwrap(), file] {
+        assert_denied(&seen[path], path);
+    }
+    assert!(!attack.stored.contains(&secret), "{attack:#?}");
 }
 
 /// Passes connections from a Unix socket that any user may open to the test server's
