@@ -882,7 +882,8 @@ async fn not_as_root_agentd_says_what_it_cannot_keep_apart_and_its_environment_s
     let message = warning["message"].as_str().unwrap();
     for part in [
         &format!("agentd is not running as root (uid {NOBODY})"),
-        "a program could signal agentd and read the environments and folders of runs beside it",
+        "a program could signal agentd, read the environments and folders of runs beside it",
+        "the artifacts every run stored",
         "agentd's own environment and memory stay unreadable",
     ] {
         assert!(message.contains(part), "{message}");
@@ -890,12 +891,24 @@ async fn not_as_root_agentd_says_what_it_cannot_keep_apart_and_its_environment_s
     let environ = std::fs::read(format!("/proc/{}/environ", daemon.pid())).unwrap();
     assert!(!String::from_utf8_lossy(&environ).contains(&url));
 
-    let run_id = world.request(agent, None).await;
+    // One run stores an artifact; the next looks for it.
+    let secret = format!("stored-secret-{}", Uuid::new_v4().simple());
+    let first = world
+        .request(agent, Some(json!({"write": {"report.txt": secret}})))
+        .await;
+    let first = finished_run(&world.db.pool, first, Duration::from_secs(30)).await;
+    assert_eq!(first.status, "completed", "{first:#?}");
+    let stored_file = first.artifacts[0].1.strip_prefix("file://").unwrap();
+    let run_id = world
+        .request(agent, Some(json!({"look": [stored_file]})))
+        .await;
     let run = finished_run(&world.db.pool, run_id, Duration::from_secs(30)).await;
     let agentd_pid = daemon.pid().as_raw() as i64;
     stop(daemon);
     assert_eq!(run.status, "completed", "{run:#?}");
     let facts = facts(&run);
+    // What the warning says holds: sharing agentd's user, it reads what the other stored.
+    assert_eq!(facts["look"][stored_file]["ok"], secret.as_str());
     assert_eq!(
         facts["uid"], NOBODY,
         "the program runs as agentd's own user"
