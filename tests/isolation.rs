@@ -161,6 +161,10 @@ struct World {
 
 impl World {
     async fn new(users: (u32, u32)) -> World {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "these tests start agentd as root (and as another user): run them as root"
+        );
         let scratch = tempfile::Builder::new()
             .prefix("agentd-isolation-")
             .tempdir()
