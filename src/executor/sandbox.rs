@@ -8,9 +8,10 @@
 //! alone. When the run ends, every process of that user is killed and what it left in the
 //! shared temporary folders is removed, so the next run with the same user finds nothing.
 //!
-//! Not as root, runs share agentd's own user: a program could signal agentd and read the
-//! environment and folders of the runs beside it. [`Sandbox::limitations`] says so once at
-//! start-up.
+//! Not as root, runs share agentd's own user: a program could signal agentd, read the
+//! environment and folders of the runs beside it, and reach whatever agentd's user may (the
+//! artifacts every run stored, configuration files, an embedded database).
+//! [`Sandbox::limitations`] says so once at start-up.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -78,7 +79,7 @@ impl Sandbox {
     pub fn limitations(&self) -> Option<String> {
         self.users.is_none().then(|| {
             format!(
-                "agentd is not running as root (uid {}): the command executor's programs run as agentd's own user, so a program could signal agentd and read the environments and folders of runs beside it; agentd's own environment and memory stay unreadable (it is not dumpable). Run agentd as root for a user per run (executors.command.uid_range, docs/security.md)",
+                "agentd is not running as root (uid {}): the command executor's programs run as agentd's own user, so a program could signal agentd, read the environments and folders of runs beside it, and reach whatever agentd's user may: the artifacts every run stored (artifacts.dir), configuration files, an embedded database; agentd's own environment and memory stay unreadable (it is not dumpable). Run agentd as root for a user per run (executors.command.uid_range, docs/security.md)",
                 Uid::effective()
             )
         })

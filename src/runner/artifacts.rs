@@ -27,6 +27,22 @@ pub const UPLOAD_PART_BYTES: usize = 5 * 1024 * 1024;
 /// at most this many parts plus one in memory.
 pub const UPLOAD_PARTS_IN_FLIGHT: usize = 2;
 
+/// Creates a run's `folder` inside the store's `dir`, both (when created here) such that
+/// only agentd's user may list or enter them; the folders above `dir` get the usual modes
+/// (an embedded database may live beside it).
+async fn private_folder(dir: &Path, folder: &Path) -> std::io::Result<()> {
+    if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    for path in [dir, folder] {
+        match tokio::fs::DirBuilder::new().mode(0o700).create(path).await {
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
 /// An artifact's content as a reader of at most one byte more than its announced `size`,
 /// so that a file growing while it is copied is noticed without copying the growth.
 fn bounded_reader(content: ArtifactContent) -> (Box<dyn AsyncRead + Send + Unpin>, u64) {
@@ -146,11 +162,19 @@ impl ArtifactBackend {
             ArtifactBackend::Local(dir) => {
                 let folder = dir.join(run_id.to_string());
                 let path = folder.join(name);
-                tokio::fs::create_dir_all(&folder)
+                private_folder(dir, &folder)
                     .await
                     .map_err(|error| error.to_string())?;
                 let copied = async {
-                    let mut file = tokio::fs::File::create(&path).await?;
+                    // Only agentd's user may read it: the programs of other runs (other
+                    // tenants') run on this host too.
+                    let mut file = tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .await?;
                     let copied = tokio::io::copy(&mut reader, &mut file).await?;
                     file.flush().await?;
                     Ok::<u64, std::io::Error>(copied)

@@ -312,6 +312,12 @@ impl Drop for Daemon {
 
 /// `agentd run` as one replica against `url`, with JSON logs and extra settings.
 pub fn replica(url: &str, worker_id: &str, settings: &[(&str, &str)]) -> Daemon {
+    Daemon::start(replica_command(url, worker_id, settings))
+}
+
+/// The command [`replica`] starts, for a test that changes more than its settings (the
+/// user it runs as, say).
+pub fn replica_command(url: &str, worker_id: &str, settings: &[(&str, &str)]) -> Command {
     let mut command = agentd();
     let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("replica-artifacts");
     command
@@ -322,7 +328,7 @@ pub fn replica(url: &str, worker_id: &str, settings: &[(&str, &str)]) -> Daemon 
     for (name, value) in settings {
         command.env(name, value);
     }
-    Daemon::start(command)
+    command
 }
 
 /// A PostgreSQL server of the test's own (data in `folder`), which the test may stop and
@@ -571,4 +577,134 @@ pub async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap()
+}
+
+/// What one run stored: its row, its log lines, its artifacts.
+#[derive(Debug)]
+pub struct RunRecord {
+    pub status: String,
+    pub error: Option<String>,
+    pub output: Option<serde_json::Value>,
+    /// `(level, message)`, in order.
+    pub logs: Vec<(String, String)>,
+    /// `(name, url)`, by name.
+    pub artifacts: Vec<(String, String)>,
+    /// The run's row, its log rows and its artifact rows as JSON text, and the stored
+    /// content of its artifacts (`file://` URLs): what "appears nowhere" checks search.
+    pub stored: String,
+}
+
+/// Waits until run `run_id` has ended (fails the test after `limit`), then reads it back.
+pub async fn finished_run(pool: &sqlx::PgPool, run_id: uuid::Uuid, limit: Duration) -> RunRecord {
+    eventually(limit, &format!("run {run_id} ends"), || async {
+        count(
+            pool,
+            &format!("SELECT count(*) FROM runs WHERE id = '{run_id}' AND status <> 'running'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    run_record(pool, run_id).await
+}
+
+/// What run `run_id` has stored so far.
+pub async fn run_record(pool: &sqlx::PgPool, run_id: uuid::Uuid) -> RunRecord {
+    let (status, error, output, row): (String, Option<String>, Option<serde_json::Value>, String) =
+        sqlx::query_as("SELECT status, error, output, to_jsonb(r)::text FROM runs r WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let logs = sqlx::query_as(
+        "SELECT level, message FROM run_logs WHERE run_id = $1 ORDER BY timestamp, id",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let artifacts: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, url FROM run_artifacts WHERE run_id = $1 ORDER BY name")
+            .bind(run_id)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let rows: String = sqlx::query_scalar(
+        "SELECT concat_ws(E'\\n', \
+           (SELECT jsonb_agg(to_jsonb(l))::text FROM run_logs l WHERE run_id = $1), \
+           (SELECT jsonb_agg(to_jsonb(a))::text FROM run_artifacts a WHERE run_id = $1))",
+    )
+    .bind(run_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let mut stored = format!("{row}\n{rows}");
+    for (_, url) in &artifacts {
+        if let Some(path) = url.strip_prefix("file://") {
+            let content = std::fs::read(path).unwrap_or_default();
+            stored.push('\n');
+            stored.push_str(&String::from_utf8_lossy(&content));
+        }
+    }
+    RunRecord {
+        status,
+        error,
+        output,
+        logs,
+        artifacts,
+        stored,
+    }
+}
+
+/// One process as `/proc/<pid>/status` shows it.
+#[derive(Debug, Clone)]
+pub struct ProcessEntry {
+    pub pid: i32,
+    pub parent: i32,
+    /// The real user.
+    pub uid: u32,
+    /// `R`, `S`, `Z`, …
+    pub state: char,
+    /// The command line, arguments joined by spaces (empty for a zombie).
+    pub command: String,
+}
+
+/// Every process on the host (the tests run as root, so every one is visible).
+pub fn process_table() -> Vec<ProcessEntry> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .map(str::to_string)
+            };
+            let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            Some(ProcessEntry {
+                pid,
+                parent: field("PPid:")?.parse().ok()?,
+                uid: field("Uid:")?.parse().ok()?,
+                state: field("State:")?.chars().next()?,
+                command: String::from_utf8_lossy(&command)
+                    .trim_end_matches('\0')
+                    .replace('\0', " "),
+            })
+        })
+        .collect()
+}
+
+/// Whether process `pid`'s environment holds `entry` (`NAME=value`) exactly.
+pub fn environ_holds(pid: i32, entry: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+        environ
+            .split(|byte| *byte == 0)
+            .any(|item| item == entry.as_bytes())
+    })
 }
