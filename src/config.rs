@@ -899,6 +899,7 @@ impl Layers {
 
         let mut secret_variables: Vec<String> = [
             "DATABASE_URL",
+            "AGENTD__DATABASE__URL",
             "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN",
             "AWS_ACCESS_KEY_ID",
