@@ -681,20 +681,49 @@ async fn traces(db: &TestDb, run_id: Uuid) -> (i64, i64) {
     )
 }
 
-/// `agentd run`, `trigger`, `cancel` and `status` work as a login role that is only
-/// a member of `agentd_worker` (owning nothing, after the superuser migrated), and that role
-/// can change no table's definition.
+/// `agentd run` (schedules planned, fired and reported, requests run with their lines and
+/// artifacts, a dead replica's run reaped, retention, readiness), `trigger`, `cancel` and
+/// `status` all work as a login role that is only a member of `agentd_worker` (owning
+/// nothing, after the superuser migrated), and that role can change no table's definition.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_runs_as_a_login_role_that_owns_nothing() {
     let db = TestDb::migrated().await;
     let owner = tenant(&db).await;
-    // A schedule due now, and a finished run 40 days old for retention to delete.
+    // A schedule due now, one to plan, one invalid, a run of a replica that died (its lease
+    // expires in a second), and a finished run 40 days old for retention to delete.
     let schedule: Uuid = sqlx::query_scalar(
         "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, timezone, next_run) \
          VALUES ($1, true, 'minutely', 1, 'UTC', now()) RETURNING id",
     )
     .bind(owner.agent)
     .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let to_plan =
+        support::create_schedule(&db.pool, owner.agent, "daily", Some("09:00"), "UTC").await;
+    let invalid = support::create_schedule(
+        &db.pool,
+        owner.agent,
+        "daily",
+        Some("09:00"),
+        "Mars/Olympus",
+    )
+    .await;
+    let orphan: Uuid = sqlx::query_scalar(
+        "INSERT INTO runs (type, target_id, status, start_time, triggered_by_id) \
+         VALUES ('agent', $1, 'running', now(), $2) RETURNING id",
+    )
+    .bind(owner.agent)
+    .bind(owner.user)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO agentd.leases (run_id, worker_id, expires_at) \
+         VALUES ($1, 'dead-replica', now() + interval '1 second')",
+    )
+    .bind(orphan)
+    .execute(&db.pool)
     .await
     .unwrap();
     let old_run: Uuid = sqlx::query_scalar(
@@ -800,6 +829,38 @@ async fn the_worker_runs_as_a_login_role_that_owns_nothing() {
     assert!(ok, "status: {stderr}");
     let status: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(status["workers"][0]["id"], "least-privilege", "{status:#}");
+
+    // The new schedule was planned, the invalid one reported to its owner.
+    eventually(Duration::from_secs(10), "the schedules were planned", || async {
+        count(
+            &db.pool,
+            &format!(
+                "SELECT count(*) FROM agent_schedules WHERE id = '{to_plan}' AND next_run IS NOT NULL"
+            ),
+        )
+        .await
+            + count(
+                &db.pool,
+                &format!(
+                    "SELECT count(*) FROM runs WHERE input->>'schedule_id' = '{invalid}' \
+                     AND status = 'failed' AND error LIKE 'invalid schedule: timezone:%'"
+                ),
+            )
+            .await
+            == 2
+    })
+    .await;
+
+    // The dead replica's run was reaped.
+    let (status, error) = wait_finished(&db, orphan, Duration::from_secs(10)).await;
+    assert_eq!(status, "failed");
+    assert!(
+        error
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("worker lost: dead-replica"),
+        "{error:?}"
+    );
 
     // Retention deleted the old run, its line included.
     eventually(
