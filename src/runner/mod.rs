@@ -38,7 +38,7 @@ use crate::store::workers::HeldLease;
 use artifacts::ArtifactOptions;
 use batch::Batcher;
 use logs::LogLimits;
-use slots::Reservation;
+use slots::{Reservation, Source};
 
 /// What a run executes, loaded before it starts.
 enum Target {
@@ -169,10 +169,12 @@ struct ControlInner {
     /// happen within one lease and a run never stays `running` longer than that.
     executed: AtomicBool,
     write_failures: AtomicU32,
+    /// Where the run came from: its slot is given back to that source.
+    source: Source,
 }
 
 impl RunControl {
-    fn new(lease_deadline: Instant) -> RunControl {
+    fn new(lease_deadline: Instant, source: Source) -> RunControl {
         RunControl {
             inner: Arc::new(ControlInner {
                 cancel: CancellationToken::new(),
@@ -181,6 +183,7 @@ impl RunControl {
                 lost: AtomicBool::new(false),
                 executed: AtomicBool::new(false),
                 write_failures: AtomicU32::new(0),
+                source,
             }),
         }
     }
@@ -380,9 +383,9 @@ impl Runner {
         if !reservation.occupy() {
             // Claimed beyond the reservation (never by the sources' own loops): the run is
             // leased to this worker, so it runs all the same.
-            self.inner.slots.occupy_extra();
+            self.inner.slots.occupy_extra(reservation.source());
         }
-        let control = RunControl::new(claimed_at + self.inner.lease_ttl);
+        let control = RunControl::new(claimed_at + self.inner.lease_ttl, reservation.source());
         self.active().insert(run.run_id, control.clone());
         crate::measure::run_started(
             run.kind.as_str(),
@@ -781,9 +784,10 @@ impl Runner {
                 "run abandoned: its lease was lost, so another replica owns its outcome"
             );
         }
-        if self.active().remove(&run_id).is_some() {
+        let ended = self.active().remove(&run_id);
+        if let Some(control) = ended {
             crate::measure::run_ended();
-            self.inner.slots.release_running();
+            self.inner.slots.release_running(control.inner.source);
         }
     }
 

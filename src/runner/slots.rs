@@ -2,10 +2,12 @@
 //!
 //! Each source (requests, schedules) claims its own work in its own loop, and asks here for
 //! room first: a reservation of free slots, which the runs it claims then occupy and which
-//! is given back for what it did not claim. When several sources have work waiting, free
-//! slots are split between them, and a single free slot goes to each in turn, so no source
-//! can starve another: a flood of requests cannot hold back a schedule that is due, nor
-//! the other way round.
+//! is given back for what it did not claim. A source that holds no slot keeps one: the
+//! others leave it free (with at least as many slots as sources), so the first run of one
+//! source never waits for the other's runs to end. When several sources have work waiting,
+//! the other free slots are split between them, and a single free slot goes to each in
+//! turn, so no source can starve another: a flood of requests cannot hold back a schedule
+//! that is due, nor the other way round.
 
 use std::sync::Mutex;
 
@@ -41,8 +43,10 @@ pub struct Slots {
 
 struct State {
     capacity: usize,
-    running: usize,
-    reserved: usize,
+    /// Runs occupying a slot, by source.
+    running: [usize; Source::ALL.len()],
+    /// Slots reserved and not occupied yet, by source.
+    reserved: [usize; Source::ALL.len()],
     waiting: [bool; Source::ALL.len()],
     /// The source whose turn it is when there are fewer free slots than sources waiting.
     turn: usize,
@@ -54,8 +58,8 @@ impl Slots {
         Slots {
             state: Mutex::new(State {
                 capacity: capacity.max(1),
-                running: 0,
-                reserved: 0,
+                running: [0; Source::ALL.len()],
+                reserved: [0; Source::ALL.len()],
                 waiting: [false; Source::ALL.len()],
                 turn: 0,
             }),
@@ -76,25 +80,31 @@ impl Slots {
 
     /// Slots neither running nor reserved.
     pub fn available(&self) -> usize {
-        let state = self.state();
-        state
-            .capacity
-            .saturating_sub(state.running + state.reserved)
+        self.state().free()
     }
 
     /// Runs occupying a slot.
     pub fn running(&self) -> usize {
-        self.state().running
+        self.state().running.iter().sum()
     }
 
-    /// Reserves up to `at_most` slots for `source`: all free slots when no other source is
-    /// waiting, otherwise an even share (rounded up), or a single slot in turn when there
-    /// are fewer free slots than sources waiting.
+    /// Reserves up to `at_most` slots for `source`, of the free slots less one for each
+    /// other source that holds none (when there are at least as many slots as sources): all
+    /// of them when no other source is waiting, otherwise an even share (rounded up), or a
+    /// single slot in turn when there are fewer than sources waiting. A source that holds
+    /// no slot gets one whenever one is free, whoever's turn it is.
     pub fn reserve(&self, source: Source, at_most: usize) -> Reservation<'_> {
         let mut state = self.state();
-        let free = state
-            .capacity
-            .saturating_sub(state.running + state.reserved);
+        let keeps_one = state.capacity >= Source::ALL.len();
+        let kept_for_others = if keeps_one {
+            Source::ALL
+                .iter()
+                .filter(|other| **other != source && state.held(**other) == 0)
+                .count()
+        } else {
+            0
+        };
+        let free = state.free().saturating_sub(kept_for_others);
         let others = Source::ALL
             .iter()
             .filter(|other| **other != source && state.waiting[other.index()])
@@ -105,6 +115,8 @@ impl Slots {
             free
         } else if free > others {
             free.div_ceil(others + 1)
+        } else if keeps_one && state.held(source) == 0 {
+            1
         } else {
             let turn = Source::ALL[state.turn % Source::ALL.len()];
             if turn == source || !state.waiting[turn.index()] {
@@ -115,24 +127,26 @@ impl Slots {
             }
         };
         let granted = share.min(at_most);
-        state.reserved += granted;
+        state.reserved[source.index()] += granted;
         Reservation {
             slots: self,
+            source,
             left: granted,
         }
     }
 
-    /// A run started without a reservation (claimed beyond it): it occupies a slot all the
-    /// same, over capacity if need be.
-    pub fn occupy_extra(&self) {
-        self.state().running += 1;
+    /// A run of `source` started without a reservation (claimed beyond it): it occupies a
+    /// slot all the same, over capacity if need be.
+    pub fn occupy_extra(&self, source: Source) {
+        self.state().running[source.index()] += 1;
     }
 
-    /// A run ended: its slot is free.
-    pub fn release_running(&self) {
+    /// A run of `source` ended: its slot is free.
+    pub fn release_running(&self, source: Source) {
         {
             let mut state = self.state();
-            state.running = state.running.saturating_sub(1);
+            let running = &mut state.running[source.index()];
+            *running = running.saturating_sub(1);
         }
         self.freed
             .send_modify(|count| *count = count.wrapping_add(1));
@@ -144,14 +158,33 @@ impl Slots {
     }
 }
 
+impl State {
+    /// Slots neither running nor reserved.
+    fn free(&self) -> usize {
+        let used: usize = self.running.iter().chain(&self.reserved).sum();
+        self.capacity.saturating_sub(used)
+    }
+
+    /// Slots `source` runs in or has reserved.
+    fn held(&self, source: Source) -> usize {
+        self.running[source.index()] + self.reserved[source.index()]
+    }
+}
+
 /// Reserved slots; each run started with it occupies one, and whatever is left is given
 /// back when it is dropped.
 pub struct Reservation<'a> {
     slots: &'a Slots,
+    source: Source,
     left: usize,
 }
 
 impl Reservation<'_> {
+    /// The source the slots are reserved for.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
     /// Slots still reserved.
     pub fn len(&self) -> usize {
         self.left
@@ -169,8 +202,8 @@ impl Reservation<'_> {
         }
         self.left -= 1;
         let mut state = self.slots.state();
-        state.reserved -= 1;
-        state.running += 1;
+        state.reserved[self.source.index()] -= 1;
+        state.running[self.source.index()] += 1;
         true
     }
 }
@@ -179,7 +212,7 @@ impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if self.left > 0 {
             let mut state = self.slots.state();
-            state.reserved -= self.left;
+            state.reserved[self.source.index()] -= self.left;
             drop(state);
             self.slots
                 .freed
@@ -193,15 +226,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_source_alone_gets_every_free_slot() {
+    fn a_source_alone_gets_every_free_slot_but_the_one_kept_for_the_other() {
         let slots = Slots::new(16);
         slots.set_waiting(Source::Requests, true);
         let mut reservation = slots.reserve(Source::Requests, 500);
-        assert_eq!(reservation.len(), 16);
-        assert!(reservation.occupy());
+        assert_eq!(reservation.len(), 15);
+        while reservation.occupy() {}
         drop(reservation);
-        assert_eq!(slots.running(), 1);
-        assert_eq!(slots.available(), 15);
+        assert_eq!(slots.running(), 15);
+        assert_eq!(slots.available(), 1);
+        assert!(slots.reserve(Source::Requests, 500).is_empty());
+        // The kept slot goes to the other source at once, whoever's turn it is.
+        slots.set_waiting(Source::Schedules, true);
+        let mut schedules = slots.reserve(Source::Schedules, 500);
+        assert!(schedules.occupy());
+        assert!(!schedules.occupy());
+        drop(schedules);
+        assert_eq!(slots.available(), 0);
+        // Its run ended, the slot is kept for it again.
+        slots.release_running(Source::Schedules);
+        assert!(slots.reserve(Source::Requests, 500).is_empty());
+        assert_eq!(slots.reserve(Source::Schedules, 500).len(), 1);
+    }
+
+    #[test]
+    fn a_single_slot_is_kept_for_no_one() {
+        let slots = Slots::new(1);
+        assert_eq!(slots.reserve(Source::Requests, 500).len(), 1);
     }
 
     #[test]
@@ -210,7 +261,7 @@ mod tests {
         slots.set_waiting(Source::Requests, true);
         slots.set_waiting(Source::Schedules, true);
         let mut requests = slots.reserve(Source::Requests, 500);
-        assert_eq!(requests.len(), 8);
+        assert_eq!(requests.len(), 8, "half of the 15 not kept for schedules");
         while requests.occupy() {}
         drop(requests);
         let mut schedules = slots.reserve(Source::Schedules, 500);
@@ -226,7 +277,7 @@ mod tests {
         assert_eq!(slots.available(), 0);
         let mut winners = Vec::new();
         for _ in 0..6 {
-            slots.release_running();
+            slots.release_running(Source::Requests);
             let mut requests = slots.reserve(Source::Requests, 500);
             if requests.occupy() {
                 winners.push(Source::Requests);

@@ -76,9 +76,12 @@ fn parse_input(text: Option<&str>) -> (Option<Value>, Option<String>) {
 }
 
 /// Turns up to `limit` waiting requests into running runs leased to `worker_id`, in one
-/// statement; requests other replicas are taking are skipped. Users take turns: each
-/// user's oldest request first, then each user's second, and so on, so one user's flood
-/// waits behind everyone else's first requests.
+/// statement; requests other replicas are taking are skipped. Users take turns, counting
+/// the runs they already have in flight (on any replica): a user's k-th waiting request
+/// comes after everyone's requests with fewer runs ahead of them (in flight plus waiting
+/// before it), and among equals the users with fewer requests waiting go first. So one
+/// user's flood waits behind everyone else's first requests, also when slots free one at a
+/// time.
 pub async fn claim_requests(
     pool: &PgPool,
     limit: usize,
@@ -87,14 +90,20 @@ pub async fn claim_requests(
 ) -> Result<Vec<ClaimedRun>, StoreError> {
     let rows = sqlx::query(
         r#"
-        WITH turns AS (
+        WITH in_flight AS (
+          SELECT run.triggered_by_id AS user_id, count(*) AS runs
+            FROM agentd.leases l JOIN public.runs run ON run.id = l.run_id
+           GROUP BY run.triggered_by_id
+        ), turns AS (
           SELECT r.id,
-                 row_number() OVER (PARTITION BY r.requested_by ORDER BY r.requested_at, r.id) AS turn,
+                 row_number() OVER (PARTITION BY r.requested_by ORDER BY r.requested_at, r.id)
+                   + coalesce(f.runs, 0) AS turn,
+                 count(*) OVER (PARTITION BY r.requested_by) AS waiting,
                  r.requested_at
-            FROM agentd.requests r
+            FROM agentd.requests r LEFT JOIN in_flight f ON f.user_id = r.requested_by
         ), picked AS (
           SELECT r.id FROM agentd.requests r JOIN turns t ON t.id = r.id
-           ORDER BY t.turn, t.requested_at, r.id
+           ORDER BY t.turn, t.waiting, t.requested_at, r.id
            LIMIT $1
            FOR UPDATE OF r SKIP LOCKED
         ), taken AS (

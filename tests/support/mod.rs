@@ -708,3 +708,124 @@ pub fn environ_holds(pid: i32, entry: &str) -> bool {
             .any(|item| item == entry.as_bytes())
     })
 }
+
+/// `url` with its user (and password) replaced: `postgres://old@h/db?x` →
+/// `postgres://user:password@h/db?x`.
+fn replace_user(url: &str, user: &str, password: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[scheme_end..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let host_start = url[scheme_end..authority_end]
+        .rfind('@')
+        .map_or(scheme_end, |i| scheme_end + i + 1);
+    format!(
+        "{}{user}:{password}@{}",
+        &url[..scheme_end],
+        &url[host_start..]
+    )
+}
+
+/// A login role of one test's own on the test server. Roles belong to the server, not to a
+/// database, so each test makes its own under a unique name; it has a password, so its URL
+/// works whatever authentication the server asks for. Dropped (`DROP OWNED BY` in the
+/// test's database, then `DROP ROLE`) by [`LoginRole::remove`], or when the value is
+/// dropped if the test failed first.
+pub struct LoginRole {
+    pub name: String,
+    password: String,
+    /// The test database as the superuser.
+    admin: PgConnectOptions,
+    /// The test database's URL, as the superuser.
+    database_url: String,
+    removed: bool,
+}
+
+impl LoginRole {
+    /// `CREATE ROLE … LOGIN IN ROLE member_of` (e.g. `authenticated`, `agentd_worker`).
+    pub async fn create(db: &TestDb, member_of: &str) -> LoginRole {
+        let name = format!(
+            "agentd_test_login_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        );
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE {member_of}"
+        )))
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("create role {name} in {member_of}: {e}"));
+        LoginRole {
+            name,
+            password,
+            admin: db.options(),
+            database_url: db.url.clone(),
+            removed: false,
+        }
+    }
+
+    /// A URL of the test database that logs in as this role (for child processes).
+    pub fn url(&self) -> String {
+        replace_user(&self.database_url, &self.name, &self.password)
+    }
+
+    /// A new connection to the test database as this role.
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect as {}: {e}", self.name))
+    }
+
+    /// Drops the role and everything it owns or was granted in the test database; fails
+    /// the test if the server refuses.
+    pub async fn remove(mut self) {
+        self.removed = true;
+        if let Err(error) = drop_role(&self.admin, &self.name).await {
+            panic!("drop role {}: {error}", self.name);
+        }
+    }
+}
+
+async fn drop_role(admin: &PgConnectOptions, name: &str) -> Result<(), sqlx::Error> {
+    let mut connection = PgConnection::connect_with(admin).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {name}; DROP ROLE {name}"
+    )))
+    .execute(&mut connection)
+    .await?;
+    connection.close().await
+}
+
+impl Drop for LoginRole {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop cannot await; a short-lived thread with its own runtime does the cleanup.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let _ = runtime.block_on(drop_role(&admin, &name));
+        })
+        .join();
+    }
+}
+
+/// The database's refusal as (SQLSTATE, message); fails the test when `result` is not one.
+pub fn refusal<T: std::fmt::Debug>(
+    result: &Result<T, sqlx::Error>,
+    what: &str,
+) -> (String, String) {
+    match result {
+        Err(sqlx::Error::Database(error)) => (
+            error.code().unwrap_or_default().into_owned(),
+            error.message().to_string(),
+        ),
+        other => panic!("{what}: expected the database to refuse, got {other:?}"),
+    }
+}
