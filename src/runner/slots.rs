@@ -2,10 +2,11 @@
 //!
 //! Each source (requests, schedules) claims its own work in its own loop, and asks here for
 //! room first: a reservation of free slots, which the runs it claims then occupy and which
-//! is given back for what it did not claim. A source that holds no slot keeps one: the
-//! others leave it free (with at least as many slots as sources), so the first run of one
-//! source never waits for the other's runs to end. When several sources have work waiting,
-//! the other free slots are split between them, and a single free slot goes to each in
+//! is given back for what it did not claim. A source that holds no slot may always start
+//! one run, beyond `worker.concurrency` if the other source holds every slot: so the first
+//! run of one source never waits for the other's runs to end, and a replica whose runs all
+//! come from one source still runs `worker.concurrency` of them. When several sources have
+//! work waiting, free slots are split between them, and a single free slot goes to each in
 //! turn, so no source can starve another: a flood of requests cannot hold back a schedule
 //! that is due, nor the other way round.
 
@@ -88,34 +89,25 @@ impl Slots {
         self.state().running.iter().sum()
     }
 
-    /// Reserves up to `at_most` slots for `source`, of the free slots less one for each
-    /// other source that holds none (when there are at least as many slots as sources): all
-    /// of them when no other source is waiting, otherwise an even share (rounded up), or a
-    /// single slot in turn when there are fewer than sources waiting. A source that holds
-    /// no slot gets one whenever one is free, whoever's turn it is.
+    /// Reserves up to `at_most` slots for `source`: all free slots when no other source is
+    /// waiting, otherwise an even share (rounded up), or a single slot in turn when there
+    /// are fewer than sources waiting. A source that holds no slot gets one whenever it
+    /// asks, whoever's turn it is, beyond capacity if no slot is free.
     pub fn reserve(&self, source: Source, at_most: usize) -> Reservation<'_> {
         let mut state = self.state();
-        let keeps_one = state.capacity >= Source::ALL.len();
-        let kept_for_others = if keeps_one {
-            Source::ALL
-                .iter()
-                .filter(|other| **other != source && state.held(**other) == 0)
-                .count()
-        } else {
-            0
-        };
-        let free = state.free().saturating_sub(kept_for_others);
+        let free = state.free();
         let others = Source::ALL
             .iter()
             .filter(|other| **other != source && state.waiting[other.index()])
             .count();
+        let first = state.held(source) == 0;
         let share = if free == 0 {
-            0
+            usize::from(first)
         } else if others == 0 {
             free
         } else if free > others {
             free.div_ceil(others + 1)
-        } else if keeps_one && state.held(source) == 0 {
+        } else if first {
             1
         } else {
             let turn = Source::ALL[state.turn % Source::ALL.len()];
@@ -226,31 +218,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_source_alone_gets_every_free_slot_but_the_one_kept_for_the_other() {
+    fn a_source_alone_gets_every_slot_and_the_other_one_more() {
         let slots = Slots::new(16);
         slots.set_waiting(Source::Requests, true);
         let mut reservation = slots.reserve(Source::Requests, 500);
-        assert_eq!(reservation.len(), 15);
+        assert_eq!(reservation.len(), 16);
         while reservation.occupy() {}
         drop(reservation);
-        assert_eq!(slots.running(), 15);
-        assert_eq!(slots.available(), 1);
+        assert_eq!(slots.running(), 16);
+        assert_eq!(slots.available(), 0);
         assert!(slots.reserve(Source::Requests, 500).is_empty());
-        // The kept slot goes to the other source at once, whoever's turn it is.
+        // The other source, holding none, starts one run at once, beyond capacity.
         slots.set_waiting(Source::Schedules, true);
         let mut schedules = slots.reserve(Source::Schedules, 500);
         assert!(schedules.occupy());
         assert!(!schedules.occupy());
         drop(schedules);
-        assert_eq!(slots.available(), 0);
-        // Its run ended, the slot is kept for it again.
+        assert_eq!(slots.running(), 17);
+        assert!(
+            slots.reserve(Source::Schedules, 500).is_empty(),
+            "one beyond, no more"
+        );
+        // Its run ended: it may start one again, the requests still may not.
         slots.release_running(Source::Schedules);
         assert!(slots.reserve(Source::Requests, 500).is_empty());
         assert_eq!(slots.reserve(Source::Schedules, 500).len(), 1);
     }
 
     #[test]
-    fn a_single_slot_is_kept_for_no_one() {
+    fn a_single_slot_goes_to_whoever_asks() {
         let slots = Slots::new(1);
         assert_eq!(slots.reserve(Source::Requests, 500).len(), 1);
     }
@@ -261,7 +257,7 @@ mod tests {
         slots.set_waiting(Source::Requests, true);
         slots.set_waiting(Source::Schedules, true);
         let mut requests = slots.reserve(Source::Requests, 500);
-        assert_eq!(requests.len(), 8, "half of the 15 not kept for schedules");
+        assert_eq!(requests.len(), 8, "half of the 16");
         while requests.occupy() {}
         drop(requests);
         let mut schedules = slots.reserve(Source::Schedules, 500);
