@@ -213,15 +213,16 @@ pub fn processes_marked(marker: &str) -> Vec<i32> {
     processes()
         .into_iter()
         .filter(|process| !process.zombie)
-        .filter(|process| {
-            std::fs::read(format!("/proc/{}/environ", process.pid)).is_ok_and(|environ| {
-                environ
-                    .split(|byte| *byte == 0)
-                    .any(|entry| entry == needle)
-            })
-        })
+        .filter(|process| environ_has(process.pid, |entry| entry == needle) == Some(true))
         .map(|process| process.pid)
         .collect()
+}
+
+/// Whether an entry (`NAME=value`) of `pid`'s environment satisfies `wanted`; `None` when
+/// the environment cannot be read (the process is gone, or not agentd's to read).
+fn environ_has(pid: i32, wanted: impl Fn(&[u8]) -> bool) -> Option<bool> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    Some(environ.split(|byte| *byte == 0).any(wanted))
 }
 
 /// Sends SIGKILL to each of `pids`.
@@ -332,11 +333,7 @@ pub fn kill_unclaimed_strays() {
     let unclaimed: Vec<i32> = strays
         .into_iter()
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
-                !environ
-                    .split(|byte| *byte == 0)
-                    .any(|entry| entry.starts_with(b"AGENTD_RUN_ID="))
-            })
+            environ_has(*pid, |entry| entry.starts_with(b"AGENTD_RUN_ID=")) == Some(false)
         })
         .collect();
     kill_all(&unclaimed);

@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::response::Response;
 use axum::routing::post;
-use support::{Daemon, TestDb, count, create_agent, create_user, eventually, replica};
+use support::{Daemon, TestDb, create_agent, create_user, replica};
 use uuid::Uuid;
 
 /// The bound on a replica's peak resident memory (VmHWM).
@@ -23,10 +23,7 @@ const RUN_TIMEOUT: &str = "120s";
 /// What a finished run left in the database, and what its replica used.
 #[derive(Debug)]
 struct Finished {
-    status: String,
-    error: Option<String>,
-    logs: Vec<(String, String)>,
-    artifacts: Vec<(String, i32)>,
+    run: support::RunRecord,
     elapsed: Duration,
     peak_rss_kib: u64,
     read_bytes: u64,
@@ -54,43 +51,13 @@ async fn run_on_replica(settings: &[(&str, &str)]) -> Finished {
     daemon.wait_for("worker started", Duration::from_secs(30));
     let started = Instant::now();
     let run_id: Uuid = support::request_agent_run(&db.pool, agent).await;
-    eventually(Duration::from_secs(60), "the run ends", || async {
-        count(
-            &db.pool,
-            &format!("SELECT count(*) FROM runs WHERE id = '{run_id}' AND status <> 'running'"),
-        )
-        .await
-            == 1
-    })
-    .await;
+    let run = support::finished_run(&db.pool, run_id, Duration::from_secs(60)).await;
     let elapsed = started.elapsed();
     let peak_rss_kib = proc_figure(daemon.pid(), "status", "VmHWM:");
     let read_bytes = proc_figure(daemon.pid(), "io", "rchar:");
-    let (status, error): (String, Option<String>) =
-        sqlx::query_as("SELECT status, error FROM runs WHERE id = $1")
-            .bind(run_id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    let logs = sqlx::query_as(
-        "SELECT level, message FROM run_logs WHERE run_id = $1 ORDER BY timestamp, id",
-    )
-    .bind(run_id)
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    let artifacts =
-        sqlx::query_as("SELECT name, size FROM run_artifacts WHERE run_id = $1 ORDER BY name")
-            .bind(run_id)
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
     drop(daemon);
     Finished {
-        status,
-        error,
-        logs,
-        artifacts,
+        run,
         elapsed,
         peak_rss_kib,
         read_bytes,
@@ -143,15 +110,26 @@ async fn a_2_gib_artifact_is_refused_unread_and_a_small_one_stored() {
         ("AGENTD__EXECUTORS__COMMAND__PROGRAM", &program),
     ])
     .await;
-    assert_eq!(run.status, "completed", "{run:?}");
-    assert_eq!(run.artifacts, vec![("small.txt".to_string(), 5)]);
+    assert_eq!(run.run.status, "completed", "{run:?}");
+    let stored: Vec<&str> = run
+        .run
+        .artifacts
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(stored, ["small.txt"]);
     assert!(
-        run.logs.iter().any(|(level, message)| level == "warn"
+        run.run.stored.contains(r#""size": 5"#),
+        "{}",
+        run.run.stored
+    );
+    assert!(
+        run.run.logs.iter().any(|(level, message)| level == "warn"
             && message.starts_with(
                 "artifact \"big.bin\" not stored: 2147483648 bytes is over the limit"
             )),
         "{:?}",
-        run.logs
+        run.run.logs
     );
     // The file was not read: all the replica read from files is far less than it.
     assert!(run.read_bytes < 16 << 20, "read {} bytes", run.read_bytes);
@@ -167,9 +145,9 @@ async fn a_model_stream_without_a_line_end_fails_the_run_at_the_event_cap() {
         ("AGENTD__EXECUTORS__OPENAI__BASE_URL", &base_url),
     ])
     .await;
-    assert_eq!(run.status, "failed", "{run:?}");
+    assert_eq!(run.run.status, "failed", "{run:?}");
     assert_eq!(
-        run.error.as_deref(),
+        run.run.error.as_deref(),
         Some(
             "the model sent a stream event over 1048576 bytes, the limit of one event; \
              stopped after 0 characters"
@@ -191,8 +169,8 @@ async fn a_webhook_stream_without_a_line_end_fails_the_run_at_the_line_cap() {
         ("TEST_WEBHOOK_SECRET", "whsec-test"),
     ])
     .await;
-    assert_eq!(run.status, "failed", "{run:?}");
-    let error = run.error.as_deref().unwrap_or_default();
+    assert_eq!(run.run.status, "failed", "{run:?}");
+    let error = run.run.error.as_deref().unwrap_or_default();
     // artifacts.max_bytes (10 MiB) in base64, plus 64 KiB.
     assert!(
         error.starts_with(

@@ -957,6 +957,33 @@ async fn setsid_and_double_forked_children_neither_hold_a_finished_run_open_nor_
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
 
+/// Waits until the run's program says "started"; returns the uid it printed.
+async fn wait_started(world: &World, run_id: Uuid) -> u32 {
+    eventually(Duration::from_secs(30), "the program started", || async {
+        count(
+            &world.db.pool,
+            &format!(
+                "SELECT count(*) FROM run_logs WHERE run_id = '{run_id}' AND message = 'started'"
+            ),
+        )
+        .await
+            == 1
+    })
+    .await;
+    printed_uid(&support::run_record(&world.db.pool, run_id).await)
+}
+
+/// Fails unless every one of `commands` runs as a process of the run.
+fn assert_running(run_id: Uuid, uid: u32, commands: &[&str]) {
+    let running = processes_of_run(run_id, uid, commands);
+    for command in commands {
+        assert!(
+            running.iter().any(|process| process.command == *command),
+            "{command} is not running: {running:#?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_run_that_ignores_sigterm_is_gone_with_its_escaped_children_after_kill_grace() {
     const KILL_GRACE: Duration = Duration::from_secs(3);
@@ -974,26 +1001,9 @@ async fn a_cancelled_run_that_ignores_sigterm_is_gone_with_its_escaped_children_
         &[("AGENTD__EXECUTORS__COMMAND__KILL_GRACE", "3s")],
     );
     let run_id = world.request(agent, None).await;
-    eventually(Duration::from_secs(30), "the program started", || async {
-        count(
-            &world.db.pool,
-            &format!(
-                "SELECT count(*) FROM run_logs WHERE run_id = '{run_id}' AND message = 'started'"
-            ),
-        )
-        .await
-            == 1
-    })
-    .await;
-    let uid = printed_uid(&support::run_record(&world.db.pool, run_id).await);
+    let uid = wait_started(&world, run_id).await;
     let commands = ["sleep 603", "sleep 604"];
-    let running = processes_of_run(run_id, uid, &commands);
-    for command in commands {
-        assert!(
-            running.iter().any(|process| process.command == command),
-            "{command} is not running: {running:#?}"
-        );
-    }
+    assert_running(run_id, uid, &commands);
 
     assert!(
         agentd::store::runs::cancel_run(&world.db.pool, run_id)
@@ -1111,26 +1121,9 @@ async fn a_run_stopped_by_shutdown_leaves_no_process_running() {
         ],
     );
     let run_id = world.request(agent, None).await;
-    eventually(Duration::from_secs(30), "the program started", || async {
-        count(
-            &world.db.pool,
-            &format!(
-                "SELECT count(*) FROM run_logs WHERE run_id = '{run_id}' AND message = 'started'"
-            ),
-        )
-        .await
-            == 1
-    })
-    .await;
-    let uid = printed_uid(&support::run_record(&world.db.pool, run_id).await);
+    let uid = wait_started(&world, run_id).await;
     let commands = ["sleep 605", "sleep 606"];
-    let running = processes_of_run(run_id, uid, &commands);
-    for command in commands {
-        assert!(
-            running.iter().any(|process| process.command == command),
-            "{command} is not running: {running:#?}"
-        );
-    }
+    assert_running(run_id, uid, &commands);
     // Past shutdown.grace the run is stopped; agentd exits only once kill_grace has passed
     // and its processes are killed. (Killed just before agentd exited, some may still be
     // zombies waiting for the host's init to reap them: they run no more.)

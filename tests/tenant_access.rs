@@ -145,6 +145,11 @@ async fn queued_run(db: &TestDb, tenant: Tenant) -> Uuid {
 /// A run of `tenant` that some worker is executing: its row and its lease, as a claim
 /// writes them (no worker runs in the authorization test; nothing needs to execute).
 async fn running_run(db: &TestDb, tenant: Tenant) -> Uuid {
+    leased_run(db, tenant, "elsewhere", "1 hour").await
+}
+
+/// A running run of `tenant` leased to `worker` for `lease` (an interval).
+async fn leased_run(db: &TestDb, tenant: Tenant, worker: &str, lease: &str) -> Uuid {
     let run_id: Uuid = sqlx::query_scalar(
         "INSERT INTO runs (type, target_id, status, start_time, triggered_by_id) \
          VALUES ('agent', $1, 'running', now(), $2) RETURNING id",
@@ -156,9 +161,11 @@ async fn running_run(db: &TestDb, tenant: Tenant) -> Uuid {
     .unwrap();
     sqlx::query(
         "INSERT INTO agentd.leases (run_id, worker_id, expires_at) \
-         VALUES ($1, 'elsewhere', now() + interval '1 hour')",
+         VALUES ($1, $2, now() + $3::interval)",
     )
     .bind(run_id)
+    .bind(worker)
+    .bind(lease)
     .execute(&db.pool)
     .await
     .unwrap();
@@ -709,23 +716,7 @@ async fn the_worker_runs_as_a_login_role_that_owns_nothing() {
         "Mars/Olympus",
     )
     .await;
-    let orphan: Uuid = sqlx::query_scalar(
-        "INSERT INTO runs (type, target_id, status, start_time, triggered_by_id) \
-         VALUES ('agent', $1, 'running', now(), $2) RETURNING id",
-    )
-    .bind(owner.agent)
-    .bind(owner.user)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO agentd.leases (run_id, worker_id, expires_at) \
-         VALUES ($1, 'dead-replica', now() + interval '1 second')",
-    )
-    .bind(orphan)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let orphan = leased_run(&db, owner, "dead-replica", "1 second").await;
     let old_run: Uuid = sqlx::query_scalar(
         "INSERT INTO runs (type, target_id, status, start_time, end_time, triggered_by_id) \
          VALUES ('agent', $1, 'completed', now() - interval '40 days', now() - interval '40 days', $2) \
