@@ -178,8 +178,13 @@ CREATE TABLE IF NOT EXISTS agentd.limits (
 );
 GRANT SELECT, INSERT, UPDATE, DELETE ON agentd.limits TO agentd_worker;
 
--- Requests of one user, for the per-user limit and the round-robin claim.
+-- Requests of one user, for the per-user limit.
 CREATE INDEX IF NOT EXISTS requests_requested_by ON agentd.requests (requested_by, requested_at);
+-- Users take turns: a request's turn is its place in its user's queue when it was asked
+-- for (1 for a user with nothing queued). The claim takes the lowest turns first, so one
+-- user's flood waits behind everyone else's first requests, at the cost of an index scan.
+ALTER TABLE agentd.requests ADD COLUMN IF NOT EXISTS turn INTEGER NOT NULL DEFAULT 1;
+CREATE INDEX IF NOT EXISTS requests_turn ON agentd.requests (turn, requested_at);
 
 -- Who may act on any target: members of agentd_worker (the worker, operators, the role that
 -- migrated). Decided on the caller's role, as the role setting or the login: a signed-in
@@ -250,8 +255,9 @@ CREATE OR REPLACE FUNCTION public.request_run(target_type text, target_id uuid, 
         pending, most_pending
         USING ERRCODE = '53400';
     END IF;
-    INSERT INTO agentd.requests (id, target_type, target_id, input, requested_by)
-      VALUES (run_id, request_run.target_type, request_run.target_id, request_run.input, owner);
+    INSERT INTO agentd.requests (id, target_type, target_id, input, requested_by, turn)
+      VALUES (run_id, request_run.target_type, request_run.target_id, request_run.input, owner,
+              pending + 1);
     PERFORM pg_notify('agentd_requests', run_id::text);
     RETURN run_id;
   END

@@ -76,12 +76,11 @@ fn parse_input(text: Option<&str>) -> (Option<Value>, Option<String>) {
 }
 
 /// Turns up to `limit` waiting requests into running runs leased to `worker_id`, in one
-/// statement; requests other replicas are taking are skipped. Users take turns, counting
-/// the runs they already have in flight (on any replica): a user's k-th waiting request
-/// comes after everyone's requests with fewer runs ahead of them (in flight plus waiting
-/// before it), and among equals the users with fewer requests waiting go first. So one
-/// user's flood waits behind everyone else's first requests, also when slots free one at a
-/// time.
+/// statement; requests other replicas are taking are skipped. Users take turns: the lowest
+/// `turn` first (a request's place in its user's queue when it was asked for, see
+/// `request_run`), then the oldest. So one user's flood waits behind everyone else's first
+/// requests, also when slots free one at a time, and the claim costs an index scan however
+/// long the queue.
 pub async fn claim_requests(
     pool: &PgPool,
     limit: usize,
@@ -90,22 +89,11 @@ pub async fn claim_requests(
 ) -> Result<Vec<ClaimedRun>, StoreError> {
     let rows = sqlx::query(
         r#"
-        WITH in_flight AS (
-          SELECT run.triggered_by_id AS user_id, count(*) AS runs
-            FROM agentd.leases l JOIN public.runs run ON run.id = l.run_id
-           GROUP BY run.triggered_by_id
-        ), turns AS (
-          SELECT r.id,
-                 row_number() OVER (PARTITION BY r.requested_by ORDER BY r.requested_at, r.id)
-                   + coalesce(f.runs, 0) AS turn,
-                 count(*) OVER (PARTITION BY r.requested_by) AS waiting,
-                 r.requested_at
-            FROM agentd.requests r LEFT JOIN in_flight f ON f.user_id = r.requested_by
-        ), picked AS (
-          SELECT r.id FROM agentd.requests r JOIN turns t ON t.id = r.id
-           ORDER BY t.turn, t.waiting, t.requested_at, r.id
+        WITH picked AS (
+          SELECT id FROM agentd.requests
+           ORDER BY turn, requested_at
            LIMIT $1
-           FOR UPDATE OF r SKIP LOCKED
+           FOR UPDATE SKIP LOCKED
         ), taken AS (
           DELETE FROM agentd.requests r USING picked p WHERE r.id = p.id
           RETURNING r.id, r.target_type, r.target_id, r.input, r.requested_by, r.requested_at
