@@ -3,7 +3,8 @@
 //! Each source (requests, schedules) claims its own work in its own loop, and asks here for
 //! room first: a reservation of free slots, which the runs it claims then occupy and which
 //! is given back for what it did not claim. A source that holds no slot may always start
-//! one run, beyond `worker.concurrency` if the other source holds every slot: so the first
+//! one run, beyond `worker.concurrency` if the other source holds every slot (unless
+//! `worker.concurrency` is 1): so the first
 //! run of one source never waits for the other's runs to end, and a replica whose runs all
 //! come from one source still runs `worker.concurrency` of them. When several sources have
 //! work waiting, free slots are split between them, and a single free slot goes to each in
@@ -92,7 +93,8 @@ impl Slots {
     /// Reserves up to `at_most` slots for `source`: all free slots when no other source is
     /// waiting, otherwise an even share (rounded up), or a single slot in turn when there
     /// are fewer than sources waiting. A source that holds no slot gets one whenever it
-    /// asks, whoever's turn it is, beyond capacity if no slot is free.
+    /// asks, whoever's turn it is, beyond capacity if no slot is free (with more than one
+    /// slot).
     pub fn reserve(&self, source: Source, at_most: usize) -> Reservation<'_> {
         let mut state = self.state();
         let free = state.free();
@@ -100,7 +102,8 @@ impl Slots {
             .iter()
             .filter(|other| **other != source && state.waiting[other.index()])
             .count();
-        let first = state.held(source) == 0;
+        // With a single slot, `worker.concurrency = 1` means one run: no run beyond it.
+        let first = state.held(source) == 0 && state.capacity > 1;
         let share = if free == 0 {
             usize::from(first)
         } else if others == 0 {
@@ -246,9 +249,13 @@ mod tests {
     }
 
     #[test]
-    fn a_single_slot_goes_to_whoever_asks() {
+    fn a_single_slot_goes_to_whoever_asks_and_no_run_beyond_it() {
         let slots = Slots::new(1);
-        assert_eq!(slots.reserve(Source::Requests, 500).len(), 1);
+        let mut requests = slots.reserve(Source::Requests, 500);
+        assert!(requests.occupy());
+        drop(requests);
+        slots.set_waiting(Source::Schedules, true);
+        assert!(slots.reserve(Source::Schedules, 500).is_empty());
     }
 
     #[test]
