@@ -177,7 +177,7 @@ async fn readyz(State(endpoints): State<Endpoints>, headers: HeaderMap) -> Respo
     if !endpoints.authorized(&headers) {
         return unauthorized();
     }
-    match readiness(&endpoints) {
+    match readiness(&endpoints).await {
         Ok(()) => (StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -187,9 +187,9 @@ async fn readyz(State(endpoints): State<Endpoints>, headers: HeaderMap) -> Respo
     }
 }
 
-/// Ready: not shutting down, alive, the database check's last answer ready, and the
-/// worker serving. Answered from memory.
-fn readiness(endpoints: &Endpoints) -> Result<(), String> {
+/// Ready: not shutting down, alive, the database check's answer ready, and the worker
+/// serving. Answered from memory (or from one shared fresh check, see `readiness`).
+async fn readiness(endpoints: &Endpoints) -> Result<(), String> {
     // Read first: shutdown marks the process stopping before the worker stops serving, so
     // a worker found not serving because it stopped is found stopping below.
     let serving = endpoints.health.serving();
@@ -197,7 +197,7 @@ fn readiness(endpoints: &Endpoints) -> Result<(), String> {
         return Err("shutting down".into());
     }
     endpoints.health.liveness()?;
-    endpoints.database.verdict()?;
+    endpoints.database.verdict().await?;
     if !serving {
         return Err("worker not started yet".into());
     }

@@ -2,12 +2,15 @@
 //! own, so that `/readyz` answers from memory: however many requests arrive, the database
 //! sees at most one check a second, and the worker's pool sees none.
 //!
-//! The check asks which of this binary's migrations the database has not applied, every
-//! [`REFRESH_INTERVAL`], or sooner when a request finds the answer "not ready", but never
-//! within [`MIN_INTERVAL`] of the previous check. A failed check drops the connection; the
-//! next attempt reconnects after the store's backoff, and no sooner than [`MIN_INTERVAL`].
-//! The answer never carries the database's error text (whoever reaches `/readyz` reads
-//! it); the error goes to the log, once each time the answer changes.
+//! The check asks which of this binary's migrations the database has not applied, once at
+//! start, then only when a request needs a fresh answer: the last one is "not ready", or
+//! older than [`MAX_AGE`]; never within [`MIN_INTERVAL`] of the previous check. So an
+//! idle replica nobody probes sends the database nothing. A request that finds a ready
+//! answer older than [`MAX_AGE`] waits (up to [`CHECK_TIMEOUT`]) for the fresh one; one
+//! that finds "not ready" answers at once. A failed check drops the connection; the next
+//! attempt reconnects after the store's backoff, and no sooner than [`MIN_INTERVAL`]. The
+//! answer never carries the database's error text (whoever reaches `/readyz` reads it);
+//! the error goes to the log, once each time the answer changes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{self, StoreError};
 
-/// How often the check runs while its connection works.
-pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Oldest ready answer given without a fresh check.
+pub const MAX_AGE: Duration = Duration::from_secs(5);
 /// The shortest time between the end of one check and the start of the next, whatever
 /// asks for them.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -95,7 +98,8 @@ pub struct DatabaseReadiness {
 }
 
 struct Shared {
-    state: watch::Sender<DatabaseState>,
+    /// The last answer and when its check finished.
+    state: watch::Sender<(DatabaseState, Instant)>,
     wanted: Notify,
 }
 
@@ -110,21 +114,37 @@ impl DatabaseReadiness {
     pub fn new() -> DatabaseReadiness {
         DatabaseReadiness {
             shared: Arc::new(Shared {
-                state: watch::Sender::new(DatabaseState::Connecting),
+                state: watch::Sender::new((DatabaseState::Connecting, Instant::now())),
                 wanted: Notify::new(),
             }),
         }
     }
 
-    /// The last answer, without touching the database. When it is "not ready", the check
-    /// is asked to look again (it does so at most once every [`MIN_INTERVAL`]), so a
-    /// database that came back, or was migrated, is seen soon.
-    pub fn verdict(&self) -> Result<(), String> {
-        let verdict = self.shared.state.borrow().verdict();
+    /// The answer, without touching the database. When the last one is "not ready", it is
+    /// given at once and the check is asked to look again (at most once every
+    /// [`MIN_INTERVAL`]), so a database that came back, or was migrated, is seen soon; when
+    /// it is ready but older than [`MAX_AGE`], the fresh answer is awaited.
+    pub async fn verdict(&self) -> Result<(), String> {
+        let (state, checked_at) = self.shared.state.borrow().clone();
+        let verdict = state.verdict();
         if verdict.is_err() {
             self.shared.wanted.notify_one();
+            return verdict;
         }
-        verdict
+        if checked_at.elapsed() <= MAX_AGE {
+            return verdict;
+        }
+        let mut answers = self.shared.state.subscribe();
+        self.shared.wanted.notify_one();
+        let fresh = tokio::time::timeout(
+            MIN_INTERVAL + CHECK_TIMEOUT,
+            answers.wait_for(|(_, at)| *at > checked_at),
+        )
+        .await;
+        match fresh {
+            Ok(Ok(answer)) => answer.0.verdict(),
+            Ok(Err(_)) | Err(_) => DatabaseState::NoAnswer.verdict(),
+        }
     }
 
     /// The check that keeps this answer current, connecting with `options` (the worker's,
@@ -146,10 +166,10 @@ impl DatabaseReadiness {
 
     /// Stores a check's answer; a change is logged once, with the error behind it.
     fn record(&self, state: DatabaseState, error: Option<&str>) {
-        let changed = self.shared.state.send_if_modified(|current| {
-            let changed = *current != state;
-            *current = state.clone();
-            changed
+        let mut changed = false;
+        self.shared.state.send_modify(|current| {
+            changed = current.0 != state;
+            *current = (state.clone(), Instant::now());
         });
         if !changed {
             return;
@@ -190,13 +210,9 @@ impl DatabaseCheck {
                 Ok(state) => {
                     failures = 0;
                     self.readiness.record(state, None);
-                    let asked = tokio::select! {
-                        _ = tokio::time::sleep(REFRESH_INTERVAL) => false,
-                        _ = self.readiness.shared.wanted.notified() => true,
+                    tokio::select! {
+                        _ = self.readiness.shared.wanted.notified() => {}
                         _ = stop.cancelled() => return,
-                    };
-                    if !asked {
-                        continue;
                     }
                     finished + MIN_INTERVAL
                 }
@@ -282,7 +298,7 @@ mod tests {
         let readiness = DatabaseReadiness::new();
         for _ in 0..1000 {
             assert_eq!(
-                readiness.verdict(),
+                readiness.verdict().await,
                 Err("connecting to the database".into())
             );
         }
@@ -295,12 +311,30 @@ mod tests {
         .await;
         assert!(again.is_err(), "a second permit was stored");
         readiness.record(DatabaseState::Current, None);
-        assert_eq!(readiness.verdict(), Ok(()));
+        assert_eq!(readiness.verdict().await, Ok(()));
         let asked = tokio::time::timeout(
             Duration::from_millis(50),
             readiness.shared.wanted.notified(),
         )
         .await;
-        assert!(asked.is_err(), "a ready answer asks for nothing");
+        assert!(asked.is_err(), "a fresh ready answer asks for nothing");
+    }
+
+    #[tokio::test]
+    async fn a_ready_answer_past_its_age_waits_for_a_fresh_check() {
+        let readiness = DatabaseReadiness::new();
+        readiness.shared.state.send_modify(|current| {
+            *current = (DatabaseState::Current, Instant::now() - MAX_AGE * 2);
+        });
+        let checker = readiness.clone();
+        let check = tokio::spawn(async move {
+            checker.shared.wanted.notified().await;
+            checker.record(DatabaseState::MigrationsPending(vec![7]), None);
+        });
+        assert_eq!(
+            readiness.verdict().await,
+            Err("migrations pending: 7 (run `agentd migrate`)".into())
+        );
+        check.await.unwrap();
     }
 }
