@@ -140,7 +140,7 @@ pub async fn reap_orphans(stop: CancellationToken) {
 }
 
 /// Reaps every exited child that agentd did not start itself.
-pub fn reap_once() {
+fn reap_once() {
     let me = std::process::id() as i32;
     let children = own_children();
     for process in processes() {

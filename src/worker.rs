@@ -151,62 +151,37 @@ pub async fn serve(
         ));
     }
     let claimers = tokio_util::task::TaskTracker::new();
-    let request_claimer = {
-        let requests = requests.clone();
-        let (pool, runner, worker_id, stop) = (
-            pool.clone(),
-            runner.clone(),
-            worker_id.clone(),
-            claiming.clone(),
-        );
-        let (lease_ttl, batch_size, max_backoff) = (
-            settings.lease.ttl,
-            settings.scheduler.batch_size,
-            settings.database.max_backoff,
-        );
-        move || {
-            RequestClaimer {
-                pool: pool.clone(),
-                runner: runner.clone(),
-                worker_id: worker_id.clone(),
-                lease_ttl,
-                batch_size,
-                max_backoff,
-                wake: requests.clone(),
-            }
-            .run(stop.clone())
-        }
+    let request_claimer = RequestClaimer {
+        pool: pool.clone(),
+        runner: runner.clone(),
+        worker_id: worker_id.clone(),
+        lease_ttl: settings.lease.ttl,
+        batch_size: settings.scheduler.batch_size,
+        max_backoff: settings.database.max_backoff,
+        wake: requests.clone(),
     };
-    claimers.spawn(health.supervise("requests", until(&claiming), fatal.clone(), request_claimer));
-    let scheduler = {
-        let (pool, runner, worker_id, stop) = (
-            pool.clone(),
-            runner.clone(),
-            worker_id.clone(),
-            claiming.clone(),
-        );
-        let (scheduler_settings, lease, max_backoff) = (
-            settings.scheduler.clone(),
-            settings.lease.clone(),
-            settings.database.max_backoff,
-        );
-        let requests = requests.clone();
-        move || {
-            Scheduler {
-                pool: pool.clone(),
-                runner: runner.clone(),
-                worker_id: worker_id.clone(),
-                settings: scheduler_settings.clone(),
-                lease: lease.clone(),
-                max_backoff,
-                wake: wake.clone(),
-                requests: requests.clone(),
-                rules: Default::default(),
-            }
-            .run(stop.clone())
-        }
+    let stop = claiming.clone();
+    claimers.spawn(
+        health.supervise("requests", until(&claiming), fatal.clone(), move || {
+            request_claimer.clone().run(stop.clone())
+        }),
+    );
+    let scheduler = Scheduler {
+        pool: pool.clone(),
+        runner: runner.clone(),
+        worker_id: worker_id.clone(),
+        settings: settings.scheduler.clone(),
+        lease: settings.lease.clone(),
+        max_backoff: settings.database.max_backoff,
+        wake,
+        requests,
     };
-    claimers.spawn(health.supervise("scheduler", until(&claiming), fatal.clone(), scheduler));
+    let stop = claiming.clone();
+    claimers.spawn(
+        health.supervise("scheduler", until(&claiming), fatal.clone(), move || {
+            scheduler.clone().run(stop.clone())
+        }),
+    );
     claimers.close();
     health.set_serving(true);
     tracing::info!(concurrency = settings.worker.concurrency, "worker started");

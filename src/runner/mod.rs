@@ -435,17 +435,6 @@ impl Runner {
         );
     }
 
-    /// Stops one run, if it runs here.
-    pub fn stop(&self, run_id: Uuid, reason: StopReason) -> bool {
-        match self.active().get(&run_id) {
-            Some(control) => {
-                control.stop(reason);
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Stops every run in flight.
     pub fn stop_all(&self, reason: StopReason) {
         for control in self.active().values() {

@@ -34,6 +34,7 @@ use plan::{PlanEvent, RuleCache, plan_claim};
 pub const MIN_NOTIFIED_GAP: Duration = Duration::from_millis(5);
 
 /// The schedule loop's service.
+#[derive(Clone)]
 pub struct Scheduler {
     pub pool: PgPool,
     pub runner: Runner,
@@ -46,8 +47,6 @@ pub struct Scheduler {
     /// Notified when this loop's look finds requests waiting (the request loop's safety
     /// net when a notification was lost).
     pub requests: Arc<Notify>,
-    /// Parsed rules of the definitions seen so far.
-    pub rules: std::sync::Mutex<RuleCache>,
 }
 
 /// What the loop does after a look.
@@ -67,11 +66,12 @@ impl Scheduler {
         let mut failures: u32 = 0;
         let mut last_heartbeat: Option<Instant> = None;
         let mut freed = self.runner.slots().subscribe();
-        let mut last_look = Instant::now();
+        // Parsed rules of the definitions seen so far.
+        let mut rules = RuleCache::default();
         while !shutdown.is_cancelled() {
             freed.borrow_and_update();
-            last_look = last_look.max(Instant::now());
-            let (sleep_for, room) = match self.tick(&mut last_heartbeat).await {
+            let last_look = Instant::now();
+            let (sleep_for, room) = match self.tick(&mut last_heartbeat, &mut rules).await {
                 Ok(Next::Again) => {
                     failures = 0;
                     continue;
@@ -106,7 +106,11 @@ impl Scheduler {
     }
 
     /// One look at the database, and a claim when schedules are due and a slot is free.
-    async fn tick(&self, last_heartbeat: &mut Option<Instant>) -> Result<Next, StoreError> {
+    async fn tick(
+        &self,
+        last_heartbeat: &mut Option<Instant>,
+        rules: &mut RuleCache,
+    ) -> Result<Next, StoreError> {
         // The summary doubles as the replica's heartbeat (every lease.ttl / 3 at most).
         let heartbeat = last_heartbeat.is_none_or(|at| at.elapsed() >= self.lease.renew_interval());
         let summary = due_summary(&self.pool, heartbeat.then_some(self.worker_id.as_str())).await?;
@@ -137,7 +141,7 @@ impl Scheduler {
             return Ok(Next::Room(self.settings.poll_interval));
         }
         let limit = reservation.len();
-        if self.claim_schedules(&mut reservation).await? >= limit {
+        if self.claim_schedules(&mut reservation, rules).await? >= limit {
             return Ok(Next::Again);
         }
         slots.set_waiting(Source::Schedules, false);
@@ -150,6 +154,7 @@ impl Scheduler {
     async fn claim_schedules(
         &self,
         reservation: &mut Reservation<'_>,
+        rules: &mut RuleCache,
     ) -> Result<usize, StoreError> {
         let limit = reservation.len();
         let sent_at = Instant::now();
@@ -159,13 +164,7 @@ impl Scheduler {
             transaction.commit().await?;
             return Ok(0);
         }
-        let (writes, events) = {
-            let mut rules = self
-                .rules
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            plan_claim(&rows, now, &self.settings, &mut rules, Uuid::now_v7)
-        };
+        let (writes, events) = plan_claim(&rows, now, &self.settings, rules, Uuid::now_v7);
         // The agents of the runs, read here: the runs start without a round trip of their own.
         let mut agent_ids: Vec<Uuid> = writes.fires.iter().map(|fire| fire.agent_id).collect();
         agent_ids.sort_unstable();

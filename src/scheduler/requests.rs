@@ -20,6 +20,7 @@ use crate::runner::slots::Source;
 use crate::store::runs::claim_requests;
 
 /// The request loop's service.
+#[derive(Clone)]
 pub struct RequestClaimer {
     pub pool: PgPool,
     pub runner: Runner,
