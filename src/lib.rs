@@ -19,9 +19,11 @@
 //! - [`shutdown`]: the cancellation token that SIGTERM/SIGINT fire.
 //! - [`cli`]: the command line.
 
+pub mod artifact_store;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod domain;
 pub mod embedded_pg;
 pub mod endpoints;
 pub mod executor;
@@ -30,6 +32,7 @@ pub mod maintenance;
 pub mod measure;
 pub mod process;
 pub mod readiness;
+pub mod retry;
 pub mod runner;
 pub mod schedule;
 pub mod scheduler;
@@ -39,4 +42,5 @@ pub mod status;
 pub mod store;
 pub mod team;
 pub mod telemetry;
+pub mod text;
 pub mod worker;

@@ -20,6 +20,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::retry::Retry;
 use crate::store::{self, StoreError};
 
 /// Oldest ready answer given without a fresh check.
@@ -199,7 +200,7 @@ impl DatabaseCheck {
     /// Checks until `stop` fires.
     pub async fn run(self, stop: CancellationToken) {
         let mut connection = None;
-        let mut failures: u32 = 0;
+        let mut retry = Retry::up_to(self.max_backoff);
         loop {
             let checked = tokio::select! {
                 checked = self.check_once(&mut connection) => checked,
@@ -208,7 +209,7 @@ impl DatabaseCheck {
             let finished = Instant::now();
             let next = match checked {
                 Ok(state) => {
-                    failures = 0;
+                    retry.succeeded();
                     self.readiness.record(state, None);
                     tokio::select! {
                         _ = self.readiness.shared.wanted.notified() => {}
@@ -217,9 +218,8 @@ impl DatabaseCheck {
                     finished + MIN_INTERVAL
                 }
                 Err((state, error)) => {
-                    failures = failures.saturating_add(1);
                     self.readiness.record(state, Some(&error));
-                    finished + store::backoff_delay(failures, self.max_backoff).max(MIN_INTERVAL)
+                    finished + retry.failed().max(MIN_INTERVAL)
                 }
             };
             tokio::select! {

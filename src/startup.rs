@@ -259,7 +259,8 @@ pub async fn trigger(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
     use crate::cli::TriggerTarget;
-    use crate::store::runs::{RunKind, request_run, run_logs_after, run_state};
+    use crate::domain::{RunKind, RunStatus};
+    use crate::store::runs::{request_run, run_logs_after, run_state};
     let kind = match args.target {
         TriggerTarget::Agent => RunKind::Agent,
         TriggerTarget::Team => RunKind::Team,
@@ -284,11 +285,11 @@ pub async fn trigger(
                 position = Some((timestamp, id));
             }
             match state {
-                Some(state) if state.status == "completed" => {
+                Some(state) if state.status == RunStatus::Completed => {
                     println!("run {run_id} completed");
                     return Ok(true);
                 }
-                Some(state) if state.status == "failed" => {
+                Some(state) if state.status == RunStatus::Failed => {
                     println!("run {run_id} failed: {}", state.error.unwrap_or_default());
                     return Ok(false);
                 }

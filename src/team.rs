@@ -10,22 +10,63 @@
 //! - `collaborate`: all members run at once on the same input (at most `concurrency` at a
 //!   time) and their outputs are combined.
 //!
+//! The team is one more executor ([`TeamExecutor`]): the runner executes a team run as it
+//! executes any run.
+//!
 //! Each step is logged with the member's name; the team's output records every step
 //! (agent id, name, status, duration, output or error); the team fails if a needed step
 //! failed; an empty team fails with a clear error.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use crate::domain::{AgentDefinition, ClaimedRun, RunKind, Target, TeamDefinition, TeamStrategy};
 use crate::executor::builtin::input_text;
-use crate::executor::{
-    AgentDefinition, ArtifactSink, ClaimedRun, Executors, LogSink, Outcome, RunContext, RunKind,
-    Usage,
-};
-use crate::store::agents::TeamDefinition;
+use crate::executor::{BoxFuture, Executor, Executors, Outcome, RunContext, Usage};
+
+/// The executor of team runs: each member runs with the executor of its own category,
+/// under that executor's timeout (`executor.timeout` when it has none), sharing the team
+/// run's logs and artifacts; the members' usage figures add up in the team's.
+pub struct TeamExecutor {
+    /// The executors members run with (never this one: a member is an agent).
+    members: Executors,
+    /// Members of a `collaborate` team running at once.
+    concurrency: usize,
+    /// `executor.timeout`: a member's limit when its executor has none of its own.
+    run_timeout: Duration,
+}
+
+impl TeamExecutor {
+    /// A team executor running members with `members`.
+    pub fn new(members: Executors, concurrency: usize, run_timeout: Duration) -> TeamExecutor {
+        TeamExecutor {
+            members,
+            concurrency: concurrency.max(1),
+            run_timeout,
+        }
+    }
+}
+
+impl Executor for TeamExecutor {
+    fn name(&self) -> &'static str {
+        "team"
+    }
+
+    fn execute<'a>(&'a self, run: &'a RunContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            match &run.target {
+                Target::Team(team) => self.run_team(team, run).await,
+                Target::Agent(agent) => Outcome::Failed {
+                    error: format!("agent {} is not a team", agent.id),
+                    output: None,
+                },
+            }
+        })
+    }
+}
 
 /// What one member's step produced.
 struct Step {
@@ -33,134 +74,190 @@ struct Step {
     outcome: Outcome,
 }
 
-/// Runs `team` for the team run `run`.
-pub async fn run_team(
-    team: &TeamDefinition,
-    run: &ClaimedRun,
-    executors: &Executors,
-    logs: &LogSink,
-    artifacts: &ArtifactSink,
-    concurrency: usize,
-) -> Outcome {
-    if team.members.is_empty() {
-        return Outcome::Failed {
-            error: format!("team {:?} has no members", team.name),
-            output: None,
-        };
-    }
-    let input = run.input.clone();
-    logs.info(format!(
-        "team {:?} ({}) with {} member(s)",
-        team.name,
-        team.strategy,
-        team.members.len()
-    ))
-    .await;
-    match team.strategy.as_str() {
-        "route" => {
-            let text = input_text(input.as_ref());
-            let (index, reason) = match executors.router() {
-                Some(router) => match router.choose(&team.members, &text).await {
-                    Ok(index) => (index, "chosen by the model".to_string()),
-                    Err(why) => {
-                        let (index, reason) = route(&team.members, &text);
-                        (index, format!("{why}; by word overlap instead: {reason}"))
-                    }
-                },
-                None => route(&team.members, &text),
+impl TeamExecutor {
+    async fn run_team(&self, team: &TeamDefinition, run: &RunContext) -> Outcome {
+        if team.members.is_empty() {
+            return Outcome::Failed {
+                error: format!("team {:?} has no members", team.name),
+                output: None,
             };
-            let member = &team.members[index];
-            logs.info(format!("route: chose {:?} ({reason})", member.name))
-                .await;
-            let step = run_step(1, member, input, run, executors, logs, artifacts).await;
-            let output = json!({
-                "strategy": "route",
-                "chosen": { "agent_id": member.id, "name": member.name, "reason": reason },
-                "steps": [step.record],
-                "output": output_of(&step.outcome),
+        }
+        let input = run.run.input.clone();
+        run.logs
+            .info(format!(
+                "team {:?} ({}) with {} member(s)",
+                team.name,
+                team.strategy.as_str(),
+                team.members.len()
+            ))
+            .await;
+        match team.strategy {
+            TeamStrategy::Route => {
+                let text = input_text(input.as_ref());
+                let (index, reason) = match self.members.router() {
+                    Some(router) => match router.choose(&team.members, &text).await {
+                        Ok(index) => (index, "chosen by the model".to_string()),
+                        Err(why) => {
+                            let (index, reason) = route(&team.members, &text);
+                            (index, format!("{why}; by word overlap instead: {reason}"))
+                        }
+                    },
+                    None => route(&team.members, &text),
+                };
+                let member = &team.members[index];
+                run.logs
+                    .info(format!("route: chose {:?} ({reason})", member.name))
+                    .await;
+                let step = self.run_step(1, member, input, run).await;
+                let output = json!({
+                    "strategy": "route",
+                    "chosen": { "agent_id": member.id, "name": member.name, "reason": reason },
+                    "steps": [step.record],
+                    "output": output_of(&step.outcome),
+                });
+                finish(step.outcome, output, &member.name)
+            }
+            TeamStrategy::Coordinate => {
+                let mut steps = Vec::new();
+                let mut current = input;
+                for (index, member) in team.members.iter().enumerate() {
+                    let step = self.run_step(index + 1, member, current.clone(), run).await;
+                    steps.push(step.record);
+                    match step.outcome {
+                        Outcome::Completed { output } => current = Some(output),
+                        Outcome::Failed { error, .. } => {
+                            return Outcome::Failed {
+                                error: format!(
+                                    "step {} ({}) failed: {error}",
+                                    index + 1,
+                                    member.name
+                                ),
+                                output: Some(json!({ "strategy": "coordinate", "steps": steps })),
+                            };
+                        }
+                    }
+                }
+                Outcome::Completed {
+                    output: json!({ "strategy": "coordinate", "steps": steps, "output": current }),
+                }
+            }
+            TeamStrategy::Collaborate => {
+                let steps: Vec<BoxFuture<'_, (usize, Step)>> = team
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(index, member)| {
+                        let input = input.clone();
+                        Box::pin(async move {
+                            (index, self.run_step(index + 1, member, input, run).await)
+                        }) as BoxFuture<'_, (usize, Step)>
+                    })
+                    .collect();
+                let mut results: Vec<(usize, Step)> = futures_util::stream::iter(steps)
+                    .buffer_unordered(self.concurrency)
+                    .collect()
+                    .await;
+                results.sort_by_key(|(index, _)| *index);
+                let failed: Vec<String> = results
+                    .iter()
+                    .filter_map(|(index, step)| match &step.outcome {
+                        Outcome::Failed { error, .. } => {
+                            Some(format!("{} ({error})", team.members[*index].name))
+                        }
+                        Outcome::Completed { .. } => None,
+                    })
+                    .collect();
+                let outputs: Vec<Value> = results
+                    .iter()
+                    .map(|(index, step)| json!({ "name": team.members[*index].name, "output": output_of(&step.outcome) }))
+                    .collect();
+                let steps: Vec<Value> = results.into_iter().map(|(_, step)| step.record).collect();
+                let output =
+                    json!({ "strategy": "collaborate", "steps": steps, "outputs": outputs });
+                if failed.is_empty() {
+                    Outcome::Completed { output }
+                } else {
+                    Outcome::Failed {
+                        error: format!(
+                            "{} of {} members failed: {}",
+                            failed.len(),
+                            team.members.len(),
+                            failed.join("; ")
+                        ),
+                        output: Some(output),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one member with its own executor and under its timeout, logging the step with
+    /// the member's name; its usage figures are added to the team's.
+    async fn run_step(
+        &self,
+        number: usize,
+        member: &AgentDefinition,
+        input: Option<Value>,
+        team_run: &RunContext,
+    ) -> Step {
+        let executor = self.members.for_category(Some(&member.category)).clone();
+        let logs = &team_run.logs;
+        logs.info(format!(
+            "step {number}: {} ({}) starts",
+            member.name,
+            executor.name()
+        ))
+        .await;
+        let started = Instant::now();
+        let run: &ClaimedRun = &team_run.run;
+        let context = RunContext {
+            run: ClaimedRun {
+                run_id: run.run_id,
+                kind: RunKind::Agent,
+                target_id: member.id,
+                owner_id: run.owner_id,
+                input,
+                schedule_id: run.schedule_id,
+                agent: None,
+                defect: None,
+            },
+            target: Target::Agent(member.clone()),
+            logs: logs.clone(),
+            artifacts: team_run.artifacts.clone(),
+            usage: Usage::default(),
+        };
+        let timeout = executor.timeout().unwrap_or(self.run_timeout);
+        let outcome = tokio::time::timeout(timeout, executor.execute(&context))
+            .await
+            .unwrap_or_else(|_| Outcome::Failed {
+                error: format!(
+                    "timed out: the member took longer than {}",
+                    humantime::format_duration(timeout)
+                ),
+                output: None,
             });
-            finish(step.outcome, output, &member.name)
+        team_run.usage.add(&context.usage);
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let (status, detail) = match &outcome {
+            Outcome::Completed { output } => ("completed", json!({ "output": bounded(output) })),
+            Outcome::Failed { error, .. } => ("failed", json!({ "error": error })),
+        };
+        logs.info(format!(
+            "step {number}: {} {status} in {duration_ms} ms",
+            member.name
+        ))
+        .await;
+        let mut record = json!({
+            "step": number,
+            "agent_id": member.id,
+            "name": member.name,
+            "status": status,
+            "duration_ms": duration_ms,
+        });
+        if let (Some(record), Some(detail)) = (record.as_object_mut(), detail.as_object()) {
+            record.extend(detail.clone());
         }
-        "coordinate" => {
-            let mut steps = Vec::new();
-            let mut current = input;
-            for (index, member) in team.members.iter().enumerate() {
-                let step = run_step(
-                    index + 1,
-                    member,
-                    current.clone(),
-                    run,
-                    executors,
-                    logs,
-                    artifacts,
-                )
-                .await;
-                steps.push(step.record);
-                match step.outcome {
-                    Outcome::Completed { output } => current = Some(output),
-                    Outcome::Failed { error, .. } => {
-                        return Outcome::Failed {
-                            error: format!("step {} ({}) failed: {error}", index + 1, member.name),
-                            output: Some(json!({ "strategy": "coordinate", "steps": steps })),
-                        };
-                    }
-                }
-            }
-            Outcome::Completed {
-                output: json!({ "strategy": "coordinate", "steps": steps, "output": current }),
-            }
-        }
-        _ => {
-            let steps: Vec<crate::executor::BoxFuture<'_, (usize, Step)>> = team
-                .members
-                .iter()
-                .enumerate()
-                .map(|(index, member)| {
-                    let input = input.clone();
-                    Box::pin(async move {
-                        (
-                            index,
-                            run_step(index + 1, member, input, run, executors, logs, artifacts)
-                                .await,
-                        )
-                    }) as crate::executor::BoxFuture<'_, (usize, Step)>
-                })
-                .collect();
-            let results: Vec<(usize, Step)> = futures_util::stream::iter(steps)
-                .buffer_unordered(concurrency.max(1))
-                .collect()
-                .await;
-            let mut results = results;
-            results.sort_by_key(|(index, _)| *index);
-            let failed: Vec<String> = results
-                .iter()
-                .filter_map(|(index, step)| match &step.outcome {
-                    Outcome::Failed { error, .. } => {
-                        Some(format!("{} ({error})", team.members[*index].name))
-                    }
-                    Outcome::Completed { .. } => None,
-                })
-                .collect();
-            let outputs: Vec<Value> = results
-                .iter()
-                .map(|(index, step)| json!({ "name": team.members[*index].name, "output": output_of(&step.outcome) }))
-                .collect();
-            let steps: Vec<Value> = results.into_iter().map(|(_, step)| step.record).collect();
-            let output = json!({ "strategy": "collaborate", "steps": steps, "outputs": outputs });
-            if failed.is_empty() {
-                Outcome::Completed { output }
-            } else {
-                Outcome::Failed {
-                    error: format!(
-                        "{} of {} members failed: {}",
-                        failed.len(),
-                        team.members.len(),
-                        failed.join("; ")
-                    ),
-                    output: Some(output),
-                }
-            }
-        }
+        Step { record, outcome }
     }
 }
 
@@ -193,64 +290,6 @@ fn finish(outcome: Outcome, output: Value, name: &str) -> Outcome {
             output: Some(output),
         },
     }
-}
-
-/// Runs one member with its own executor, logging the step with the member's name.
-async fn run_step(
-    number: usize,
-    member: &AgentDefinition,
-    input: Option<Value>,
-    run: &ClaimedRun,
-    executors: &Executors,
-    logs: &LogSink,
-    artifacts: &ArtifactSink,
-) -> Step {
-    let executor = executors.for_category(Some(&member.category)).clone();
-    logs.info(format!(
-        "step {number}: {} ({}) starts",
-        member.name,
-        executor.name()
-    ))
-    .await;
-    let started = Instant::now();
-    let context = RunContext {
-        run: ClaimedRun {
-            run_id: run.run_id,
-            kind: RunKind::Agent,
-            target_id: member.id,
-            owner_id: run.owner_id,
-            input,
-            schedule_id: run.schedule_id,
-            agent: None,
-            defect: None,
-        },
-        agent: Some(member.clone()),
-        logs: logs.clone(),
-        artifacts: artifacts.clone(),
-        usage: Usage::default(),
-    };
-    let outcome = executor.execute(&context).await;
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let (status, detail) = match &outcome {
-        Outcome::Completed { output } => ("completed", json!({ "output": bounded(output) })),
-        Outcome::Failed { error, .. } => ("failed", json!({ "error": error })),
-    };
-    logs.info(format!(
-        "step {number}: {} {status} in {duration_ms} ms",
-        member.name
-    ))
-    .await;
-    let mut record = json!({
-        "step": number,
-        "agent_id": member.id,
-        "name": member.name,
-        "status": status,
-        "duration_ms": duration_ms,
-    });
-    if let (Some(record), Some(detail)) = (record.as_object_mut(), detail.as_object()) {
-        record.extend(detail.clone());
-    }
-    Step { record, outcome }
 }
 
 /// Lower-case words of three or more letters or digits.

@@ -15,12 +15,12 @@ use sqlx::postgres::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifact_store::ArtifactStore;
 use crate::config::Settings;
 use crate::executor::Executors;
 use crate::health::Health;
 use crate::maintenance::reaper::Reaper;
 use crate::maintenance::retention::Retention;
-use crate::runner::artifacts::ArtifactOptions;
 use crate::runner::leases::LeaseKeeper;
 use crate::runner::logs::LogLimits;
 use crate::runner::{Runner, RunnerOptions, StopReason};
@@ -67,7 +67,7 @@ pub async fn serve(
                 max_lines: settings.logs.max_lines_per_run,
                 max_bytes: settings.logs.max_bytes_per_run,
             },
-            artifacts: ArtifactOptions::from_settings(
+            artifacts: ArtifactStore::from_settings(
                 &settings.artifacts,
                 settings.database.max_backoff,
             ),
@@ -137,7 +137,7 @@ pub async fn serve(
             pool: pool.clone(),
             worker_id: worker_id.clone(),
             settings: settings.retention.clone(),
-            artifacts: ArtifactOptions::from_settings(
+            artifacts: ArtifactStore::from_settings(
                 &settings.artifacts,
                 settings.database.max_backoff,
             ),

@@ -71,7 +71,7 @@ async fn a_batch_written_twice_is_stored_once_and_fencing_still_holds() {
 
     // The last lines go with the outcome; one of them was stored already.
     let outcome = RunOutcome {
-        completed: true,
+        result: agentd::domain::RunResult::Completed,
         output: Some(serde_json::json!({"ok": true})),
         error: None,
         resource_usage: None,

@@ -5,10 +5,10 @@ mod support;
 
 use std::time::Duration;
 
+use agentd::artifact_store::ArtifactStore;
 use agentd::config::Settings;
 use agentd::embedded_pg::EmbeddedPostgres;
 use agentd::maintenance::retention::{Deleted, Retention};
-use agentd::runner::artifacts::ArtifactOptions;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::{
@@ -323,7 +323,7 @@ fn retention(db: &TestDb, worker_id: &str, settings: &[(&str, &str)], dir: &str)
     Retention {
         pool: db.pool.clone(),
         worker_id: worker_id.into(),
-        artifacts: ArtifactOptions::from_settings(&settings.artifacts, Duration::from_secs(1)),
+        artifacts: ArtifactStore::from_settings(&settings.artifacts, Duration::from_secs(1)),
         settings: settings.retention,
     }
 }

@@ -334,3 +334,89 @@ async fn route_asks_the_model_when_configured_and_falls_back_to_words() {
         );
     }
 }
+
+/// A team is one more executor: its run's `resource_usage` names the `team` executor and
+/// adds up its members' figures, and each member runs under its own executor's timeout
+/// (here the command executor's 1 s, not `executor.timeout`).
+#[tokio::test]
+async fn a_team_run_sums_its_members_usage_and_each_member_has_its_executors_timeout() {
+    let crew = team(
+        "collaborate",
+        &[
+            ("Slow", "sleeps", "program", "x"),
+            ("Quick", "answers", "program", "x"),
+        ],
+    )
+    .await;
+    let script = crew._folder.path().join("member.sh");
+    std::fs::write(
+        &script,
+        "input=$(cat)\ncase \"$input\" in *'\"name\":\"Slow\"'*) sleep 30;; *) echo quick;; esac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        crew._folder.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut crew = crew;
+    crew.overrides
+        .retain(|(key, _)| !key.contains("COMMAND__PROGRAM") && !key.contains("BY_CATEGORY"));
+    crew.overrides.push((
+        "AGENTD__EXECUTORS__COMMAND__PROGRAM",
+        format!(r#"["sh", "{}"]"#, script.display()),
+    ));
+    crew.overrides.push((
+        "AGENTD__EXECUTOR__BY_CATEGORY",
+        r#"{ program = "command" }"#.to_string(),
+    ));
+    crew.overrides
+        .push(("AGENTD__EXECUTORS__COMMAND__TIMEOUT", "1s".to_string()));
+    let started = std::time::Instant::now();
+    let (status, error, output, _) = crew.run(json!("go")).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the team waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status, "failed", "{output:#}");
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|error| error.contains("Slow (timed out: the member took longer than 1s)")),
+        "{error:?}"
+    );
+    let usage: Value = sqlx::query_scalar("SELECT resource_usage FROM runs WHERE type = 'team'")
+        .fetch_one(&crew.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(usage["executor"], "team", "{usage:#}");
+    // The quick member's program ran and reported its CPU time; the team carries it.
+    assert!(usage["cpu_ms"].is_number(), "{usage:#}");
+    assert!(usage.get("exit_status").is_none(), "{usage:#}");
+}
+
+/// A team whose type is none of the strategies (an adopted schema without the seed's
+/// check) fails its run with one clear line instead of running as some other strategy.
+#[tokio::test]
+async fn a_team_of_an_unknown_strategy_fails_clearly() {
+    let crew = team("route", &[("Solo", "does it", "general", "hi")]).await;
+    support::execute_script(
+        &crew.db.pool,
+        &format!(
+            "ALTER TABLE teams DROP CONSTRAINT teams_type_check; \
+             UPDATE teams SET type = 'swarm' WHERE id = '{}'",
+            crew.team
+        ),
+    )
+    .await;
+    let (status, error, _, _) = crew.run(json!("go")).await;
+    assert_eq!(status, "failed");
+    assert_eq!(
+        error.as_deref(),
+        Some(
+            "the team's type \"swarm\" is not a strategy (expected route, coordinate or collaborate)"
+        )
+    );
+}

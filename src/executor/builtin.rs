@@ -114,7 +114,7 @@ impl Executor for BuiltinExecutor {
             }
             let claimed = &run.run;
             let input = input_text(claimed.input.as_ref());
-            let (title, template, variables) = match &run.agent {
+            let (title, template, variables) = match run.target.agent() {
                 Some(agent) => (
                     agent.name.clone(),
                     agent.instructions.clone().unwrap_or_default(),

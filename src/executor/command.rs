@@ -148,7 +148,12 @@ impl CommandExecutor {
             .stderr(Stdio::piped())
             .process_group(0);
         space.configure(&mut command);
-        for variable in run.agent.iter().flat_map(|agent| agent.variables.iter()) {
+        for variable in run
+            .target
+            .agent()
+            .into_iter()
+            .flat_map(|agent| agent.variables.iter())
+        {
             match refusal(&variable.name, &self.settings.refused_env) {
                 Some(why) => run.logs.log(Level::Warn, why).await,
                 None => {
@@ -244,7 +249,7 @@ impl CommandExecutor {
     }
 
     fn stdin_document(&self, run: &RunContext) -> Value {
-        let agent = run.agent.as_ref().map(|agent| {
+        let agent = run.target.agent().map(|agent| {
             let mut value = json!({
                 "id": agent.id,
                 "name": agent.name,

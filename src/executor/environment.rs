@@ -98,7 +98,7 @@ pub fn refusal(name: &str, extra: &[String]) -> Option<String> {
     if !is_identifier(name) {
         return Some(format!(
             "variable {} not passed to the program: not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
-            crate::schedule::quoted(name)
+            crate::text::quoted(name)
         ));
     }
     let upper = name.to_ascii_uppercase();
@@ -116,7 +116,7 @@ pub fn refusal(name: &str, extra: &[String]) -> Option<String> {
     (builtin || configured).then(|| {
         format!(
             "variable {} not passed to the program: it can steer a loader, shell or interpreter (refused names: docs/security.md)",
-            crate::schedule::quoted(name)
+            crate::text::quoted(name)
         )
     })
 }

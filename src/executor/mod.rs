@@ -27,8 +27,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-pub use crate::store::agents::{AgentDefinition, Variable};
-pub use crate::store::runs::{ClaimedRun, RunKind};
+pub use crate::domain::{AgentDefinition, ClaimedRun, RunKind, Target, Variable};
 
 /// The executors the settings ask for: `builtin` always, `command` when a program is
 /// configured, chosen per agent category by `executor.default` and `executor.by_category`.
@@ -108,14 +107,16 @@ pub trait Executor: Send + Sync + 'static {
     }
 }
 
-/// The executors of a replica and which one runs which agent: a default plus overrides by
-/// agent category.
+/// The executors of a replica and which one runs which target: a default plus overrides by
+/// agent category for agents, and the team executor for teams.
 #[derive(Clone)]
 pub struct Executors {
     default: Arc<dyn Executor>,
     by_category: HashMap<String, Arc<dyn Executor>>,
     /// Asks the model to route `route` teams, when configured.
     router: Option<Arc<openai::ModelRouter>>,
+    /// Runs team runs, its members with the executors above ([`Executors::with_teams`]).
+    team: Option<Arc<dyn Executor>>,
 }
 
 impl Executors {
@@ -125,6 +126,7 @@ impl Executors {
             default: executor,
             by_category: HashMap::new(),
             router: None,
+            team: None,
         }
     }
 
@@ -137,6 +139,7 @@ impl Executors {
             default,
             by_category,
             router: None,
+            team: None,
         }
     }
 
@@ -151,12 +154,55 @@ impl Executors {
         self.router.as_ref()
     }
 
-    /// The executor for an agent of `category` (team runs and unknown categories get the
-    /// default).
+    /// The same executors, running teams too: members of a `collaborate` team run at most
+    /// `concurrency` at once, each under its executor's timeout or `run_timeout`.
+    pub fn with_teams(mut self, concurrency: usize, run_timeout: Duration) -> Executors {
+        let members = Executors {
+            team: None,
+            ..self.clone()
+        };
+        self.team = Some(Arc::new(crate::team::TeamExecutor::new(
+            members,
+            concurrency,
+            run_timeout,
+        )));
+        self
+    }
+
+    /// The executor for an agent of `category` (unknown categories get the default).
     pub fn for_category(&self, category: Option<&str>) -> &Arc<dyn Executor> {
         category
             .and_then(|category| self.by_category.get(category))
             .unwrap_or(&self.default)
+    }
+
+    /// The executor of a run's target: the agent's by its category, or the team executor.
+    pub fn for_target(&self, target: &Target) -> Arc<dyn Executor> {
+        match target {
+            Target::Agent(agent) => self.for_category(Some(&agent.category)).clone(),
+            Target::Team(_) => self
+                .team
+                .clone()
+                .unwrap_or_else(|| Arc::new(NoTeams) as Arc<dyn Executor>),
+        }
+    }
+}
+
+/// Stands in for the team executor where none was set up: fails the run, saying so.
+struct NoTeams;
+
+impl Executor for NoTeams {
+    fn name(&self) -> &'static str {
+        "team"
+    }
+
+    fn execute<'a>(&'a self, _run: &'a RunContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(async {
+            Outcome::Failed {
+                error: "this worker was built without a team executor".into(),
+                output: None,
+            }
+        })
     }
 }
 
@@ -164,8 +210,8 @@ impl Executors {
 pub struct RunContext {
     /// The run as claimed: id, target, owner, input, schedule.
     pub run: ClaimedRun,
-    /// The agent of an agent run, with its variables.
-    pub agent: Option<AgentDefinition>,
+    /// What the run executes: the agent with its variables, or the team with its members.
+    pub target: Target,
     /// Where the run's log lines go.
     pub logs: LogSink,
     /// Where the run's artifacts go.
@@ -185,6 +231,35 @@ impl Usage {
     pub fn record(&self, name: &str, value: Value) {
         if let Ok(mut figures) = self.figures.lock() {
             figures.insert(name.to_string(), value);
+        }
+    }
+
+    /// Adds a team member's figures to these: numbers add up (CPU time, tokens), those
+    /// named `max_*` keep the larger, and anything else (an exit status) is left out.
+    pub fn add(&self, member: &Usage) {
+        let member = member.take();
+        let Ok(mut figures) = self.figures.lock() else {
+            return;
+        };
+        for (name, value) in member {
+            let Some(number) = value.as_f64() else {
+                continue;
+            };
+            if name == "exit_status" {
+                continue;
+            }
+            let current = figures.get(&name).and_then(Value::as_f64);
+            let combined = match current {
+                None => number,
+                Some(current) if name.starts_with("max_") => current.max(number),
+                Some(current) => current + number,
+            };
+            let value = if combined.fract() == 0.0 && combined.abs() < 9.0e15 {
+                Value::from(combined as i64)
+            } else {
+                Value::from(combined)
+            };
+            figures.insert(name, value);
         }
     }
 
@@ -384,6 +459,25 @@ impl LogSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_members_figures_add_up_in_the_teams() {
+        let team = Usage::default();
+        for (cpu, rss, tokens) in [(10, 500, 3), (5, 900, 4)] {
+            let member = Usage::default();
+            member.record("cpu_ms", serde_json::json!(cpu));
+            member.record("max_rss_kib", serde_json::json!(rss));
+            member.record("total_tokens", serde_json::json!(tokens));
+            member.record("exit_status", serde_json::json!(0));
+            member.record("model", serde_json::json!("m"));
+            team.add(&member);
+        }
+        let figures = team.take();
+        assert_eq!(figures["cpu_ms"], 15);
+        assert_eq!(figures["max_rss_kib"], 900);
+        assert_eq!(figures["total_tokens"], 7);
+        assert!(!figures.contains_key("exit_status") && !figures.contains_key("model"));
+    }
 
     #[test]
     fn only_regular_files_are_opened_as_artifacts_and_none_is_read() {

@@ -25,6 +25,7 @@ use super::builtin::{input_text, render};
 use super::http::{describe, error_excerpt, excerpt, read_capped};
 use super::{BoxFuture, Executor, Level, Outcome, RunContext};
 use crate::config::OpenAiExecutorSettings;
+use crate::retry::{Backoff, Retry};
 
 /// Most bytes of one stream event (the bytes between two blank lines).
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -34,6 +35,11 @@ pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
 /// Attempts before the first token (the first plus three retries).
 const ATTEMPTS: u32 = 4;
+/// Waits between those attempts: 250 ms, then doubling (with the usual jitter).
+const BEFORE_FIRST_TOKEN: Backoff = Backoff {
+    first: Duration::from_millis(250),
+    max: Duration::from_secs(2),
+};
 
 /// See the module documentation.
 pub struct OpenAiExecutor {
@@ -68,7 +74,7 @@ enum AttemptError {
 
 impl OpenAiExecutor {
     async fn complete(&self, run: &RunContext) -> Outcome {
-        let (system, model) = match &run.agent {
+        let (system, model) = match run.target.agent() {
             Some(agent) => {
                 let variables: Vec<(String, String)> = agent
                     .variables
@@ -105,14 +111,13 @@ impl OpenAiExecutor {
             ],
         });
         let url = format!("{}/chat/completions", self.settings.base_url);
-        let mut attempt = 0;
+        let mut retry = Retry::new(BEFORE_FIRST_TOKEN);
         let response = loop {
-            attempt += 1;
             match self.send(&url, &body).await {
                 Ok(response) => break response,
                 Err(AttemptError::Fatal(error)) => return failed(error, None),
-                Err(AttemptError::Retry(error)) if attempt < ATTEMPTS => {
-                    let delay = Duration::from_millis(250 * 2u64.pow(attempt - 1));
+                Err(AttemptError::Retry(error)) if retry.failures() + 1 < ATTEMPTS => {
+                    let delay = retry.failed();
                     run.logs
                         .log(
                             Level::Warn,

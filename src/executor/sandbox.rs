@@ -120,7 +120,7 @@ impl Users {
     /// not all queue on the first one.
     fn take(&self) -> Result<(u32, Flock<File>), String> {
         let count = u64::from(self.last - self.first) + 1;
-        let start = uuid::Uuid::new_v4().as_u128() as u64 % count;
+        let start = ((crate::retry::random_fraction() * count as f64) as u64).min(count - 1);
         for step in 0..count {
             let uid = self.first + ((start + step) % count) as u32;
             let path = self.locks.join(uid.to_string());

@@ -100,7 +100,7 @@ impl Executor for WebhookExecutor {
 
 impl WebhookExecutor {
     async fn call(&self, run: &RunContext) -> Result<Outcome, String> {
-        let agent = run.agent.as_ref().map(|agent| {
+        let agent = run.target.agent().map(|agent| {
             json!({
                 "id": agent.id,
                 "name": agent.name,

@@ -16,8 +16,9 @@ use std::time::Duration;
 use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifact_store::ArtifactStore;
 use crate::config::RetentionSettings;
-use crate::runner::artifacts::ArtifactOptions;
+use crate::retry::random_duration;
 use crate::store::StoreError;
 use crate::store::maintenance::{
     Hold, delete_artifact_rows, delete_logs_of_old_runs, delete_old_logs, delete_old_runs,
@@ -49,14 +50,14 @@ pub struct Retention {
     pub pool: PgPool,
     pub worker_id: String,
     pub settings: RetentionSettings,
-    pub artifacts: ArtifactOptions,
+    pub artifacts: ArtifactStore,
 }
 
 impl Retention {
     /// Runs passes whenever the task is due, until `stop` fires.
     pub async fn run(self, stop: CancellationToken) {
         // Spread replicas started together.
-        let mut sleep_for = jitter(Duration::from_secs(5));
+        let mut sleep_for = random_duration(Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(sleep_for) => {}
@@ -80,7 +81,7 @@ impl Retention {
                     self.settings.interval.min(Duration::from_secs(60))
                 }
             };
-            sleep_for += jitter(Duration::from_secs(1));
+            sleep_for += random_duration(Duration::from_secs(1));
         }
     }
 
@@ -204,14 +205,4 @@ impl Retention {
         }
         Ok(held)
     }
-}
-
-/// A random duration up to `max` (from the clock's sub-second noise: no RNG needed for
-/// spreading replicas apart).
-fn jitter(max: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.subsec_nanos())
-        .unwrap_or(0);
-    max.mul_f64(f64::from(nanos % 1_000_000) / 1_000_000.0)
 }

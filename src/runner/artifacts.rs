@@ -1,295 +1,24 @@
-//! The artifact store of one run: files a run produced go to a local folder (one folder per
-//! run, `file://` URLs) or, with the `s3` feature and `artifacts.url = "s3://…"`, to an
-//! S3-compatible bucket (`s3://` URLs), and get a `run_artifacts` row (name, MIME type,
-//! size, URL), within `artifacts.max_bytes` per artifact and `artifacts.max_bytes_per_run`
-//! per run; what is over a limit is not stored and a `warn` line in the run's logs says so.
+//! The artifacts of one run: files a run produced go to the artifact store
+//! ([`crate::artifact_store`]) and get a `run_artifacts` row (name, MIME type, size, URL),
+//! within `artifacts.max_bytes` per artifact and `artifacts.max_bytes_per_run` per run;
+//! what is over a limit is not stored and a `warn` line in the run's logs says so.
 //!
 //! The limits are checked here, once, on the size an artifact announces, before a byte of
-//! it is read; a file is then streamed to the backend (a bounded copy into the folder, or a
-//! multipart upload of [`UPLOAD_PART_BYTES`] parts into the bucket), never held whole in
-//! memory, and one that turns out longer or shorter than announced is not stored.
-
-use std::path::{Path, PathBuf};
+//! it is read.
 
 use sqlx::postgres::PgPool;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::RunControl;
-use crate::executor::{ArtifactContent, ArtifactFile, Level, LogSink};
-
-/// Size of the parts of a multipart upload to a bucket (S3's smallest), and of the buffer an
-/// upload starts with: an object smaller than this is sent in one request.
-pub const UPLOAD_PART_BYTES: usize = 5 * 1024 * 1024;
-
-/// Parts of one upload sent at the same time; one more fills meanwhile, so an upload holds
-/// at most this many parts plus one in memory.
-pub const UPLOAD_PARTS_IN_FLIGHT: usize = 2;
-
-/// Creates a run's `folder` inside the store's `dir`, both (when created here) such that
-/// only agentd's user may list or enter them; the folders above `dir` get the usual modes
-/// (an embedded database may live beside it).
-async fn private_folder(dir: &Path, folder: &Path) -> std::io::Result<()> {
-    if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-        tokio::fs::create_dir_all(parent).await?;
-    }
-    for path in [dir, folder] {
-        match tokio::fs::DirBuilder::new().mode(0o700).create(path).await {
-            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
-            other => other?,
-        }
-    }
-    Ok(())
-}
-
-/// An artifact's content as a reader of at most one byte more than its announced `size`,
-/// so that a file growing while it is copied is noticed without copying the growth.
-fn bounded_reader(content: ArtifactContent) -> (Box<dyn AsyncRead + Send + Unpin>, u64) {
-    match content {
-        ArtifactContent::Bytes(data) => {
-            let size = data.len() as u64;
-            (Box::new(std::io::Cursor::new(data)), size)
-        }
-        ArtifactContent::File { file, size } => (Box::new(file.take(size.saturating_add(1))), size),
-    }
-}
-
-/// Why a copy of `copied` bytes does not match the announced `size`; `None` when it does.
-fn size_mismatch(size: u64, copied: u64) -> Option<String> {
-    match copied.cmp(&size) {
-        std::cmp::Ordering::Equal => None,
-        std::cmp::Ordering::Greater => Some(format!(
-            "the file grew past its {size} bytes while it was stored"
-        )),
-        std::cmp::Ordering::Less => Some(format!(
-            "the file shrank from {size} to {copied} bytes while it was stored"
-        )),
-    }
-}
+use super::control::RunControl;
+use crate::artifact_store::{ArtifactStore, guess_type, safe_name, unique_name};
+use crate::executor::{ArtifactFile, Level, LogSink};
 use crate::store::runs::{ArtifactRow, Fenced, insert_artifact, storable_text};
 
 /// Longest artifact name recorded, in characters (the stored file's name is shorter still).
 const MAX_NAME_CHARS: usize = 1000;
 /// Longest MIME type recorded, in characters.
 const MAX_TYPE_CHARS: usize = 255;
-
-/// Limits and place of the artifact store.
-#[derive(Clone)]
-pub struct ArtifactOptions {
-    pub backend: ArtifactBackend,
-    pub max_bytes: u64,
-    pub max_bytes_per_run: u64,
-    /// Longest wait between retries of a row while the database is unreachable.
-    pub max_backoff: std::time::Duration,
-}
-
-/// Where artifact files go.
-#[derive(Clone)]
-pub enum ArtifactBackend {
-    /// A local folder; one sub-folder per run.
-    Local(PathBuf),
-    /// An S3-compatible bucket: objects under `prefix/<run id>/`.
-    #[cfg(feature = "s3")]
-    Bucket {
-        store: std::sync::Arc<dyn object_store::ObjectStore>,
-        bucket: String,
-        prefix: String,
-    },
-    /// A bucket whose client could not be built; every artifact is refused with the reason.
-    Unavailable(String),
-}
-
-impl ArtifactOptions {
-    /// The store the settings describe.
-    pub fn from_settings(
-        settings: &crate::config::ArtifactSettings,
-        max_backoff: std::time::Duration,
-    ) -> ArtifactOptions {
-        let backend = match &settings.url {
-            None => ArtifactBackend::Local(settings.dir.clone()),
-            Some(url) => bucket_backend(url, &settings.s3_options),
-        };
-        if let ArtifactBackend::Unavailable(reason) = &backend {
-            tracing::error!(reason = %reason, "artifact bucket unavailable; artifacts will not be stored");
-        }
-        ArtifactOptions {
-            backend,
-            max_bytes: settings.max_bytes,
-            max_bytes_per_run: settings.max_bytes_per_run,
-            max_backoff,
-        }
-    }
-}
-
-#[cfg(feature = "s3")]
-fn bucket_backend(url: &str, options: &[(String, String)]) -> ArtifactBackend {
-    let rest = url.trim_start_matches("s3://");
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
-    for (name, value) in options {
-        if let Ok(key) = name.parse::<object_store::aws::AmazonS3ConfigKey>() {
-            builder = builder.with_config(key, value.clone());
-        }
-    }
-    match builder.build() {
-        Ok(store) => ArtifactBackend::Bucket {
-            store: std::sync::Arc::new(store),
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-        },
-        Err(error) => ArtifactBackend::Unavailable(format!("artifact bucket {url}: {error}")),
-    }
-}
-
-#[cfg(not(feature = "s3"))]
-fn bucket_backend(url: &str, _options: &[(String, String)]) -> ArtifactBackend {
-    ArtifactBackend::Unavailable(format!(
-        "{url}: this agentd was built without the s3 feature"
-    ))
-}
-
-impl ArtifactBackend {
-    /// Stores one artifact, streaming it; returns its URL.
-    async fn write(
-        &self,
-        run_id: Uuid,
-        name: &str,
-        content: ArtifactContent,
-    ) -> Result<String, String> {
-        let (mut reader, size) = bounded_reader(content);
-        match self {
-            ArtifactBackend::Local(dir) => {
-                let folder = dir.join(run_id.to_string());
-                let path = folder.join(name);
-                private_folder(dir, &folder)
-                    .await
-                    .map_err(|error| error.to_string())?;
-                let copied = async {
-                    // Only agentd's user may read it: the programs of other runs (other
-                    // tenants') run on this host too.
-                    let mut file = tokio::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .mode(0o600)
-                        .open(&path)
-                        .await?;
-                    let copied = tokio::io::copy(&mut reader, &mut file).await?;
-                    file.flush().await?;
-                    Ok::<u64, std::io::Error>(copied)
-                }
-                .await;
-                let failure = match copied {
-                    Ok(copied) => size_mismatch(size, copied),
-                    Err(error) => Some(error.to_string()),
-                };
-                if let Some(failure) = failure {
-                    let _ = tokio::fs::remove_file(&path).await;
-                    return Err(failure);
-                }
-                Ok(file_url(&path))
-            }
-            #[cfg(feature = "s3")]
-            ArtifactBackend::Bucket {
-                store,
-                bucket,
-                prefix,
-            } => {
-                let key = if prefix.is_empty() {
-                    format!("{run_id}/{name}")
-                } else {
-                    format!("{prefix}/{run_id}/{name}")
-                };
-                let location =
-                    object_store::path::Path::parse(&key).map_err(|error| error.to_string())?;
-                let mut upload = object_store::buffered::BufWriter::with_capacity(
-                    store.clone(),
-                    location.clone(),
-                    UPLOAD_PART_BYTES,
-                )
-                .with_max_concurrency(UPLOAD_PARTS_IN_FLIGHT);
-                let failure = match tokio::io::copy(&mut reader, &mut upload).await {
-                    Ok(copied) => size_mismatch(size, copied),
-                    Err(error) => Some(error.to_string()),
-                };
-                if let Some(failure) = failure {
-                    // Nothing is stored until the upload completes; abort drops its parts.
-                    let _ = upload.abort().await;
-                    return Err(failure);
-                }
-                upload.shutdown().await.map_err(|error| error.to_string())?;
-                Ok(format!("s3://{bucket}/{location}"))
-            }
-            ArtifactBackend::Unavailable(reason) => Err(reason.clone()),
-        }
-    }
-
-    /// Deletes the stored file or object behind `url` (retention). One already gone counts
-    /// as deleted. Refuses URLs outside this store (another folder, another bucket): those
-    /// are not agentd's to delete.
-    pub async fn delete(&self, url: &str) -> Result<(), String> {
-        match self {
-            ArtifactBackend::Local(dir) => {
-                let path = path_of_file_url(url)
-                    .ok_or_else(|| format!("{url}: not a file:// URL of this artifact store"))?;
-                let root = std::path::absolute(dir).map_err(|error| error.to_string())?;
-                let inside = path.starts_with(&root)
-                    && path
-                        .components()
-                        .all(|part| !matches!(part, std::path::Component::ParentDir));
-                if !inside {
-                    return Err(format!("{url}: outside artifacts.dir ({})", root.display()));
-                }
-                match tokio::fs::remove_file(&path).await {
-                    Ok(()) => {}
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(error) => return Err(format!("{}: {error}", path.display())),
-                }
-                // The run's folder goes with its last file.
-                if let Some(folder) = path.parent().filter(|folder| *folder != root) {
-                    let _ = tokio::fs::remove_dir(folder).await;
-                }
-                Ok(())
-            }
-            #[cfg(feature = "s3")]
-            ArtifactBackend::Bucket { store, bucket, .. } => {
-                use object_store::ObjectStoreExt;
-                let key = url
-                    .strip_prefix("s3://")
-                    .and_then(|rest| rest.strip_prefix(bucket.as_str()))
-                    .and_then(|rest| rest.strip_prefix('/'))
-                    .ok_or_else(|| format!("{url}: not an object of bucket {bucket}"))?;
-                let location =
-                    object_store::path::Path::parse(key).map_err(|error| error.to_string())?;
-                match store.delete(&location).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(error) => Err(error.to_string()),
-                }
-            }
-            ArtifactBackend::Unavailable(reason) => Err(reason.clone()),
-        }
-    }
-}
-
-/// The path a `file://` URL made by [`file_url`] names.
-fn path_of_file_url(url: &str) -> Option<PathBuf> {
-    let encoded = url.strip_prefix("file://")?.as_bytes();
-    let mut bytes = Vec::with_capacity(encoded.len());
-    let mut index = 0;
-    while index < encoded.len() {
-        if encoded[index] == b'%' {
-            let hex = std::str::from_utf8(encoded.get(index + 1..index + 3)?).ok()?;
-            bytes.push(u8::from_str_radix(hex, 16).ok()?);
-            index += 3;
-        } else {
-            bytes.push(encoded[index]);
-            index += 1;
-        }
-    }
-    use std::os::unix::ffi::OsStringExt;
-    Some(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
-}
 
 /// What the store kept, for `resource_usage`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -306,7 +35,7 @@ pub async fn run_store(
     worker_id: String,
     control: RunControl,
     mut receiver: mpsc::Receiver<ArtifactFile>,
-    options: ArtifactOptions,
+    options: ArtifactStore,
     logs: LogSink,
 ) -> ArtifactTotals {
     let mut totals = ArtifactTotals::default();
@@ -321,7 +50,7 @@ pub async fn run_store(
                 Level::Warn,
                 format!(
                     "artifact {} not stored: {size} bytes is over the limit ({} per artifact, {} per run, {} already used)",
-                    crate::schedule::quoted(&artifact.name), options.max_bytes, options.max_bytes_per_run, totals.bytes
+                    crate::text::quoted(&artifact.name), options.max_bytes, options.max_bytes_per_run, totals.bytes
                 ),
             )
             .await;
@@ -345,7 +74,7 @@ pub async fn run_store(
                     Level::Warn,
                     format!(
                         "artifact {} not stored: {error}",
-                        crate::schedule::quoted(&given_name)
+                        crate::text::quoted(&given_name)
                     ),
                 )
                 .await;
@@ -363,9 +92,9 @@ pub async fn run_store(
             size: size.min(i32::MAX as u64) as i32,
             url,
         };
-        let given_name = crate::schedule::quoted(&given_name);
+        let given_name = crate::text::quoted(&given_name);
         // The row is retried like log lines while the database is away and the lease holds.
-        let mut attempt = 0;
+        let mut retry = crate::retry::Retry::up_to(options.max_backoff);
         loop {
             match insert_artifact(&pool, run_id, &worker_id, &row).await {
                 Ok(Fenced::Written) => {
@@ -389,8 +118,7 @@ pub async fn run_store(
                 }
                 Err(error) if !control.lease_expired_locally() && !control.lease_lost() => {
                     crate::measure::database_error("artifact");
-                    attempt += 1;
-                    let delay = crate::store::backoff_delay(attempt, options.max_backoff);
+                    let delay = retry.failed();
                     tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "recording an artifact failed; retrying");
                     tokio::time::sleep(delay).await;
                     continue;
@@ -409,147 +137,4 @@ pub async fn run_store(
         }
     }
     totals
-}
-
-/// A file name that stays inside the run's folder: path separators and control
-/// characters become `_`, and `.`/`..`/empty names get a neutral one.
-fn safe_name(name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .map(|c| {
-            if c == '/' || c == '\\' || c.is_control() {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect();
-    let cleaned = cleaned.trim().to_string();
-    if cleaned.is_empty() || cleaned == "." || cleaned == ".." {
-        "artifact".into()
-    } else {
-        cleaned.chars().take(200).collect()
-    }
-}
-
-fn unique_name(name: &str, used: &mut Vec<String>) -> String {
-    let mut candidate = name.to_string();
-    let mut counter = 2;
-    while used.contains(&candidate) {
-        candidate = format!("{counter}-{name}");
-        counter += 1;
-    }
-    used.push(candidate.clone());
-    candidate
-}
-
-/// `file://` URL of an absolute path, with the characters URLs cannot hold escaped.
-fn file_url(path: &Path) -> String {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut url = String::from("file://");
-    for byte in absolute.to_string_lossy().bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
-                url.push(byte as char)
-            }
-            other => url.push_str(&format!("%{other:02X}")),
-        }
-    }
-    url
-}
-
-/// The MIME type for a file name's extension (application/octet-stream when unknown).
-pub fn guess_type(name: &str) -> &'static str {
-    let extension = name
-        .rsplit_once('.')
-        .map(|(_, ext)| ext.to_ascii_lowercase());
-    match extension.as_deref() {
-        Some("md" | "markdown") => "text/markdown",
-        Some("txt" | "log") => "text/plain",
-        Some("html" | "htm") => "text/html",
-        Some("csv") => "text/csv",
-        Some("json") => "application/json",
-        Some("xml") => "application/xml",
-        Some("yaml" | "yml") => "application/yaml",
-        Some("pdf") => "application/pdf",
-        Some("png") => "image/png",
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("gif") => "image/gif",
-        Some("svg") => "image/svg+xml",
-        Some("webp") => "image/webp",
-        Some("zip") => "application/zip",
-        Some("gz") => "application/gzip",
-        Some("mp3") => "audio/mpeg",
-        Some("wav") => "audio/wav",
-        Some("mp4") => "video/mp4",
-        _ => "application/octet-stream",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_stay_in_the_folder_and_types_are_guessed() {
-        assert_eq!(safe_name("../../etc/passwd"), ".._.._etc_passwd");
-        assert_eq!(safe_name(".."), "artifact");
-        let mut used = Vec::new();
-        assert_eq!(unique_name("a.md", &mut used), "a.md");
-        assert_eq!(unique_name("a.md", &mut used), "2-a.md");
-        assert_eq!(guess_type("Report.MD"), "text/markdown");
-        assert_eq!(guess_type("data"), "application/octet-stream");
-        let path = Path::new("/var/lib/agentd/a b/résumé%.md");
-        assert_eq!(path_of_file_url(&file_url(path)).as_deref(), Some(path));
-        assert_eq!(path_of_file_url("file:///x/%zz"), None);
-        assert_eq!(path_of_file_url("s3://b/k"), None);
-        assert_eq!(file_url(Path::new("/tmp/a b.md")), "file:///tmp/a%20b.md");
-    }
-
-    fn file_of(path: &Path, data: &[u8], announced: u64) -> ArtifactContent {
-        std::fs::write(path, data).unwrap();
-        ArtifactContent::File {
-            file: tokio::fs::File::from_std(std::fs::File::open(path).unwrap()),
-            size: announced,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_file_is_copied_only_when_it_has_the_size_it_announced() {
-        let source = tempfile::tempdir().unwrap();
-        let store = tempfile::tempdir().unwrap();
-        let backend = ArtifactBackend::Local(store.path().to_path_buf());
-        let run_id = Uuid::new_v4();
-        let stored = store.path().join(run_id.to_string());
-
-        let content = file_of(&source.path().join("a"), b"hello", 5);
-        let url = backend.write(run_id, "a.txt", content).await.unwrap();
-        assert_eq!(
-            path_of_file_url(&url),
-            Some(std::path::absolute(stored.join("a.txt")).unwrap())
-        );
-        assert_eq!(std::fs::read(stored.join("a.txt")).unwrap(), b"hello");
-
-        // It grew after it was checked: refused after one byte more, nothing left behind.
-        let content = file_of(&source.path().join("b"), &[7; 100_000], 10);
-        assert_eq!(
-            backend.write(run_id, "b.bin", content).await.unwrap_err(),
-            "the file grew past its 10 bytes while it was stored"
-        );
-        assert!(!stored.join("b.bin").exists());
-
-        let content = file_of(&source.path().join("c"), b"abc", 5);
-        assert_eq!(
-            backend.write(run_id, "c.bin", content).await.unwrap_err(),
-            "the file shrank from 5 to 3 bytes while it was stored"
-        );
-        assert!(!stored.join("c.bin").exists());
-
-        let url = backend
-            .write(run_id, "d.md", ArtifactContent::Bytes(b"# d".to_vec()))
-            .await
-            .unwrap();
-        assert!(url.ends_with("/d.md"));
-        assert_eq!(std::fs::read(stored.join("d.md")).unwrap(), b"# d");
-    }
 }

@@ -139,6 +139,7 @@ pub async fn run_pipe(
     max_backoff: Duration,
 ) -> (LogTotals, Vec<LogLine>) {
     let mut totals = LogTotals::default();
+    let mut retry = crate::retry::Retry::up_to(max_backoff);
     let mut intake = Intake {
         limits,
         accepted_lines: 0,
@@ -191,7 +192,7 @@ pub async fn run_pipe(
                 totals.bytes += bytes as u64;
                 crate::measure::log_lines_written(batch_len, bytes);
                 pending.drain(..batch_len);
-                control.reset_write_failures();
+                retry.succeeded();
             }
             Ok(Fenced::LeaseLost) => {
                 tracing::warn!("log write refused: this worker no longer holds the run's lease");
@@ -218,8 +219,7 @@ pub async fn run_pipe(
                     continue;
                 }
                 crate::measure::database_error("logs");
-                let attempt = control.note_write_failure();
-                let delay = crate::store::backoff_delay(attempt, max_backoff);
+                let delay = retry.failed();
                 tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "log write failed; retrying");
                 // Keep accepting lines meanwhile, within the bound.
                 let sleep = tokio::time::sleep(delay);

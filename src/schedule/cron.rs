@@ -13,7 +13,7 @@ use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
 
 use super::ScheduleError;
-use super::rule::quoted;
+use crate::text::{cut, quoted};
 
 /// A parsed cron expression.
 #[derive(Debug, Clone)]
@@ -58,11 +58,7 @@ impl CronRule {
             .map_err(|_| invalid("it cannot be parsed".into()))?;
         // croner's message may repeat the expression: it is cut like any quoted value.
         let cron = parsed.map_err(|error| {
-            let why = error.to_string().trim_end_matches('.').to_lowercase();
-            invalid(match why.char_indices().nth(super::MAX_QUOTED_CHARS) {
-                Some((cut, _)) => format!("{}…", &why[..cut]),
-                None => why,
-            })
+            invalid(cut(&error.to_string().trim_end_matches('.').to_lowercase()))
         })?;
         Ok(CronRule { cron })
     }

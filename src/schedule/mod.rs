@@ -21,7 +21,7 @@ mod rule;
 use chrono::{DateTime, Utc};
 
 pub use resolve::resolve;
-pub use rule::{MAX_QUOTED_CHARS, NEVER_FIRES_HORIZON_YEARS, Rule, quoted};
+pub use rule::{NEVER_FIRES_HORIZON_YEARS, Rule};
 
 /// The definition columns of an `agent_schedules` row, as read from the database.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -14,6 +14,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::retry::Retry;
 use uuid::Uuid;
 
 /// Channels the migrations notify on.
@@ -42,7 +44,7 @@ pub struct Listener {
 impl Listener {
     /// Listens until `stop` fires.
     pub async fn run(self, stop: CancellationToken) {
-        let mut failures: u32 = 0;
+        let mut retry = Retry::up_to(self.max_backoff);
         while !stop.is_cancelled() {
             let listener = async {
                 let mut listener = PgListener::connect_with(&self.pool).await?;
@@ -53,9 +55,8 @@ impl Listener {
                 result = listener => match result {
                     Ok(listener) => listener,
                     Err(error) => {
-                        failures += 1;
                         crate::measure::database_error("listen");
-                        let delay = crate::store::backoff_delay(failures, self.max_backoff);
+                        let delay = retry.failed();
                         tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot listen for notifications; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
@@ -66,11 +67,11 @@ impl Listener {
                 },
                 _ = stop.cancelled() => return,
             };
-            if failures > 0 {
+            if retry.failures() > 0 {
                 crate::measure::database_reconnected();
                 tracing::info!("listening for notifications again");
             }
-            failures = 0;
+            retry.succeeded();
             // Whatever was notified while we were not listening: look again.
             self.wake.notify_one();
             self.requests.notify_one();

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{LeaseSettings, SchedulerSettings};
+use crate::retry::Retry;
 use crate::runner::Runner;
 use crate::runner::slots::{Reservation, Source};
 use crate::store::StoreError;
@@ -63,7 +64,7 @@ impl Scheduler {
     /// Claims and dispatches until `shutdown` fires; then returns at once (running runs are
     /// the runner's to finish).
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut failures: u32 = 0;
+        let mut retry = Retry::up_to(self.max_backoff);
         let mut last_heartbeat: Option<Instant> = None;
         let mut freed = self.runner.slots().subscribe();
         // Parsed rules of the definitions seen so far.
@@ -73,21 +74,20 @@ impl Scheduler {
             let last_look = Instant::now();
             let (sleep_for, room) = match self.tick(&mut last_heartbeat, &mut rules).await {
                 Ok(Next::Again) => {
-                    failures = 0;
+                    retry.succeeded();
                     continue;
                 }
                 Ok(Next::Sleep(sleep_for)) => {
-                    failures = 0;
+                    retry.succeeded();
                     (sleep_for, false)
                 }
                 Ok(Next::Room(sleep_for)) => {
-                    failures = 0;
+                    retry.succeeded();
                     (sleep_for, true)
                 }
                 Err(error) => {
-                    failures += 1;
                     crate::measure::database_error("claim");
-                    let delay = crate::store::backoff_delay(failures, self.max_backoff);
+                    let delay = retry.failed();
                     tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claim failed; retrying");
                     (delay, false)
                 }

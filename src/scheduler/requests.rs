@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::MIN_NOTIFIED_GAP;
+use crate::retry::Retry;
 use crate::runner::Runner;
 use crate::runner::slots::Source;
 use crate::store::runs::claim_requests;
@@ -38,7 +39,7 @@ impl RequestClaimer {
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = self.runner.slots();
         let mut freed = slots.subscribe();
-        let mut failures: u32 = 0;
+        let mut retry = Retry::up_to(self.max_backoff);
         let mut waiting_for_room = false;
         let mut retry_in: Option<Duration> = None;
         // Requests may be waiting already (left by a stopped replica, or asked for while no
@@ -71,7 +72,7 @@ impl RequestClaimer {
             let sent_at = Instant::now();
             match claim_requests(&self.pool, limit, &self.worker_id, self.lease_ttl).await {
                 Ok(runs) => {
-                    failures = 0;
+                    retry.succeeded();
                     let claimed = runs.len();
                     crate::measure::claim_batch(claimed);
                     for run in runs {
@@ -86,9 +87,8 @@ impl RequestClaimer {
                 }
                 Err(error) => {
                     drop(reservation);
-                    failures += 1;
                     crate::measure::database_error("claim_requests");
-                    let delay = crate::store::backoff_delay(failures, self.max_backoff);
+                    let delay = retry.failed();
                     tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claiming requests failed; retrying");
                     retry_in = Some(delay);
                 }

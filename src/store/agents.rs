@@ -11,6 +11,7 @@ use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
 use super::StoreError;
+use crate::domain::{AgentDefinition, TeamDefinition, TeamStrategy, Variable};
 
 /// Longest `instructions` a run executes, in bytes; a longer one fails the run.
 pub const MAX_INSTRUCTIONS_BYTES: i32 = 1024 * 1024;
@@ -26,38 +27,6 @@ pub const MAX_TEAM_MEMBERS: i32 = 100;
 const MAX_NAME_CHARS: i32 = 1000;
 const MAX_CATEGORY_CHARS: i32 = 200;
 const MAX_DESCRIPTION_CHARS: i32 = 10_000;
-
-/// An agent as an executor sees it.
-#[derive(Debug, Clone)]
-pub struct AgentDefinition {
-    pub id: Uuid,
-    pub name: String,
-    pub description: Option<String>,
-    pub category: String,
-    pub instructions: Option<String>,
-    /// The variables passed to the run (within the bounds above).
-    pub variables: Vec<Variable>,
-    /// Warn lines for the run's logs: what a bound left out (names only, never values).
-    pub notices: Vec<String>,
-    /// Why the agent cannot run at all (its instructions are over the bound).
-    pub defect: Option<String>,
-}
-
-/// One of an agent's variables. Values are often API keys: never log them.
-#[derive(Clone)]
-pub struct Variable {
-    pub name: String,
-    pub value: Option<String>,
-}
-
-impl std::fmt::Debug for Variable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Variable")
-            .field("name", &self.name)
-            .field("value", &self.value.as_ref().map(|_| "***"))
-            .finish()
-    }
-}
 
 /// The columns of an agent, each within its bound, and its variables: the first
 /// [`MAX_VARIABLES`] by name whose name and value fit, the names of those that do not, and
@@ -136,22 +105,6 @@ pub async fn load_agents<'e>(
     Ok(agent_ids.iter().map(|id| agents.get(id).cloned()).collect())
 }
 
-/// A team and its members, in position order.
-#[derive(Debug, Clone)]
-pub struct TeamDefinition {
-    pub id: Uuid,
-    pub name: String,
-    /// `route`, `coordinate` or `collaborate` (the schema's check).
-    pub strategy: String,
-    /// The members that are the team owner's own agents.
-    pub members: Vec<AgentDefinition>,
-    /// Warn lines for the run's logs: members skipped because another user owns them
-    /// (named by agent id; their variables are never read).
-    pub notices: Vec<String>,
-    /// Why the team cannot run at all (more than [`MAX_TEAM_MEMBERS`] members).
-    pub defect: Option<String>,
-}
-
 /// The team with its members (each with variables), in position order; `None` if gone. A
 /// member agent that the team's owner does not own is skipped, whoever wrote the row.
 pub async fn load_team(pool: &PgPool, team_id: Uuid) -> Result<Option<TeamDefinition>, StoreError> {
@@ -193,8 +146,12 @@ pub async fn load_team(pool: &PgPool, team_id: Uuid) -> Result<Option<TeamDefini
             ));
         }
     }
-    let defect = (listed.len() > MAX_TEAM_MEMBERS as usize)
-        .then(|| format!("the team has more than {MAX_TEAM_MEMBERS} members"));
+    let strategy = TeamStrategy::parse(row.try_get("type")?);
+    let defect = match &strategy {
+        Err(why) => Some(why.clone()),
+        Ok(_) => (listed.len() > MAX_TEAM_MEMBERS as usize)
+            .then(|| format!("the team has more than {MAX_TEAM_MEMBERS} members")),
+    };
     let members = if defect.is_some() || own_ids.is_empty() {
         Vec::new()
     } else {
@@ -207,7 +164,8 @@ pub async fn load_team(pool: &PgPool, team_id: Uuid) -> Result<Option<TeamDefini
     Ok(Some(TeamDefinition {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
-        strategy: row.try_get("type")?,
+        // With an unknown strategy the team never runs (`defect` says why).
+        strategy: strategy.unwrap_or(TeamStrategy::Route),
         members,
         notices,
         defect,
@@ -224,7 +182,7 @@ fn agent_from_row(row: &sqlx::postgres::PgRow) -> Result<AgentDefinition, sqlx::
         .map(|name| {
             format!(
                 "variable {} not passed: its name is over {MAX_VARIABLE_NAME_BYTES} bytes or its value over {MAX_VARIABLE_VALUE_BYTES} bytes",
-                crate::schedule::quoted(name)
+                crate::text::quoted(name)
             )
         })
         .collect();

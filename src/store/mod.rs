@@ -13,6 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseSettings;
+use crate::retry::Retry;
 
 pub mod agents;
 pub mod bench;
@@ -166,7 +167,7 @@ pub async fn connect(
         .application_name("agentd")
         .options([("agentd.internal", "on")]);
     let started = tokio::time::Instant::now();
-    let mut attempt: u32 = 0;
+    let mut retry = Retry::up_to(settings.max_backoff);
     loop {
         let result = pool_options(&options)
             .max_connections(settings.max_connections)
@@ -175,15 +176,14 @@ pub async fn connect(
             .await;
         let error = match result {
             Ok(pool) => {
-                if attempt > 0 {
-                    tracing::info!(attempts = attempt + 1, "connected to the database");
+                if retry.failures() > 0 {
+                    tracing::info!(attempts = retry.failures() + 1, "connected to the database");
                 }
                 return Ok(pool);
             }
             Err(error) => error,
         };
-        attempt += 1;
-        let delay = backoff_delay(attempt, settings.max_backoff);
+        let delay = retry.failed();
         if let Some(limit) = give_up_after
             && started.elapsed() + delay > limit
         {
@@ -193,7 +193,7 @@ pub async fn connect(
             });
         }
         tracing::warn!(
-            attempt,
+            attempt = retry.failures(),
             retry_in_ms = delay.as_millis() as u64,
             error = %error,
             "cannot connect to the database; retrying"
@@ -203,15 +203,6 @@ pub async fn connect(
             _ = shutdown.cancelled() => return Err(StoreError::ShutDown),
         }
     }
-}
-
-/// Exponential backoff from 100 ms, capped, with "equal jitter" (half fixed, half random) so
-/// that replicas which lost the database together do not retry in lockstep.
-pub fn backoff_delay(attempt: u32, max: Duration) -> Duration {
-    let exponential = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(20));
-    let capped = exponential.min(max);
-    let random = (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0;
-    capped.mul_f64(0.5 + 0.5 * random)
 }
 
 /// What a migration run did.
@@ -299,21 +290,6 @@ mod tests {
             url_with_database("postgres:///app?host=/tmp", "b"),
             "postgres:///b?host=/tmp"
         );
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let max = Duration::from_secs(30);
-        for attempt in 1..40 {
-            let delay = backoff_delay(attempt, max);
-            let ceiling = Duration::from_millis(100)
-                .saturating_mul(1u32 << attempt.min(20))
-                .min(max);
-            assert!(
-                delay <= ceiling && delay >= ceiling / 2,
-                "{attempt}: {delay:?}"
-            );
-        }
     }
 
     #[test]

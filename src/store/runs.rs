@@ -13,48 +13,8 @@ use sqlx::query::QueryScalar;
 use uuid::Uuid;
 
 use super::StoreError;
-
-/// What a run executes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunKind {
-    Agent,
-    Team,
-}
-
-impl RunKind {
-    /// The value of `runs.type`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunKind::Agent => "agent",
-            RunKind::Team => "team",
-        }
-    }
-
-    fn parse(text: &str) -> Result<RunKind, StoreError> {
-        // The requests table's check allows only these two.
-        match text {
-            "agent" => Ok(RunKind::Agent),
-            "team" => Ok(RunKind::Team),
-            other => Err(StoreError::Corrupt(format!("unknown run type {other:?}"))),
-        }
-    }
-}
-
-/// A run this worker holds a lease on and must execute.
-#[derive(Debug, Clone)]
-pub struct ClaimedRun {
-    pub run_id: Uuid,
-    pub kind: RunKind,
-    pub target_id: Uuid,
-    pub owner_id: Uuid,
-    pub input: Option<Value>,
-    pub schedule_id: Option<Uuid>,
-    /// The agent, when the claim already read it (scheduled runs: in the claim's own
-    /// transaction); `None`: the runner reads the target itself.
-    pub agent: Option<super::agents::AgentDefinition>,
-    /// Why the run cannot execute (its input could not be read): it fails with this error.
-    pub defect: Option<String>,
-}
+pub use crate::domain::{ClaimedRun, RunKind};
+use crate::domain::{RunResult, RunStatus};
 
 /// Most levels of nesting of a run's input the worker reads (`request_run` refuses more
 /// than 64; serde_json's parser stops at 128).
@@ -118,7 +78,16 @@ pub async fn claim_requests(
             let (input, defect) = parse_input(row.try_get::<Option<&str>, _>("input")?);
             Ok(ClaimedRun {
                 run_id: row.try_get("id")?,
-                kind: RunKind::parse(row.try_get::<&str, _>("target_type")?)?,
+                // The requests table's check allows only the two kinds.
+                kind: {
+                    let kind: &str = row.try_get("target_type")?;
+                    RunKind::parse(kind).ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "unknown run type {}",
+                            crate::text::quoted(kind)
+                        ))
+                    })?
+                },
                 target_id: row.try_get("target_id")?,
                 owner_id: row.try_get("requested_by")?,
                 input,
@@ -312,7 +281,7 @@ pub fn storable_json(mut value: Value) -> Value {
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
-    pub completed: bool,
+    pub result: RunResult,
     pub output: Option<Value>,
     pub error: Option<String>,
     /// `runs.resource_usage` as JSON text, rendered once by the runner (no map to build,
@@ -332,7 +301,7 @@ pub async fn finish_runs(
     let lines = LineColumns::of(outcomes.iter().map(|(run_id, _, lines)| (*run_id, *lines)));
     let statuses: Vec<&str> = outcomes
         .iter()
-        .map(|(_, o, _)| if o.completed { "completed" } else { "failed" })
+        .map(|(_, o, _)| o.result.status().as_str())
         .collect();
     // Borrowed, not copied: sqlx serializes them from here.
     let outputs: Vec<Option<sqlx::types::Json<&Value>>> = outcomes
@@ -429,8 +398,7 @@ pub async fn cancel_run(pool: &PgPool, run_id: Uuid) -> Result<bool, StoreError>
 /// A run's state as the CLI shows it.
 #[derive(Debug, Clone)]
 pub struct RunState {
-    /// `queued` (requested, not started), `running`, `completed` or `failed`.
-    pub status: String,
+    pub status: RunStatus,
     pub error: Option<String>,
     pub output: Option<Value>,
 }
@@ -449,8 +417,15 @@ pub async fn run_state(pool: &PgPool, run_id: Uuid) -> Result<Option<RunState>, 
     .fetch_optional(pool)
     .await?;
     row.map(|row| {
+        let status: &str = row.try_get("status")?;
         Ok(RunState {
-            status: row.try_get("status")?,
+            // The runs table's check allows only the statuses there are.
+            status: RunStatus::parse(status).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "unknown run status {}",
+                    crate::text::quoted(status)
+                ))
+            })?,
             error: row.try_get("error")?,
             output: row.try_get("output")?,
         })

@@ -250,7 +250,7 @@ impl ClaimTransaction {
     pub async fn load_agents(
         &mut self,
         agent_ids: &[Uuid],
-    ) -> Result<Vec<Option<super::agents::AgentDefinition>>, StoreError> {
+    ) -> Result<Vec<Option<crate::domain::AgentDefinition>>, StoreError> {
         super::agents::load_agents(&mut *self.tx, agent_ids).await
     }
 
@@ -396,7 +396,7 @@ fn locked_schedule(row: &PgRow) -> Result<LockedSchedule, sqlx::Error> {
         (text.chars().count() > MAX_SCHEDULE_TEXT_CHARS).then(|| {
             format!(
                 "{column}: longer than {MAX_SCHEDULE_TEXT_CHARS} characters: {}",
-                crate::schedule::quoted(text)
+                crate::text::quoted(text)
             )
         })
     };
@@ -414,7 +414,7 @@ fn locked_schedule(row: &PgRow) -> Result<LockedSchedule, sqlx::Error> {
             let text: Option<String> = row.try_get("created_at_text")?;
             Some(format!(
                 "created_at: {} is outside the years 1 to 9999",
-                crate::schedule::quoted(text.as_deref().unwrap_or("NULL"))
+                crate::text::quoted(text.as_deref().unwrap_or("NULL"))
             ))
         }
         (Some(_), defect) => defect,
