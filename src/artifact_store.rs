@@ -113,8 +113,12 @@ impl ArtifactStore {
 
 #[cfg(feature = "s3")]
 fn bucket_backend(url: &str, options: &[(String, String)]) -> ArtifactBackend {
-    let rest = url.trim_start_matches("s3://");
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let parsed = url::Url::parse(url).ok();
+    let bucket = parsed
+        .as_ref()
+        .and_then(url::Url::host_str)
+        .unwrap_or_default();
+    let prefix = parsed.as_ref().map_or("", |parsed| parsed.path());
     let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
     for (name, value) in options {
         if let Ok(key) = name.parse::<object_store::aws::AmazonS3ConfigKey>() {
@@ -263,21 +267,11 @@ impl ArtifactBackend {
 
 /// The path a `file://` URL made by [`file_url`] names.
 fn path_of_file_url(url: &str) -> Option<PathBuf> {
-    let encoded = url.strip_prefix("file://")?.as_bytes();
-    let mut bytes = Vec::with_capacity(encoded.len());
-    let mut index = 0;
-    while index < encoded.len() {
-        if encoded[index] == b'%' {
-            let hex = std::str::from_utf8(encoded.get(index + 1..index + 3)?).ok()?;
-            bytes.push(u8::from_str_radix(hex, 16).ok()?);
-            index += 3;
-        } else {
-            bytes.push(encoded[index]);
-            index += 1;
-        }
+    let url = url::Url::parse(url).ok()?;
+    if url.scheme() != "file" {
+        return None;
     }
-    use std::os::unix::ffi::OsStringExt;
-    Some(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+    url.to_file_path().ok()
 }
 
 /// A file name that stays inside the run's folder: path separators and control
@@ -316,44 +310,18 @@ pub fn unique_name(name: &str, used: &mut Vec<String>) -> String {
 /// `file://` URL of an absolute path, with the characters URLs cannot hold escaped.
 fn file_url(path: &Path) -> String {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut url = String::from("file://");
-    for byte in absolute.to_string_lossy().bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
-                url.push(byte as char)
-            }
-            other => url.push_str(&format!("%{other:02X}")),
-        }
-    }
-    url
+    url::Url::from_file_path(&absolute)
+        .map(String::from)
+        // Only a relative path has no file URL, and the path was made absolute.
+        .unwrap_or_else(|()| format!("file://{}", absolute.display()))
 }
 
 /// The MIME type for a file name's extension (application/octet-stream when unknown).
-pub fn guess_type(name: &str) -> &'static str {
-    let extension = name
-        .rsplit_once('.')
-        .map(|(_, ext)| ext.to_ascii_lowercase());
-    match extension.as_deref() {
-        Some("md" | "markdown") => "text/markdown",
-        Some("txt" | "log") => "text/plain",
-        Some("html" | "htm") => "text/html",
-        Some("csv") => "text/csv",
-        Some("json") => "application/json",
-        Some("xml") => "application/xml",
-        Some("yaml" | "yml") => "application/yaml",
-        Some("pdf") => "application/pdf",
-        Some("png") => "image/png",
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("gif") => "image/gif",
-        Some("svg") => "image/svg+xml",
-        Some("webp") => "image/webp",
-        Some("zip") => "application/zip",
-        Some("gz") => "application/gzip",
-        Some("mp3") => "audio/mpeg",
-        Some("wav") => "audio/wav",
-        Some("mp4") => "video/mp4",
-        _ => "application/octet-stream",
-    }
+pub fn guess_type(name: &str) -> String {
+    mime_guess::from_path(name)
+        .first_or_octet_stream()
+        .essence_str()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -371,7 +339,11 @@ mod tests {
         assert_eq!(guess_type("data"), "application/octet-stream");
         let path = Path::new("/var/lib/agentd/a b/résumé%.md");
         assert_eq!(path_of_file_url(&file_url(path)).as_deref(), Some(path));
-        assert_eq!(path_of_file_url("file:///x/%zz"), None);
+        // A stray `%` is read as itself, as URL parsers do.
+        assert_eq!(
+            path_of_file_url("file:///x/%zz").as_deref(),
+            Some(Path::new("/x/%zz"))
+        );
         assert_eq!(path_of_file_url("s3://b/k"), None);
         assert_eq!(file_url(Path::new("/tmp/a b.md")), "file:///tmp/a%20b.md");
     }

@@ -35,10 +35,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
+    // The daemon's log is its output; every other command keeps stdout for its answer.
     let stream = match cli.command {
         Command::Run(_) => telemetry::LogStream::Stdout,
-        Command::Demo => telemetry::LogStream::Stderr,
-        _ => telemetry::LogStream::Stderr,
+        Command::Demo
+        | Command::Migrate
+        | Command::Trigger(_)
+        | Command::Cancel(_)
+        | Command::Bench(_)
+        | Command::Status(_)
+        | Command::Healthcheck(_)
+        | Command::Schedule(_) => telemetry::LogStream::Stderr,
     };
     telemetry::init(&settings.log, &settings.worker.id, stream);
     // Before any other thread exists: agentd's memory and environment become unreadable to
@@ -74,7 +81,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_BAD_INPUT);
             }
         },
-        _ => None,
+        Command::Run(_)
+        | Command::Migrate
+        | Command::Cancel(_)
+        | Command::Demo
+        | Command::Bench(_)
+        | Command::Status(_)
+        | Command::Healthcheck(_)
+        | Command::Schedule(_) => None,
     };
     let result = runtime.block_on(async {
         let shutdown = shutdown::on_signals()?;

@@ -30,9 +30,10 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 
 use super::environment::refusal;
 use super::sandbox::{RunSpace, Sandbox};
-use super::{ArtifactFile, BoxFuture, Executor, Level, LogSink, Outcome, RunContext};
+use super::{
+    ArtifactFile, BoxFuture, Executor, Level, LogSink, MAX_LINE_BYTES, Outcome, RunContext,
+};
 use crate::config::CommandExecutorSettings;
-use crate::runner::logs::MAX_LINE_BYTES;
 
 /// Environment variables of agentd passed on to programs; everything else stays behind
 /// (`HOME` and `TMPDIR` are the run's own folders).

@@ -412,6 +412,27 @@ impl Level {
     }
 }
 
+/// Longest line stored, in bytes; longer ones are cut and marked.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// `message` cut, on a character boundary, to at most [`MAX_LINE_BYTES`] bytes including a
+/// marker that says how long it was, and its memory given back; a shorter one unchanged (so
+/// cutting twice changes nothing). The log sink cuts each line before it is queued, so lines
+/// waiting to be written cost at most this much.
+pub fn cut_line(mut message: String) -> String {
+    if message.len() > MAX_LINE_BYTES {
+        let original = message.len();
+        let widest_marker = format!(" … [line truncated: {original} bytes, {MAX_LINE_BYTES} kept]");
+        let kept = message.floor_char_boundary(MAX_LINE_BYTES - widest_marker.len());
+        message.truncate(kept);
+        message.push_str(&format!(
+            " … [line truncated: {original} bytes, {kept} kept]"
+        ));
+        message.shrink_to_fit();
+    }
+    message
+}
+
 /// One line a run emitted, stamped when it was emitted.
 #[derive(Debug, Clone)]
 pub struct LogEntry {
@@ -444,7 +465,7 @@ impl LogSink {
         let entry = LogEntry {
             id: Uuid::now_v7(),
             level,
-            message: crate::runner::logs::cut_line(message.into()),
+            message: cut_line(message.into()),
             timestamp: Utc::now(),
         };
         let _ = self.sender.send(entry).await;

@@ -86,7 +86,7 @@ pub async fn run_store(
             content_type: storable_text(
                 content_type
                     .map(|given| given.chars().take(MAX_TYPE_CHARS).collect())
-                    .unwrap_or_else(|| guess_type(&given_name).to_string()),
+                    .unwrap_or_else(|| guess_type(&given_name)),
             ),
             name: storable_text(given_name.chars().take(MAX_NAME_CHARS).collect()),
             size: size.min(i32::MAX as u64) as i32,

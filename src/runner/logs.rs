@@ -10,7 +10,7 @@
 //! unreachable, lines are kept (up to [`MAX_PENDING_LINES`]) and retried with backoff until
 //! the run's lease would have expired; a refused (fenced) write means the lease is lost.
 //!
-//! Bad output gets a clear result: NUL bytes are removed, a line over [`MAX_LINE_BYTES`] is
+//! Bad output gets a clear result: NUL bytes are removed, a line over [`MAX_LINE_BYTES`](crate::executor::MAX_LINE_BYTES) is
 //! cut with a marker, and past `logs.max_lines_per_run` lines or `logs.max_bytes_per_run`
 //! bytes nothing more is stored; one `warn` line at the end says how much was dropped. The
 //! run itself goes on, and memory stays bounded whatever it prints.
@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use super::RunControl;
 use super::batch::Batcher;
-use crate::executor::{Level, LogEntry};
+use crate::executor::{Level, LogEntry, cut_line};
 use crate::store::runs::{Fenced, LogLine, insert_log_batches};
 
 /// The replica's writer of log batches: one statement for the batches of every run that
@@ -69,8 +69,6 @@ pub const MAX_BATCH_LINES: usize = 1000;
 /// Most lines kept while the database is unreachable; older ones beyond it are dropped
 /// (and counted) so memory stays bounded.
 pub const MAX_PENDING_LINES: usize = 100_000;
-/// Longest line stored, in bytes; longer ones are cut and marked.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Per-run storage limits (`logs.max_lines_per_run`, `logs.max_bytes_per_run`).
 #[derive(Debug, Clone, Copy)]
@@ -254,7 +252,7 @@ pub async fn run_pipe(
 }
 
 /// A stored line: no NUL bytes (PostgreSQL text cannot hold them), at most
-/// [`MAX_LINE_BYTES`] bytes (see [`cut_line`]).
+/// [`MAX_LINE_BYTES`](crate::executor::MAX_LINE_BYTES) bytes (see [`cut_line`]).
 fn to_line(entry: LogEntry) -> LogLine {
     let message = if entry.message.contains('\0') {
         entry.message.replace('\0', "")
@@ -269,27 +267,10 @@ fn to_line(entry: LogEntry) -> LogLine {
     }
 }
 
-/// `message` cut, on a character boundary, to at most [`MAX_LINE_BYTES`] bytes including a
-/// marker that says how long it was, and its memory given back; a shorter one unchanged (so
-/// cutting twice changes nothing). The log sink cuts each line before it is queued, so lines
-/// waiting to be written cost at most this much.
-pub fn cut_line(mut message: String) -> String {
-    if message.len() > MAX_LINE_BYTES {
-        let original = message.len();
-        let widest_marker = format!(" … [line truncated: {original} bytes, {MAX_LINE_BYTES} kept]");
-        let kept = message.floor_char_boundary(MAX_LINE_BYTES - widest_marker.len());
-        message.truncate(kept);
-        message.push_str(&format!(
-            " … [line truncated: {original} bytes, {kept} kept]"
-        ));
-        message.shrink_to_fit();
-    }
-    message
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::executor::MAX_LINE_BYTES;
 
     fn entry(message: &str) -> LogEntry {
         LogEntry {

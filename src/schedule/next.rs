@@ -60,7 +60,7 @@ impl Rule {
                 None
             }
             Kind::Cron(cron) => self.cron_next(cron, t),
-            _ => {
+            Kind::Daily { .. } | Kind::Weekly { .. } | Kind::Monthly { .. } => {
                 let mut date = local(t, self.zone)?.date().pred_opt()?;
                 for _ in 0..MAX_STEPS {
                     let candidate = self.next_active_date(date)?;
@@ -115,7 +115,7 @@ impl Rule {
                 found
             }
             Kind::Cron(cron) => self.cron_latest(cron, t),
-            _ => {
+            Kind::Daily { .. } | Kind::Weekly { .. } | Kind::Monthly { .. } => {
                 let mut date = local(t, self.zone)?.date().succ_opt()?;
                 let mut found = None;
                 for _ in 0..MAX_STEPS {
@@ -215,7 +215,8 @@ impl Rule {
                 }
                 None
             }
-            _ => None,
+            // Not calendar rules: they find their slots without dates.
+            Kind::Once { .. } | Kind::Grid { .. } | Kind::Cron(_) => None,
         }
     }
 
@@ -276,7 +277,8 @@ impl Rule {
                 }
                 None
             }
-            _ => None,
+            // Not calendar rules: they find their slots without dates.
+            Kind::Once { .. } | Kind::Grid { .. } | Kind::Cron(_) => None,
         }
     }
 

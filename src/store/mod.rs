@@ -109,15 +109,18 @@ pub fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
 
 /// `postgres://u@h:5432/old?x=y` with the database replaced: `postgres://u@h:5432/{name}?x=y`.
 pub fn url_with_database(url: &str, name: &str) -> String {
-    let scheme_end = url.find("://").map_or(0, |i| i + 3);
-    let query_start = url[scheme_end..].find('?').map(|i| scheme_end + i);
-    let authority_end = query_start.unwrap_or(url.len());
-    let path_start = url[scheme_end..authority_end]
-        .find('/')
-        .map(|i| scheme_end + i);
-    let query = query_start.map_or("", |q| &url[q..]);
-    let base = &url[..path_start.unwrap_or(authority_end)];
-    format!("{base}/{name}{query}")
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            parsed.set_path(&format!("/{name}"));
+            parsed.to_string()
+        }
+        // Not reached: every URL here was parsed as a PostgreSQL URL before (sqlx parses
+        // with the same crate); the unchanged URL then fails as it did.
+        Err(error) => {
+            tracing::error!(error = %error, "a database URL could not be taken apart");
+            url.to_string()
+        }
+    }
 }
 
 /// A pool's options for connections made with `options`: each new TCP connection gets
