@@ -316,26 +316,17 @@ fn stop(mut daemon: Daemon) -> Vec<String> {
 /// password it holds. The test server trusts local connections, so the password is only
 /// a secret to look for.
 fn with_password(url: &str, password: &str) -> (String, String) {
-    let start = url.find("://").map_or(0, |index| index + 3);
-    let end = url[start..]
-        .find(['/', '?'])
-        .map_or(url.len(), |index| start + index);
-    match url[start..end].rfind('@') {
-        Some(at) => {
-            let user = &url[start..start + at];
-            match user.split_once(':') {
-                Some((_, existing)) => (url.to_string(), existing.to_string()),
-                None => (
-                    format!("{}{user}:{password}{}", &url[..start], &url[start + at..]),
-                    password.to_string(),
-                ),
-            }
-        }
-        None => (
-            format!("{}postgres:{password}@{}", &url[..start], &url[start..]),
-            password.to_string(),
-        ),
+    let mut parsed = url::Url::parse(url).expect("the test server's URL parses");
+    if let Some(existing) = parsed.password() {
+        return (url.to_string(), existing.to_string());
     }
+    if parsed.username().is_empty() {
+        parsed.set_username("postgres").expect("the URL has a host");
+    }
+    parsed
+        .set_password(Some(password))
+        .expect("the URL has a host");
+    (parsed.to_string(), password.to_string())
 }
 
 /// The run's output, which the probe sets.

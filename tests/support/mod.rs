@@ -26,7 +26,8 @@ struct Server {
     /// Options for the maintenance database, used to create and drop test databases.
     admin: PgConnectOptions,
     /// A URL template: `{db}` is replaced by a database name.
-    url_template: String,
+    /// A URL of the server; each test's URL is it with the test's database.
+    url: String,
 }
 
 static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
@@ -54,10 +55,7 @@ fn server() -> &'static Server {
 async fn start_server() -> Result<Server, String> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         let admin = PgConnectOptions::from_str(&url).map_err(|e| format!("DATABASE_URL: {e}"))?;
-        return Ok(Server {
-            admin,
-            url_template: replace_database(&url, "{db}"),
-        });
+        return Ok(Server { admin, url });
     }
     let data_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agentd-test-pg");
     let embedded = EmbeddedPostgres::start(&EmbeddedOptions {
@@ -71,22 +69,8 @@ async fn start_server() -> Result<Server, String> {
     .map_err(|e| e.to_string())?;
     Ok(Server {
         admin: embedded.admin_options(),
-        url_template: embedded.url("{db}"),
+        url: embedded.url("postgres"),
     })
-}
-
-/// `postgres://u@h:5432/old?x=y` → `postgres://u@h:5432/{database}?x=y`.
-fn replace_database(url: &str, database: &str) -> String {
-    let scheme_end = url.find("://").map_or(0, |i| i + 3);
-    let rest = &url[scheme_end..];
-    let path_start = rest.find('/').map(|i| scheme_end + i);
-    let query_start = url[scheme_end..].find('?').map(|i| scheme_end + i);
-    match (path_start, query_start) {
-        (Some(p), Some(q)) if p < q => format!("{}/{database}{}", &url[..p], &url[q..]),
-        (Some(p), None) => format!("{}/{database}", &url[..p]),
-        (_, Some(q)) => format!("{}/{database}{}", &url[..q], &url[q..]),
-        (None, None) => format!("{url}/{database}"),
-    }
 }
 
 /// A database of its own for one test, dropped when the value is dropped.
@@ -119,7 +103,7 @@ impl TestDb {
             .expect("connect to the test database");
         TestDb {
             pool,
-            url: server.url_template.replace("{db}", &name),
+            url: agentd::store::url_with_database(&server.url, &name),
             name,
         }
     }
@@ -712,18 +696,12 @@ pub fn environ_holds(pid: i32, entry: &str) -> bool {
 /// `url` with its user (and password) replaced: `postgres://old@h/db?x` →
 /// `postgres://user:password@h/db?x`.
 fn replace_user(url: &str, user: &str, password: &str) -> String {
-    let scheme_end = url.find("://").map_or(0, |i| i + 3);
-    let authority_end = url[scheme_end..]
-        .find(['/', '?'])
-        .map_or(url.len(), |i| scheme_end + i);
-    let host_start = url[scheme_end..authority_end]
-        .rfind('@')
-        .map_or(scheme_end, |i| scheme_end + i + 1);
-    format!(
-        "{}{user}:{password}@{}",
-        &url[..scheme_end],
-        &url[host_start..]
-    )
+    let mut parsed = url::Url::parse(url).expect("the test server's URL parses");
+    parsed.set_username(user).expect("the URL has a host");
+    parsed
+        .set_password(Some(password))
+        .expect("the URL has a host");
+    parsed.to_string()
 }
 
 /// A login role of one test's own on the test server. Roles belong to the server, not to a
