@@ -6,18 +6,37 @@
 //! streams their logs and artifacts into the database while they execute, and records the
 //! outcome. Several replicas share one database; there is no leader on the hot path.
 //!
-//! ## Architecture
+//! ## The modules, in the order data flows through them
 //!
-//! Data flows one way: `store` → scheduler → runner → executor → runner → `store`. A module
-//! reaches only downward; nothing below the runner knows about SQL.
+//! A run's way: the application's rows are read by the [`store`], claimed by the
+//! [`scheduler`], executed by the [`runner`] with an [`executor`], and written back by the
+//! store. A module reaches only downward in this list's sense: the foundations at the
+//! bottom know nothing of the floors above, and nothing below the runner knows about SQL.
 //!
-//! - [`config`]: typed settings, layered (defaults, file, environment) and validated once.
-//! - [`telemetry`]: one log line per event, JSON or text, with `worker_id` on every line.
+//! Entry:
+//! - `main.rs` (the binary) and [`cli`]: the command line; [`startup`]: one function per
+//!   command; [`bench`]: `agentd bench`.
+//! - [`config`]: typed settings, layered (defaults, file, environment), validated once.
+//! - [`telemetry`]: agentd's own log lines; [`measure`]: its metrics; [`endpoints`] with
+//!   [`readiness`] and [`health`]: `/healthz`, `/readyz`, `/metrics`; [`status`]:
+//!   `agentd status`.
+//!
+//! The worker:
+//! - [`worker`]: one replica's services, started together, stopped in order; [`shutdown`]:
+//!   the signals.
+//! - [`scheduler`]: the claim loops (schedules, requests), their pure planning, LISTEN.
+//! - [`schedule`]: the pure time engine (when a schedule fires).
+//! - [`runner`]: one run's life: slots, lease, log pipe, artifacts, outcome.
+//! - [`executor`]: builtin, command (in a [`process`]-level sandbox), openai, webhook; and
+//!   [`team`], the executor of teams.
+//! - [`artifact_store`]: where artifacts are kept (folder or bucket).
+//! - [`maintenance`]: the reaper of dead replicas' runs, retention.
+//!
+//! Data and foundations:
 //! - [`store`]: every SQL statement and the connection pool; `migrations/` is the schema.
 //! - [`embedded_pg`]: the private PostgreSQL used when no database URL is configured.
-//! - [`startup`]: builds the application from settings; one function per command.
-//! - [`shutdown`]: the cancellation token that SIGTERM/SIGINT fire.
-//! - [`cli`]: the command line.
+//! - [`domain`]: what a run is and executes (kinds, statuses, agents, teams, targets).
+//! - [`retry`]: the one retry policy and source of randomness; [`text`]: quoting values.
 
 pub mod artifact_store;
 pub mod bench;

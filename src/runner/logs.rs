@@ -36,9 +36,9 @@ pub type LogWriter = Batcher<(Uuid, Vec<LogLine>), Fenced>;
 const MAX_RUNS_PER_STATEMENT: usize = 64;
 
 /// Statements of log batches in flight per replica. Unlike outcomes, lines keep coming
-/// while a statement runs, and a run's next batch waits for its previous one: with one
-/// writer the `logs` benchmark stored 57–61k lines/s, with two 90–94k, with three 94–98k
-/// and a lower visibility p99 (docs/benchmarks.md). Three of the pool's connections.
+/// while a statement runs, and a run's next batch waits for its previous one, so more
+/// than one writer keeps the database busy (docs/benchmarks.md has the measurements).
+/// Three of the pool's connections.
 const LOG_WRITERS: usize = 3;
 
 /// Starts the log writer of a replica (`worker_id`).

@@ -124,8 +124,8 @@ pub fn url_with_database(url: &str, name: &str) -> String {
 }
 
 /// A pool's options for connections made with `options`: each new TCP connection gets
-/// TCP_NODELAY (see [`socket`]; without it, statements larger than 16 KiB waited 40 ms over
-/// TLS).
+/// TCP_NODELAY (see [`socket`]: without it, large statements wait for the server's delayed
+/// acknowledgement).
 pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
     let pool = PgPoolOptions::new();
     let Some(port) = tcp_port(options) else {

@@ -197,8 +197,8 @@ pub async fn insert_log_batches(
 /// Lines are inserted plainly: their ids are fresh, and the primary key refuses a
 /// duplicate rather than storing it. Only when a statement is refused for a duplicate (an
 /// earlier attempt committed although its answer was lost) is it sent again, skipping the
-/// lines already stored. `ON CONFLICT` on every statement cost about a tenth of the
-/// `logs` benchmark's rate.
+/// lines already stored: `ON CONFLICT` on every statement costs the common case
+/// (docs/benchmarks.md).
 async fn retry_tolerating_duplicates<T, F, Fut>(
     plain: &'static str,
     tolerant: &'static str,
