@@ -15,7 +15,7 @@
 //!
 //! Entry:
 //! - `main.rs` (the binary) and [`cli`]: the command line; [`startup`]: one function per
-//!   command; [`bench`]: `agentd bench`.
+//!   command; [`bench`](mod@bench): `agentd bench`.
 //! - [`config`]: typed settings, layered (defaults, file, environment), validated once.
 //! - [`telemetry`]: agentd's own log lines; [`measure`]: its metrics; [`endpoints`] with
 //!   [`readiness`] and [`health`]: `/healthz`, `/readyz`, `/metrics`; [`status`]:
