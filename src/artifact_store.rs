@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::executor::ArtifactContent;
 
 /// Size of the parts of a multipart upload to a bucket (S3's smallest), and of the buffer an
 /// upload starts with: an object smaller than this is sent in one request.
@@ -60,6 +59,94 @@ fn size_mismatch(size: u64, copied: u64) -> Option<String> {
         std::cmp::Ordering::Less => Some(format!(
             "the file shrank from {size} to {copied} bytes while it was stored"
         )),
+    }
+}
+
+/// A file a run produced, on its way to the runner's artifact store, which checks its size
+/// against the limits before reading any of it.
+#[derive(Debug)]
+pub struct ArtifactFile {
+    /// The name the run gave it (the store makes it safe for a path).
+    pub name: String,
+    /// MIME type; `None`: guessed from the name.
+    pub content_type: Option<String>,
+    /// Its bytes, or the file holding them.
+    pub content: ArtifactContent,
+}
+
+/// What an artifact holds: bytes already in memory, or a file nobody has read yet, so that a
+/// program's huge file costs no memory before the store refuses it.
+#[derive(Debug)]
+pub enum ArtifactContent {
+    /// Bytes an executor made or received (builtin, webhook).
+    Bytes(Vec<u8>),
+    /// An open regular file (command) and its size when it was opened; the store reads at
+    /// most one byte more than `size`, so a file that keeps growing is noticed, not copied.
+    File { file: tokio::fs::File, size: u64 },
+}
+
+impl ArtifactFile {
+    /// An artifact of bytes in memory.
+    pub fn bytes(
+        name: impl Into<String>,
+        content_type: Option<String>,
+        data: Vec<u8>,
+    ) -> ArtifactFile {
+        ArtifactFile {
+            name: name.into(),
+            content_type,
+            content: ArtifactContent::Bytes(data),
+        }
+    }
+
+    /// The regular file at `path` as an artifact named `name`, opened without reading it: a
+    /// symbolic link is not followed (`O_NOFOLLOW`), a FIFO or device is refused without
+    /// waiting on it (`O_NONBLOCK`, then fstat of what was opened). The error says why.
+    pub fn open_regular(
+        name: String,
+        path: &std::path::Path,
+        owner: Option<u32>,
+    ) -> Result<ArtifactFile, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|error| match error.raw_os_error() {
+                Some(nix::libc::ELOOP) => "a symbolic link, which is not followed".to_string(),
+                _ => format!("cannot open it: {error}"),
+            })?;
+        let metadata = file
+            .metadata()
+            .map_err(|error| format!("cannot inspect it: {error}"))?;
+        if !metadata.is_file() {
+            return Err("not a regular file".into());
+        }
+        if let Some(owner) = owner {
+            use std::os::unix::fs::MetadataExt;
+            if metadata.uid() != owner {
+                return Err(format!(
+                    "owned by uid {}, not by the run's user (a link to someone else's file)",
+                    metadata.uid()
+                ));
+            }
+        }
+        Ok(ArtifactFile {
+            name,
+            content_type: None,
+            content: ArtifactContent::File {
+                file: tokio::fs::File::from_std(file),
+                size: metadata.len(),
+            },
+        })
+    }
+
+    /// The artifact's size in bytes (a file's when it was opened).
+    pub fn size(&self) -> u64 {
+        match &self.content {
+            ArtifactContent::Bytes(data) => data.len() as u64,
+            ArtifactContent::File { size, .. } => *size,
+        }
     }
 }
 

@@ -16,7 +16,6 @@
 //! Entry:
 //! - `main.rs` (the binary) and [`cli`]: the command line; [`startup`]: one function per
 //!   command; [`bench`](mod@bench): `agentd bench`.
-//! - [`config`]: typed settings, layered (defaults, file, environment), validated once.
 //! - [`telemetry`]: agentd's own log lines; [`measure`]: its metrics; [`endpoints`] with
 //!   [`readiness`] and [`health`]: `/healthz`, `/readyz`, `/metrics`; [`status`]:
 //!   `agentd status`.
@@ -27,8 +26,8 @@
 //! - [`scheduler`]: the claim loops (schedules, requests), their pure planning, LISTEN.
 //! - [`schedule`]: the pure time engine (when a schedule fires).
 //! - [`runner`]: one run's life: slots, lease, log pipe, artifacts, outcome.
-//! - [`executor`]: builtin, command (in a [`process`]-level sandbox), openai, webhook; and
-//!   [`team`], the executor of teams.
+//! - [`executor`]: builtin, command (in a [`process`]-level sandbox), openai, webhook, and
+//!   team (members run by the others).
 //! - [`artifact_store`]: where artifacts are kept (folder or bucket).
 //! - [`maintenance`]: the reaper of dead replicas' runs, retention.
 //!
@@ -36,6 +35,7 @@
 //! - [`store`]: every SQL statement and the connection pool; `migrations/` is the schema.
 //! - [`embedded_pg`]: the private PostgreSQL used when no database URL is configured.
 //! - [`domain`]: what a run is and executes (kinds, statuses, agents, teams, targets).
+//! - [`config`]: typed settings, layered (defaults, file, environment), validated once.
 //! - [`retry`]: the one retry policy and source of randomness; [`text`]: quoting values.
 
 pub mod artifact_store;
@@ -59,7 +59,6 @@ pub mod shutdown;
 pub mod startup;
 pub mod status;
 pub mod store;
-pub mod team;
 pub mod telemetry;
 pub mod text;
 pub mod worker;

@@ -14,6 +14,7 @@ pub mod http;
 pub mod openai;
 pub mod redact;
 pub mod sandbox;
+pub mod team;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+pub use crate::artifact_store::{ArtifactContent, ArtifactFile};
 pub use crate::domain::{AgentDefinition, ClaimedRun, RunKind, Target, Variable};
 
 /// The executors the settings ask for: `builtin` always, `command` when a program is
@@ -161,7 +163,7 @@ impl Executors {
             team: None,
             ..self.clone()
         };
-        self.team = Some(Arc::new(crate::team::TeamExecutor::new(
+        self.team = Some(Arc::new(team::TeamExecutor::new(
             members,
             concurrency,
             run_timeout,
@@ -269,94 +271,6 @@ impl Usage {
             .lock()
             .map(|mut figures| std::mem::take(&mut *figures))
             .unwrap_or_default()
-    }
-}
-
-/// A file a run produced, on its way to the runner's artifact store, which checks its size
-/// against the limits before reading any of it.
-#[derive(Debug)]
-pub struct ArtifactFile {
-    /// The name the run gave it (the store makes it safe for a path).
-    pub name: String,
-    /// MIME type; `None`: guessed from the name.
-    pub content_type: Option<String>,
-    /// Its bytes, or the file holding them.
-    pub content: ArtifactContent,
-}
-
-/// What an artifact holds: bytes already in memory, or a file nobody has read yet, so that a
-/// program's huge file costs no memory before the store refuses it.
-#[derive(Debug)]
-pub enum ArtifactContent {
-    /// Bytes an executor made or received (builtin, webhook).
-    Bytes(Vec<u8>),
-    /// An open regular file (command) and its size when it was opened; the store reads at
-    /// most one byte more than `size`, so a file that keeps growing is noticed, not copied.
-    File { file: tokio::fs::File, size: u64 },
-}
-
-impl ArtifactFile {
-    /// An artifact of bytes in memory.
-    pub fn bytes(
-        name: impl Into<String>,
-        content_type: Option<String>,
-        data: Vec<u8>,
-    ) -> ArtifactFile {
-        ArtifactFile {
-            name: name.into(),
-            content_type,
-            content: ArtifactContent::Bytes(data),
-        }
-    }
-
-    /// The regular file at `path` as an artifact named `name`, opened without reading it: a
-    /// symbolic link is not followed (`O_NOFOLLOW`), a FIFO or device is refused without
-    /// waiting on it (`O_NONBLOCK`, then fstat of what was opened). The error says why.
-    pub fn open_regular(
-        name: String,
-        path: &std::path::Path,
-        owner: Option<u32>,
-    ) -> Result<ArtifactFile, String> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|error| match error.raw_os_error() {
-                Some(nix::libc::ELOOP) => "a symbolic link, which is not followed".to_string(),
-                _ => format!("cannot open it: {error}"),
-            })?;
-        let metadata = file
-            .metadata()
-            .map_err(|error| format!("cannot inspect it: {error}"))?;
-        if !metadata.is_file() {
-            return Err("not a regular file".into());
-        }
-        if let Some(owner) = owner {
-            use std::os::unix::fs::MetadataExt;
-            if metadata.uid() != owner {
-                return Err(format!(
-                    "owned by uid {}, not by the run's user (a link to someone else's file)",
-                    metadata.uid()
-                ));
-            }
-        }
-        Ok(ArtifactFile {
-            name,
-            content_type: None,
-            content: ArtifactContent::File {
-                file: tokio::fs::File::from_std(file),
-                size: metadata.len(),
-            },
-        })
-    }
-
-    /// The artifact's size in bytes (a file's when it was opened).
-    pub fn size(&self) -> u64 {
-        match &self.content {
-            ArtifactContent::Bytes(data) => data.len() as u64,
-            ArtifactContent::File { size, .. } => *size,
-        }
     }
 }
 
