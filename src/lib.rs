@@ -15,6 +15,7 @@
 //! - [`telemetry`]: one log line per event, JSON or text, with `worker_id` on every line.
 //! - [`store`]: every SQL statement and the connection pool; `migrations/` is the schema.
 //! - [`embedded_pg`]: the private PostgreSQL used when no database URL is configured.
+//! - [`database`]: the database a command works on (configured URL or embedded server).
 //! - [`startup`]: builds the application from settings; one function per command.
 //! - [`shutdown`]: the cancellation token that SIGTERM/SIGINT fire.
 //! - [`cli`]: the command line.
@@ -22,6 +23,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod database;
 pub mod embedded_pg;
 pub mod endpoints;
 pub mod executor;

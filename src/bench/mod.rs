@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Settings;
-use crate::startup::{Database, MIGRATE_CONNECT_PATIENCE};
+use crate::database::{Database, MIGRATE_CONNECT_PATIENCE};
 use crate::store;
 use fleet::{Fleet, FleetOptions};
 
