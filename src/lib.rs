@@ -18,7 +18,8 @@
 //! - [`database`]: the database a command works on (configured URL or embedded server).
 //! - [`startup`]: builds the application from settings; one function per command.
 //! - [`shutdown`]: the cancellation token that SIGTERM/SIGINT fire.
-//! - [`cli`]: the command line.
+//! - [`cli`]: the command line, the top floor: it imports the option types of the modules
+//!   below, and none of them imports it.
 
 pub mod bench;
 pub mod cli;

@@ -83,7 +83,10 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| true),
             Command::Migrate => startup::migrate(&settings, &shutdown).await.map(|()| true),
-            Command::Trigger(args) => startup::trigger(&settings, args, input, &shutdown).await,
+            Command::Trigger(args) => {
+                let kind = args.target.run_kind();
+                startup::trigger(&settings, kind, args.id, input, args.wait, &shutdown).await
+            }
             Command::Cancel(args) => startup::cancel(&settings, args.run_id, &shutdown)
                 .await
                 .map(|()| true),

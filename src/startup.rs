@@ -1,6 +1,6 @@
 //! Building the application from settings: one function per command that works on the
 //! database (opened through [`crate::database`]). Kept apart from `main` so tests and every
-//! command share one path.
+//! command share one path; the commands take plain values, never the command line's types.
 
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::database::{Database, MIGRATE_CONNECT_PATIENCE};
 use crate::endpoints::Endpoints;
 use crate::health::Health;
+use crate::store::runs::RunKind;
 use crate::{store, worker};
 
 /// `agentd migrate`: apply pending migrations and say what changed.
@@ -171,25 +172,23 @@ pub async fn healthcheck(settings: &Settings, url: Option<&str>) -> anyhow::Resu
 /// Exit status of `trigger --wait` when the run failed.
 pub const EXIT_RUN_FAILED: u8 = 1;
 
-/// `agentd trigger`: queue a run, print its id, and with `--wait` follow its logs until it
-/// ends. Returns whether the run completed (always true without `--wait`).
+/// `agentd trigger`: queue a run of `kind` for the agent or team `target`, print its id,
+/// and when `wait` is set follow its logs until it ends. Returns whether the run completed
+/// (always true without `wait`).
 pub async fn trigger(
     settings: &Settings,
-    args: &crate::cli::TriggerArgs,
+    kind: RunKind,
+    target: uuid::Uuid,
     input: Option<serde_json::Value>,
+    wait: bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
-    use crate::cli::TriggerTarget;
-    use crate::store::runs::{RunKind, request_run, run_logs_after, run_state};
-    let kind = match args.target {
-        TriggerTarget::Agent => RunKind::Agent,
-        TriggerTarget::Team => RunKind::Team,
-    };
+    use crate::store::runs::{request_run, run_logs_after, run_state};
     let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
     let result = async {
-        let run_id = request_run(&database.pool, kind, args.id, input.as_ref()).await?;
+        let run_id = request_run(&database.pool, kind, target, input.as_ref()).await?;
         println!("{run_id}");
-        if !args.wait {
+        if !wait {
             return Ok(true);
         }
         let mut position = None;
@@ -271,7 +270,7 @@ pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::
         let since: (chrono::DateTime<chrono::Utc>, uuid::Uuid) = (chrono::Utc::now(), uuid::Uuid::nil());
         let run_id = store::runs::request_run(
             &database.pool,
-            store::runs::RunKind::Team,
+            RunKind::Team,
             store::demo::COORDINATE_TEAM,
             Some(&serde_json::json!("agents that run on time")),
         )
