@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::bench::BenchArgs;
+use crate::bench::BenchOptions;
 use crate::schedule::preview::PreviewArgs;
 use crate::status::StatusFormat;
 use crate::store::runs::RunKind;
@@ -47,7 +47,7 @@ pub enum Command {
     Status(StatusArgs),
     /// Measure agentd on a scratch database of the configured server (or the embedded
     /// one): burst, steady, throughput, logs, idle, scale; with the server's own ceiling.
-    Bench(BenchArgs),
+    Bench(BenchOptions),
     /// Exit 0 when GET /healthz of the local agentd answers 200 (container health checks;
     /// no curl needed).
     Healthcheck(HealthcheckArgs),

@@ -17,6 +17,7 @@
 //! - [`embedded_pg`]: the private PostgreSQL used when no database URL is configured.
 //! - [`database`]: the database a command works on (configured URL or embedded server).
 //! - [`startup`]: builds the application from settings; one function per command.
+//! - [`bench`]: `agentd bench`, one file per scenario.
 //! - [`shutdown`]: the cancellation token that SIGTERM/SIGINT fire.
 //! - [`cli`]: the command line, the top floor: it imports the option types of the modules
 //!   below, and none of them imports it.

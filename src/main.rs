@@ -91,18 +91,10 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| true),
             Command::Demo => startup::demo(&settings, &shutdown).await.map(|()| true),
-            Command::Bench(args) => {
-                let report = agentd::bench::run(&settings, args, &shutdown).await;
-                report.and_then(|report| {
-                    use agentd::bench::BenchFormat;
-                    if args.format != BenchFormat::Json {
-                        print!("{}", agentd::bench::table(&report));
-                    }
-                    if args.format != BenchFormat::Table {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
-                    }
-                    Ok(true)
-                })
+            Command::Bench(options) => {
+                let report = agentd::bench::run(&settings, options, &shutdown).await?;
+                print!("{}", report.render(options.format)?);
+                Ok(true)
             }
             Command::Status(args) => startup::status(&settings, args.format, &shutdown)
                 .await
