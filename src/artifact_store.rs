@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-
 /// Size of the parts of a multipart upload to a bucket (S3's smallest), and of the buffer an
 /// upload starts with: an object smaller than this is sent in one request.
 pub const UPLOAD_PART_BYTES: usize = 5 * 1024 * 1024;

@@ -1,9 +1,16 @@
 //! The command line: `agentd run`, `agentd migrate`, the operators' commands, and the global
-//! options.
+//! options. The top floor: it imports the option types of the modules below (`bench`,
+//! `status`, `schedule::preview`) and nothing below imports it; `main` turns its values
+//! into the plain parameters of `startup`'s commands.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::bench::BenchOptions;
+use crate::domain::RunKind;
+use crate::schedule::preview::PreviewArgs;
+use crate::status::StatusFormat;
 
 /// agentd runs the agents of an AI-agent platform: it fires schedules on time, executes
 /// agent and team runs, and streams their logs and artifacts into PostgreSQL.
@@ -40,7 +47,7 @@ pub enum Command {
     Status(StatusArgs),
     /// Measure agentd on a scratch database of the configured server (or the embedded
     /// one): burst, steady, throughput, logs, idle, scale; with the server's own ceiling.
-    Bench(crate::bench::BenchArgs),
+    Bench(BenchOptions),
     /// Exit 0 when GET /healthz of the local agentd answers 200 (container health checks;
     /// no curl needed).
     Healthcheck(HealthcheckArgs),
@@ -51,7 +58,7 @@ pub enum Command {
 pub struct StatusArgs {
     /// `table` (readable) or `json`.
     #[arg(long, value_enum, default_value = "table")]
-    pub format: crate::status::StatusFormat,
+    pub format: StatusFormat,
 }
 
 /// Options of `agentd healthcheck`.
@@ -67,7 +74,7 @@ pub struct HealthcheckArgs {
 #[derive(Debug, Subcommand)]
 pub enum ScheduleCommand {
     /// Print the next slots of a schedule given as the columns of a row.
-    Preview(crate::schedule::preview::PreviewArgs),
+    Preview(PreviewArgs),
 }
 
 /// Options of `agentd trigger`.
@@ -91,6 +98,16 @@ pub struct TriggerArgs {
 pub enum TriggerTarget {
     Agent,
     Team,
+}
+
+impl TriggerTarget {
+    /// The kind of run the target asks for, as `startup::trigger` takes it.
+    pub fn run_kind(self) -> RunKind {
+        match self {
+            TriggerTarget::Agent => RunKind::Agent,
+            TriggerTarget::Team => RunKind::Team,
+        }
+    }
 }
 
 /// Options of `agentd cancel`.

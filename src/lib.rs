@@ -14,7 +14,8 @@
 //! bottom know nothing of the floors above, and nothing below the runner knows about SQL.
 //!
 //! Entry:
-//! - `main.rs` (the binary) and [`cli`]: the command line; [`startup`]: one function per
+//! - `main.rs` (the binary) and [`cli`]: the command line, the top floor (it imports the
+//!   option types of the modules below, none of them imports it); [`startup`]: one function per
 //!   command; [`bench`](mod@bench): `agentd bench`.
 //! - [`telemetry`]: agentd's own log lines; [`measure`]: its metrics; [`endpoints`] with
 //!   [`readiness`] and [`health`]: `/healthz`, `/readyz`, `/metrics`; [`status`]:
@@ -34,6 +35,7 @@
 //! Data and foundations:
 //! - [`store`]: every SQL statement and the connection pool; `migrations/` is the schema.
 //! - [`embedded_pg`]: the private PostgreSQL used when no database URL is configured.
+//! - [`database`]: the database a command works on (configured URL or embedded server).
 //! - [`domain`]: what a run is and executes (kinds, statuses, agents, teams, targets).
 //! - [`config`]: typed settings, layered (defaults, file, environment), validated once.
 //! - [`retry`]: the one retry policy and source of randomness; [`text`]: quoting values.
@@ -42,6 +44,7 @@ pub mod artifact_store;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod database;
 pub mod domain;
 pub mod embedded_pg;
 pub mod endpoints;

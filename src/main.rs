@@ -97,23 +97,18 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| true),
             Command::Migrate => startup::migrate(&settings, &shutdown).await.map(|()| true),
-            Command::Trigger(args) => startup::trigger(&settings, args, input, &shutdown).await,
+            Command::Trigger(args) => {
+                let kind = args.target.run_kind();
+                startup::trigger(&settings, kind, args.id, input, args.wait, &shutdown).await
+            }
             Command::Cancel(args) => startup::cancel(&settings, args.run_id, &shutdown)
                 .await
                 .map(|()| true),
             Command::Demo => startup::demo(&settings, &shutdown).await.map(|()| true),
-            Command::Bench(args) => {
-                let report = agentd::bench::run(&settings, args, &shutdown).await;
-                report.and_then(|report| {
-                    use agentd::bench::BenchFormat;
-                    if args.format != BenchFormat::Json {
-                        print!("{}", agentd::bench::table(&report));
-                    }
-                    if args.format != BenchFormat::Table {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
-                    }
-                    Ok(true)
-                })
+            Command::Bench(options) => {
+                let report = agentd::bench::run(&settings, options, &shutdown).await?;
+                print!("{}", report.render(options.format)?);
+                Ok(true)
             }
             Command::Status(args) => startup::status(&settings, args.format, &shutdown)
                 .await

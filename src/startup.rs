@@ -1,95 +1,17 @@
-//! Building the application from settings: the database (configured or embedded), and the
-//! commands that use it. Kept apart from `main` so tests and every command share one path.
+//! Building the application from settings: one function per command that works on the
+//! database (opened through [`crate::database`]). Kept apart from `main` so tests and every
+//! command share one path; the commands take plain values, never the command line's types.
 
 use std::time::Duration;
 
-use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, redact_url};
-use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use crate::config::Settings;
+use crate::database::{Database, MIGRATE_CONNECT_PATIENCE};
 use crate::endpoints::Endpoints;
 use crate::health::Health;
+use crate::store::runs::RunKind;
 use crate::{store, worker};
-
-/// How long `agentd migrate` keeps retrying an unreachable database before failing, so a
-/// one-shot migrate step started alongside the database waits for it but does not hang.
-pub const MIGRATE_CONNECT_PATIENCE: Duration = Duration::from_secs(60);
-
-/// A connected database, with the embedded server behind it when there is one.
-pub struct Database {
-    /// The connection pool.
-    pub pool: PgPool,
-    embedded: Option<EmbeddedPostgres>,
-}
-
-impl Database {
-    /// Connects to `database.url`, or starts the embedded server when it is empty. Retries
-    /// with backoff until connected, `give_up_after` passes, or `shutdown` fires.
-    pub async fn open(
-        settings: &Settings,
-        give_up_after: Option<Duration>,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Database> {
-        let (options, embedded) = match &settings.database.url {
-            Some(url) => {
-                tracing::info!(database = %redact_url(url), "connecting to the database");
-                (store::parse_url(url)?, None)
-            }
-            None => {
-                let embedded = EmbeddedPostgres::start(&EmbeddedOptions {
-                    data_dir: settings.embedded.data_dir.clone(),
-                    bin_dir: settings.embedded.bin_dir.clone(),
-                    start_timeout: settings.embedded.start_timeout,
-                    unsafe_no_fsync: false,
-                    keep_running: false,
-                })
-                .await?;
-                (embedded.connect_options(), Some(embedded))
-            }
-        };
-        let pool = store::connect(options, &settings.database, give_up_after, shutdown).await;
-        match pool {
-            Ok(pool) => Ok(Database { pool, embedded }),
-            Err(error) => {
-                if let Some(embedded) = embedded {
-                    embedded.stop().await;
-                }
-                Err(error.into())
-            }
-        }
-    }
-
-    /// The URL of database `name` on the same server (for child processes).
-    pub fn url_of(&self, settings: &Settings, name: &str) -> String {
-        match (&self.embedded, &settings.database.url) {
-            (Some(embedded), _) => embedded.url(name),
-            (None, Some(url)) => store::url_with_database(url, name),
-            (None, None) => String::new(),
-        }
-    }
-
-    /// Connection options for database `name` on the same server, as the application
-    /// connects (its changes notify the workers).
-    pub fn options_of(
-        &self,
-        settings: &Settings,
-        name: &str,
-    ) -> anyhow::Result<sqlx::postgres::PgConnectOptions> {
-        Ok(match &self.embedded {
-            Some(embedded) => embedded.connect_options().database(name),
-            None => store::parse_url(&self.url_of(settings, name))?,
-        })
-    }
-
-    /// Closes the pool, then stops the embedded server if this process started it.
-    pub async fn close(self) {
-        self.pool.close().await;
-        if let Some(embedded) = self.embedded {
-            embedded.stop().await;
-        }
-    }
-}
 
 /// `agentd migrate`: apply pending migrations and say what changed.
 pub async fn migrate(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -250,26 +172,24 @@ pub async fn healthcheck(settings: &Settings, url: Option<&str>) -> anyhow::Resu
 /// Exit status of `trigger --wait` when the run failed.
 pub const EXIT_RUN_FAILED: u8 = 1;
 
-/// `agentd trigger`: queue a run, print its id, and with `--wait` follow its logs until it
-/// ends. Returns whether the run completed (always true without `--wait`).
+/// `agentd trigger`: queue a run of `kind` for the agent or team `target`, print its id,
+/// and when `wait` is set follow its logs until it ends. Returns whether the run completed
+/// (always true without `wait`).
 pub async fn trigger(
     settings: &Settings,
-    args: &crate::cli::TriggerArgs,
+    kind: RunKind,
+    target: uuid::Uuid,
     input: Option<serde_json::Value>,
+    wait: bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
-    use crate::cli::TriggerTarget;
-    use crate::domain::{RunKind, RunStatus};
+    use crate::domain::RunStatus;
     use crate::store::runs::{request_run, run_logs_after, run_state};
-    let kind = match args.target {
-        TriggerTarget::Agent => RunKind::Agent,
-        TriggerTarget::Team => RunKind::Team,
-    };
     let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
     let result = async {
-        let run_id = request_run(&database.pool, kind, args.id, input.as_ref()).await?;
+        let run_id = request_run(&database.pool, kind, target, input.as_ref()).await?;
         println!("{run_id}");
-        if !args.wait {
+        if !wait {
             return Ok(true);
         }
         let mut position = None;
@@ -351,7 +271,7 @@ pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::
         let since: (chrono::DateTime<chrono::Utc>, uuid::Uuid) = (chrono::Utc::now(), uuid::Uuid::nil());
         let run_id = store::runs::request_run(
             &database.pool,
-            store::runs::RunKind::Team,
+            RunKind::Team,
             store::demo::COORDINATE_TEAM,
             Some(&serde_json::json!("agents that run on time")),
         )

@@ -9,7 +9,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 /// What one replica cost, read from /proc.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessCost {
     /// User plus system CPU seconds since the process started.
     pub cpu_seconds: f64,
@@ -19,15 +19,18 @@ pub struct ProcessCost {
     pub peak_rss_mib: f64,
 }
 
-/// Running replicas.
+/// Running replicas; dropping it kills those still running.
 pub struct Fleet {
     children: Vec<Child>,
-    pub logs: Vec<PathBuf>,
+    /// Each replica's log file, named when one exits early.
+    logs: Vec<PathBuf>,
 }
 
 /// How to start the replicas.
 pub struct FleetOptions<'a> {
+    /// The database they work on.
     pub url: &'a str,
+    /// How many to start.
     pub replicas: usize,
     /// Extra settings (`AGENTD__…` variables).
     pub settings: Vec<(String, String)>,
@@ -123,7 +126,7 @@ impl Drop for Fleet {
     }
 }
 
-/// CPU seconds and memory of a process, from /proc/<pid>/stat and /proc/<pid>/status
+/// CPU seconds and memory of a process, from `/proc/<pid>/stat` and `/proc/<pid>/status`
 /// (zeros where they cannot be read).
 pub fn process_cost(pid: u32) -> ProcessCost {
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)

@@ -3,45 +3,130 @@
 //! the embedded one), and, in the same invocation, the ceiling of that server: the same rows
 //! written by plain SQL in batches.
 //!
-//! Scenarios (each on a fresh scratch database, dropped afterwards):
-//! - `burst`: N schedules due at the same instant; time until all started and completed,
-//!   and the scheduling lag (start_time − scheduled_for).
-//! - `steady`: F fires per second for D seconds; achieved rate, lag, CPU and memory.
-//! - `throughput`: a backlog of due schedules; completed runs per second, and the ceiling
-//!   (measured before and after agentd, averaged).
-//! - `logs`: runs that each emit L lines; lines stored per second, delay to visibility,
-//!   and the ceiling (the same lines by plain SQL).
-//! - `idle`: 100,000 schedules none due for an hour; queries per minute, CPU, memory.
-//! - `scale`: the claim's time with 10k, 100k and 1M schedules in the table.
+//! This file is the runner: the options, the helpers the scenarios share, the list of
+//! scenarios, the report and the check against the targets. Each scenario is a file of its
+//! own that runs on a fresh scratch database (dropped afterwards) and returns a typed
+//! report:
+//! - [`burst`]: N schedules due at the same instant.
+//! - [`steady`]: F fires per second for D seconds.
+//! - [`throughput`]: a backlog of due schedules, against the ceiling.
+//! - [`logs`]: runs that each emit L lines, against the ceiling.
+//! - [`idle`]: 100,000 schedules none due for an hour.
+//! - [`scale`]: the claim's time with 10k, 100k and 1M schedules in the table.
+//!
+//! [`fleet`] starts the replicas and reads what they cost; [`chart`] draws the lag chart.
+//! docs/benchmarks.md has the figures and how to read them.
 
+pub mod burst;
 pub mod chart;
 pub mod fleet;
+pub mod idle;
+pub mod logs;
+pub mod scale;
+pub mod steady;
+pub mod throughput;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SubsecRound, Timelike, Utc};
+use chrono::{DateTime, Utc};
 use clap::Args;
-use serde_json::{Value, json};
+use clap::builder::PossibleValue;
+use serde::{Serialize, Serializer};
 use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::config::Settings;
-use crate::startup::{Database, MIGRATE_CONNECT_PATIENCE};
+use crate::database::{Database, MIGRATE_CONNECT_PATIENCE};
 use crate::store;
+use crate::store::bench::RunSpan;
+use burst::BurstReport;
 use fleet::{Fleet, FleetOptions};
+use idle::IdleReport;
+use logs::LogsReport;
+use scale::ScaleReport;
+use steady::SteadyReport;
+use throughput::ThroughputReport;
 
-/// The scenarios.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// One scenario of the bench; its name is its value of `--scenario`, its section of the
+/// report and its targets' `scenario`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
-    All,
+    /// See [`burst`].
     Burst,
+    /// See [`steady`].
     Steady,
+    /// See [`throughput`].
     Throughput,
+    /// See [`logs`].
     Logs,
+    /// See [`idle`].
     Idle,
+    /// See [`scale`].
     Scale,
+}
+
+impl Scenario {
+    /// Every scenario, in the order they run and print.
+    pub const EVERY: [Scenario; 6] = [
+        Scenario::Burst,
+        Scenario::Steady,
+        Scenario::Throughput,
+        Scenario::Logs,
+        Scenario::Idle,
+        Scenario::Scale,
+    ];
+
+    /// The scenario's name on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Burst => "burst",
+            Scenario::Steady => "steady",
+            Scenario::Throughput => "throughput",
+            Scenario::Logs => "logs",
+            Scenario::Idle => "idle",
+            Scenario::Scale => "scale",
+        }
+    }
+}
+
+impl Serialize for Scenario {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+/// One value of `--scenario`: a scenario, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Every scenario.
+    All,
+    /// This one.
+    One(Scenario),
+}
+
+/// `all`, then every scenario: the values `--scenario` accepts, from the one list.
+const SELECTIONS: [Selection; 7] = {
+    let mut selections = [Selection::All; 7];
+    let mut index = 0;
+    while index < Scenario::EVERY.len() {
+        selections[index + 1] = Selection::One(Scenario::EVERY[index]);
+        index += 1;
+    }
+    selections
+};
+
+impl clap::ValueEnum for Selection {
+    fn value_variants<'a>() -> &'a [Self] {
+        &SELECTIONS
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(match self {
+            Selection::All => "all",
+            Selection::One(scenario) => scenario.name(),
+        }))
+    }
 }
 
 /// What `agentd bench` prints.
@@ -53,19 +138,16 @@ pub enum BenchFormat {
     Json,
 }
 
-/// Wait after the idle replica started before counting (see `idle`).
-const IDLE_SETTLE: Duration = Duration::from_secs(15);
-
 fn duration_arg(text: &str) -> Result<Duration, String> {
     crate::config::parse_duration(text)
 }
 
-/// Options of `agentd bench`.
+/// Options of `agentd bench`: the scenarios to run, their sizes, and the output.
 #[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
+pub struct BenchOptions {
     /// Scenarios, comma-separated: burst, steady, throughput, logs, idle, scale, or all.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
-    pub scenario: Vec<Scenario>,
+    pub scenario: Vec<Selection>,
     /// Replicas (separate processes) for burst, steady, throughput and logs.
     #[arg(long, default_value_t = 2)]
     pub replicas: usize,
@@ -108,9 +190,12 @@ pub struct BenchArgs {
     pub format: BenchFormat,
 }
 
-impl BenchArgs {
+impl BenchOptions {
     fn wants(&self, scenario: Scenario) -> bool {
-        self.scenario.contains(&Scenario::All) || self.scenario.contains(&scenario)
+        self.scenario.iter().any(|selection| match selection {
+            Selection::All => true,
+            Selection::One(one) => *one == scenario,
+        })
     }
 }
 
@@ -123,20 +208,35 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-fn ms(seconds: Option<f64>) -> Value {
-    seconds.map_or(Value::Null, |s| {
-        json!((s * 1000.0 * 1000.0).round() / 1000.0)
-    })
+/// Seconds as milliseconds to the microsecond.
+fn ms(seconds: Option<f64>) -> Option<f64> {
+    seconds.map(|s| (s * 1000.0 * 1000.0).round() / 1000.0)
 }
 
-fn since_ms(later: Option<DateTime<Utc>>, earlier: DateTime<Utc>) -> Value {
-    later.map_or(Value::Null, |later| {
-        json!((later - earlier).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0)
-    })
+/// Milliseconds from `earlier` to `later`, to the microsecond.
+fn since_ms(later: Option<DateTime<Utc>>, earlier: DateTime<Utc>) -> Option<f64> {
+    later.map(|later| (later - earlier).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0)
 }
 
 fn round2(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
+}
+
+/// From the first run's start to the last run's end, seconds (0 without runs).
+fn busy_seconds(span: &RunSpan) -> f64 {
+    match (span.first_start, span.last_end) {
+        (Some(first), Some(last)) => (last - first).num_microseconds().unwrap_or(0) as f64 / 1e6,
+        _ => 0.0,
+    }
+}
+
+/// `count` per second of `seconds` (0 when no time passed).
+fn per_second(count: i64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
 }
 
 /// A scratch database.
@@ -146,9 +246,11 @@ struct Scratch {
     pool: PgPool,
 }
 
+/// What every scenario works with: the settings, the options, the server, and the lags
+/// the chart draws.
 struct Bench<'a> {
     settings: &'a Settings,
-    args: &'a BenchArgs,
+    options: &'a BenchOptions,
     database: &'a Database,
     folder: PathBuf,
     /// Lag series for the chart.
@@ -182,14 +284,16 @@ impl Bench<'_> {
     }
 
     fn fleet(&self, scratch: &Scratch, replicas: usize, noop_lines: i64) -> anyhow::Result<Fleet> {
-        let mut settings = vec![(
-            "AGENTD__EXECUTORS__BUILTIN__NOOP_LINES".to_string(),
-            noop_lines.to_string(),
-        )];
-        settings.push((
-            "AGENTD__WORKER__CONCURRENCY".to_string(),
-            self.args.concurrency.to_string(),
-        ));
+        let settings = vec![
+            (
+                "AGENTD__EXECUTORS__BUILTIN__NOOP_LINES".to_string(),
+                noop_lines.to_string(),
+            ),
+            (
+                "AGENTD__WORKER__CONCURRENCY".to_string(),
+                self.options.concurrency.to_string(),
+            ),
+        ];
         Fleet::start(&FleetOptions {
             url: &scratch.url,
             replicas,
@@ -219,8 +323,7 @@ impl Bench<'_> {
 
     /// Waits until `count` runs have an outcome. Every figure comes from the runs' own
     /// timestamps, so this only has to notice the end: it looks every 100 ms, which keeps
-    /// its share of the server small (`pg_stat_statements`: 189 looks at 1.4 ms each during
-    /// one 20,000-run `throughput` when it looked every 20 ms).
+    /// its share of the server small (docs/benchmarks.md).
     async fn finished(
         &self,
         scratch: &Scratch,
@@ -243,417 +346,104 @@ impl Bench<'_> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
 
-    async fn burst(&mut self) -> anyhow::Result<Value> {
-        let n = self.args.schedules;
-        let replicas = self.args.replicas;
-        let scratch = self.scratch("burst", 4).await?;
-        let (_, agent) = store::bench::seed_agent(&scratch.pool).await?;
-        let mut fleet = self.fleet(&scratch, replicas, 1)?;
-        self.registered(&scratch, &mut fleet, replicas).await?;
-        // One instant a little ahead, a whole second, that is a slot of the rule.
-        let lead = Duration::from_secs(2) + Duration::from_millis((n / 20).max(0) as u64);
-        let at = (Utc::now() + lead).trunc_subsecs(0) + chrono::Duration::seconds(1);
-        let cron = format!("{} {} {} * * *", at.second(), at.minute(), at.hour());
-        store::bench::insert_cron_schedules(&scratch.pool, agent, n, &cron, Some(at)).await?;
-        self.finished(
-            &scratch,
-            &mut fleet,
-            n,
-            Duration::from_secs(60) + Duration::from_millis(n as u64 * 10),
-        )
-        .await?;
-        let costs = fleet.costs();
-        fleet.stop(Duration::from_secs(30));
-        let span = store::bench::run_span(&scratch.pool).await?;
-        let lags =
-            store::bench::scheduling_lags(&scratch.pool, at, at + chrono::Duration::seconds(1))
-                .await?;
-        self.drop_scratch(scratch).await?;
-        let result = json!({
-            "schedules": n,
-            "replicas": replicas,
-            "runs": span.runs,
-            "completed": span.completed,
-            "all_started_after_ms": since_ms(span.last_start, at),
-            "all_completed_after_ms": since_ms(span.last_end, at),
-            "lag_p50_ms": ms(percentile(&lags, 50.0)),
-            "lag_p99_ms": ms(percentile(&lags, 99.0)),
-            "lag_max_ms": ms(lags.last().copied()),
-            "replica_cpu_seconds": costs.iter().map(|c| round2(c.cpu_seconds)).collect::<Vec<_>>(),
-            "replica_peak_rss_mib": costs.iter().map(|c| round2(c.peak_rss_mib)).collect::<Vec<_>>(),
-        });
-        self.series.push((format!("burst ({n} at once)"), lags));
-        Ok(result)
-    }
+/// The machine the bench ran on, so figures from different machines are not compared
+/// unawares.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(test, derive(serde::Deserialize))]
+pub struct Machine {
+    /// CPUs this process may use.
+    pub cpus: usize,
+    /// The CPU's model name (empty where /proc/cpuinfo does not say).
+    pub cpu_model: String,
+    /// The server's version.
+    pub postgres: String,
+    /// The server's `autovacuum` setting.
+    pub autovacuum: String,
+}
 
-    async fn steady(&mut self) -> anyhow::Result<Value> {
-        const PERIOD: i64 = 10;
-        let rate = self.args.fires_per_second.max(1);
-        let window = self.args.duration.max(Duration::from_secs(1));
-        let replicas = self.args.replicas;
-        let scratch = self.scratch("steady", 4).await?;
-        let (_, agent) = store::bench::seed_agent(&scratch.pool).await?;
-        // `rate` schedules in each of PERIOD groups; group g fires at seconds ≡ g (mod PERIOD).
-        for group in 0..PERIOD {
-            let cron = format!("{group}-59/{PERIOD} * * * * *");
-            store::bench::insert_cron_schedules(&scratch.pool, agent, rate, &cron, None).await?;
+/// What `agentd bench` found: each scenario's report (absent when it did not run) and the
+/// targets checked against them. Printed with [`Report::table`] and [`Report::to_json`].
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(test, derive(serde::Deserialize))]
+pub struct Report {
+    /// agentd's version.
+    pub agentd: String,
+    /// Where it ran.
+    pub machine: Machine,
+    /// worker.concurrency of each replica.
+    pub replica_concurrency: usize,
+    /// `burst`, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<BurstReport>,
+    /// `steady`, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steady: Option<SteadyReport>,
+    /// `throughput`, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<ThroughputReport>,
+    /// `logs`, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs: Option<LogsReport>,
+    /// `idle`, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleReport>,
+    /// `scale`, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<ScaleReport>,
+    /// The targets of the scenarios that ran.
+    #[cfg_attr(test, serde(skip_deserializing))]
+    pub targets: Vec<TargetCheck>,
+    /// Where the lag chart was written, when it was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chart: Option<String>,
+}
+
+/// One target of issue 1 and whether the report meets it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    /// The scenario the target is about.
+    pub scenario: Scenario,
+    /// The target, as a reader states it.
+    pub target: &'static str,
+    /// The figure judged (absent when the scenario had none).
+    pub value: Option<f64>,
+    /// Whether the figure meets the target (absent without a figure).
+    pub met: Option<bool>,
+}
+
+impl TargetCheck {
+    /// Judges `value` with `meets`. A figure JSON cannot hold (not finite) counts as none,
+    /// as it prints as `null`.
+    fn new(
+        scenario: Scenario,
+        target: &'static str,
+        value: Option<f64>,
+        meets: impl Fn(f64) -> bool,
+    ) -> TargetCheck {
+        let value = value.filter(|value| value.is_finite());
+        TargetCheck {
+            scenario,
+            target,
+            value,
+            met: value.map(meets),
         }
-        store::bench::analyze(&scratch.pool).await?;
-        let mut fleet = self.fleet(&scratch, replicas, 1)?;
-        self.registered(&scratch, &mut fleet, replicas).await?;
-        // Warm up: every schedule planned and firing.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let from = (Utc::now()).trunc_subsecs(0) + chrono::Duration::seconds(1);
-        let to = from + chrono::Duration::from_std(window)?;
-        tokio::time::sleep((from - Utc::now()).to_std().unwrap_or_default()).await;
-        let before = fleet.costs();
-        tokio::time::sleep(window).await;
-        let after = fleet.costs();
-        // Let the last slots of the window start.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        fleet.check_alive()?;
-        store::bench::disable_schedules(&scratch.pool).await?;
-        fleet.stop(Duration::from_secs(30));
-        let lags = store::bench::scheduling_lags(&scratch.pool, from, to).await?;
-        self.drop_scratch(scratch).await?;
-        let seconds = window.as_secs_f64();
-        let cpu: Vec<f64> = before
-            .iter()
-            .zip(&after)
-            .map(|(b, a)| round2((a.cpu_seconds - b.cpu_seconds) / seconds * 100.0))
-            .collect();
-        let result = json!({
-            "target_fires_per_second": rate,
-            "seconds": seconds,
-            "replicas": replicas,
-            "fired": lags.len(),
-            "expected": rate * window.as_secs() as i64,
-            "achieved_fires_per_second": round2(lags.len() as f64 / seconds),
-            "lag_p50_ms": ms(percentile(&lags, 50.0)),
-            "lag_p99_ms": ms(percentile(&lags, 99.0)),
-            "lag_max_ms": ms(lags.last().copied()),
-            "replica_cpu_percent": cpu,
-            "replica_peak_rss_mib": after.iter().map(|c| round2(c.peak_rss_mib)).collect::<Vec<_>>(),
-        });
-        self.series
-            .push((format!("steady ({rate}/s for {seconds:.0} s)"), lags));
-        Ok(result)
-    }
-
-    async fn throughput(&mut self) -> anyhow::Result<Value> {
-        let n = self.args.backlog;
-        let replicas = self.args.replicas;
-        let due = Utc::now().trunc_subsecs(0) - chrono::Duration::seconds(1);
-        let cron = format!("{} {} {} * * *", due.second(), due.minute(), due.hour());
-        // The ceiling is measured before and after agentd, and the two averaged: the
-        // machine's speed drifts, and a short phase measured once can land on a slow or a
-        // fast moment.
-        let ceiling_before = self.ceiling(n, &cron, due).await?;
-        let scratch = self.scratch("throughput", 4).await?;
-        let (_, agent) = store::bench::seed_agent(&scratch.pool).await?;
-        store::bench::insert_cron_schedules(&scratch.pool, agent, n, &cron, Some(due)).await?;
-        store::bench::analyze(&scratch.pool).await?;
-        let mut fleet = self.fleet(&scratch, replicas, 1)?;
-        self.finished(
-            &scratch,
-            &mut fleet,
-            n,
-            Duration::from_secs(120) + Duration::from_millis(n as u64 * 10),
-        )
-        .await?;
-        fleet.stop(Duration::from_secs(30));
-        let span = store::bench::run_span(&scratch.pool).await?;
-        self.drop_scratch(scratch).await?;
-        let seconds = match (span.first_start, span.last_end) {
-            (Some(first), Some(last)) => {
-                (last - first).num_microseconds().unwrap_or(0) as f64 / 1e6
-            }
-            _ => 0.0,
-        };
-        let rate = if seconds > 0.0 {
-            n as f64 / seconds
-        } else {
-            0.0
-        };
-
-        let ceiling_rate = (ceiling_before + self.ceiling(n, &cron, due).await?) / 2.0;
-        Ok(json!({
-            "backlog": n,
-            "replicas": replicas,
-            "completed": span.completed,
-            "seconds": round2(seconds),
-            "runs_per_second": round2(rate),
-            "ceiling_batch": self.settings.scheduler.batch_size,
-            "ceiling_runs_per_second": round2(ceiling_rate),
-            "ratio": round2(rate / ceiling_rate),
-        }))
-    }
-
-    /// The ceiling of `throughput`: the same rows by plain SQL, in batches of
-    /// `scheduler.batch_size`, on as many connections as replicas; runs per second.
-    async fn ceiling(&self, n: i64, cron: &str, due: DateTime<Utc>) -> anyhow::Result<f64> {
-        // The ceiling: the same rows by plain SQL, in batches, as many connections as
-        // replicas.
-        let replicas = self.args.replicas;
-        let ceiling = self.scratch("ceiling", replicas as u32).await?;
-        let (_, agent) = store::bench::seed_agent(&ceiling.pool).await?;
-        store::bench::insert_cron_schedules(&ceiling.pool, agent, n, cron, Some(due)).await?;
-        store::bench::analyze(&ceiling.pool).await?;
-        let batch = self.settings.scheduler.batch_size as i64;
-        let started = Instant::now();
-        let mut writers = Vec::new();
-        for _ in 0..replicas {
-            let pool = ceiling.pool.clone();
-            writers.push(tokio::spawn(async move {
-                loop {
-                    let runs = store::bench::ceiling_fire(&pool, batch).await?;
-                    if runs.is_empty() {
-                        return Ok::<_, store::StoreError>(());
-                    }
-                    store::bench::ceiling_complete(&pool, &runs).await?;
-                }
-            }));
-        }
-        for writer in writers {
-            writer.await??;
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let ceiling_done = store::bench::finished_runs(&ceiling.pool)
-            .await?
-            .unwrap_or_default();
-        self.drop_scratch(ceiling).await?;
-        anyhow::ensure!(
-            ceiling_done == n,
-            "the ceiling completed {ceiling_done} of {n} runs"
-        );
-        Ok(n as f64 / seconds)
-    }
-
-    async fn logs(&mut self) -> anyhow::Result<Value> {
-        let runs = self.args.runs;
-        let lines = self.args.lines;
-        let replicas = self.args.replicas;
-        let scratch = self.scratch("logs", 4).await?;
-        let (user, agent) = store::bench::seed_agent(&scratch.pool).await?;
-        let mut fleet = self.fleet(&scratch, replicas, lines)?;
-        self.registered(&scratch, &mut fleet, replicas).await?;
-        // Visibility: how old the newest stored line is, sampled every 10 ms while the
-        // runs write.
-        let stop = CancellationToken::new();
-        let sampler = {
-            let pool = scratch.pool.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut ages = Vec::new();
-                while !stop.is_cancelled() {
-                    if let Ok(Some(age)) = store::bench::newest_log_age(&pool).await {
-                        ages.push(age.max(0.0));
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                // Runs short enough to finish between two samples (their lines arrive with
-                // their outcome): one sample at the end, an upper bound.
-                if ages.is_empty()
-                    && let Ok(Some(age)) = store::bench::newest_log_age(&pool).await
-                {
-                    ages.push(age.max(0.0));
-                }
-                ages
-            })
-        };
-        store::bench::insert_requests(&scratch.pool, agent, user, runs).await?;
-        let finished = self
-            .finished(&scratch, &mut fleet, runs, Duration::from_secs(300))
-            .await;
-        stop.cancel();
-        let mut ages = sampler.await.unwrap_or_default();
-        finished?;
-        fleet.stop(Duration::from_secs(30));
-        let span = store::bench::run_span(&scratch.pool).await?;
-        let (stored, _, _) = store::bench::log_span(&scratch.pool).await?;
-        self.drop_scratch(scratch).await?;
-        ages.sort_by(f64::total_cmp);
-        let seconds = match (span.first_start, span.last_end) {
-            (Some(first), Some(last)) => {
-                (last - first).num_microseconds().unwrap_or(0) as f64 / 1e6
-            }
-            _ => 0.0,
-        };
-        let ceiling_rate = self.logs_ceiling(runs, lines).await?;
-        let rate = if seconds > 0.0 {
-            stored as f64 / seconds
-        } else {
-            0.0
-        };
-        Ok(json!({
-            "runs": runs,
-            "lines_per_run": lines,
-            "replicas": replicas,
-            "lines_stored": stored,
-            "seconds": round2(seconds),
-            "lines_per_second": round2(rate),
-            "ceiling_lines_per_second": round2(ceiling_rate),
-            "ratio": round2(rate / ceiling_rate),
-            "visibility_samples": ages.len(),
-            "visibility_p50_ms": ms(percentile(&ages, 50.0)),
-            "visibility_p99_ms": ms(percentile(&ages, 99.0)),
-            "visibility_max_ms": ms(ages.last().copied()),
-        }))
-    }
-
-    /// The ceiling of `logs`: the same lines by plain SQL on as many connections as
-    /// agentd's log writers have (two per replica), in statements of up to 10,000 lines
-    /// (what one of agentd's grouped statements holds when ten runs each have a full
-    /// batch); lines per second.
-    async fn logs_ceiling(&self, runs: i64, lines: i64) -> anyhow::Result<f64> {
-        const LINES_PER_STATEMENT: i64 = 10_000;
-        let connections = 2 * self.args.replicas.max(1);
-        let ceiling = self.scratch("logs_ceiling", connections as u32).await?;
-        let (user, agent) = store::bench::seed_agent(&ceiling.pool).await?;
-        let run_ids = store::bench::insert_running_runs(&ceiling.pool, agent, user, runs).await?;
-        store::bench::analyze(&ceiling.pool).await?;
-        // The messages are made before the clock starts; ids and timestamps when each
-        // statement is sent, as a run's are when it prints (lines made ahead would fill
-        // each connection's own range of the indexes, which live lines do not).
-        let mut work: Vec<Vec<(Uuid, Vec<String>)>> = vec![Vec::new(); connections];
-        for (index, run) in run_ids.iter().enumerate() {
-            let mut written = 0;
-            while written < lines {
-                let count = (lines - written).min(LINES_PER_STATEMENT);
-                work[index % connections].push((
-                    *run,
-                    (written + 1..=written + count)
-                        .map(|line| format!("noop line {line}"))
-                        .collect(),
-                ));
-                written += count;
-            }
-        }
-        let started = Instant::now();
-        let mut writers = Vec::new();
-        for statements in work {
-            let pool = ceiling.pool.clone();
-            writers.push(tokio::spawn(async move {
-                for (run, messages) in statements {
-                    let ids: Vec<Uuid> = messages.iter().map(|_| Uuid::now_v7()).collect();
-                    let timestamps = vec![Utc::now(); messages.len()];
-                    store::bench::ceiling_log_lines(&pool, run, &ids, &messages, &timestamps)
-                        .await?;
-                }
-                Ok::<_, store::StoreError>(())
-            }));
-        }
-        for writer in writers {
-            writer.await??;
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let (stored, _, _) = store::bench::log_span(&ceiling.pool).await?;
-        self.drop_scratch(ceiling).await?;
-        anyhow::ensure!(
-            stored == runs * lines,
-            "the ceiling stored {stored} of {} lines",
-            runs * lines
-        );
-        Ok(stored as f64 / seconds)
-    }
-
-    /// The idle replica's queries are counted as the transactions of its database
-    /// (`pg_stat_database`): every statement it runs outside a transaction is one.
-    async fn idle(&mut self) -> anyhow::Result<Value> {
-        let n = self.args.idle_schedules;
-        let window = self.args.idle_window.max(Duration::from_secs(1));
-        let scratch = self.scratch("idle", 2).await?;
-        let (_, agent) = store::bench::seed_agent(&scratch.pool).await?;
-        let later = Utc::now().trunc_subsecs(0) + chrono::Duration::hours(1);
-        let cron = format!(
-            "{} {} {} * * *",
-            later.second(),
-            later.minute(),
-            later.hour()
-        );
-        store::bench::insert_cron_schedules(&scratch.pool, agent, n, &cron, Some(later)).await?;
-        store::bench::vacuum_analyze(&scratch.pool).await?;
-        let mut fleet = self.fleet(&scratch, 1, 1)?;
-        self.registered(&scratch, &mut fleet, 1).await?;
-        // Close our own connections to it, so only the replica's work is counted, and let
-        // the start-up's statistics arrive first: a backend reports its counts up to 10 s
-        // after the fact, so both readings lag alike and the difference covers the window.
-        scratch.pool.close().await;
-        tokio::time::sleep(IDLE_SETTLE).await;
-        let pid = fleet.pids()[0];
-        let before_tx = store::bench::transactions(&self.database.pool, &scratch.name).await?;
-        let before = fleet::process_cost(pid);
-        tokio::time::sleep(window).await;
-        let after = fleet::process_cost(pid);
-        let after_tx = store::bench::transactions(&self.database.pool, &scratch.name).await?;
-        fleet.check_alive()?;
-        fleet.stop(Duration::from_secs(30));
-        store::bench::drop_database(&self.database.pool, &scratch.name).await?;
-        let minutes = window.as_secs_f64() / 60.0;
-        Ok(json!({
-            "schedules": n,
-            "seconds": window.as_secs_f64(),
-            "transactions": after_tx - before_tx,
-            "queries_per_minute": round2((after_tx - before_tx) as f64 / minutes),
-            "cpu_percent": round2((after.cpu_seconds - before.cpu_seconds) / window.as_secs_f64() * 100.0),
-            "rss_mib": round2(after.rss_mib),
-            "peak_rss_mib": round2(after.peak_rss_mib),
-        }))
-    }
-
-    async fn scale(&mut self) -> anyhow::Result<Value> {
-        const SAMPLES: usize = 25;
-        let scratch = self.scratch("scale", 2).await?;
-        let (_, agent) = store::bench::seed_agent(&scratch.pool).await?;
-        // A few due rows (a slot of their rule) among many that are not.
-        let due = Utc::now().trunc_subsecs(0) - chrono::Duration::seconds(1);
-        let cron = format!("{} {} {} * * *", due.second(), due.minute(), due.hour());
-        store::bench::insert_cron_schedules(&scratch.pool, agent, 10, &cron, Some(due)).await?;
-        let batch = self.settings.scheduler.batch_size;
-        let mut sizes = self.args.scale_sizes.clone();
-        sizes.sort_unstable();
-        let mut in_table = 10;
-        let mut results = Vec::new();
-        for size in sizes {
-            if size > in_table {
-                store::bench::insert_far_schedules(&scratch.pool, agent, size - in_table).await?;
-                in_table = size;
-            }
-            store::bench::analyze(&scratch.pool).await?;
-            let mut times = Vec::with_capacity(SAMPLES);
-            for _ in 0..SAMPLES {
-                let started = Instant::now();
-                let mut claim = store::schedules::ClaimTransaction::begin(&scratch.pool).await?;
-                let (_, rows) = claim.lock_schedules(batch).await?;
-                claim.rollback().await?;
-                times.push(started.elapsed().as_secs_f64());
-                anyhow::ensure!(rows.len() == 10, "the claim saw {} due rows", rows.len());
-            }
-            times.sort_by(f64::total_cmp);
-            results.push(json!({
-                "schedules": in_table,
-                "claim_ms_median": ms(percentile(&times, 50.0)),
-                "claim_ms_p95": ms(percentile(&times, 95.0)),
-            }));
-        }
-        self.drop_scratch(scratch).await?;
-        Ok(Value::Array(results))
     }
 }
 
 /// Runs the chosen scenarios and returns the report.
 pub async fn run(
     settings: &Settings,
-    args: &BenchArgs,
+    options: &BenchOptions,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<Report> {
     let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
     let folder = std::env::temp_dir().join(format!("agentd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&folder)?;
     let mut bench = Bench {
         settings,
-        args,
+        options,
         database: &database,
         folder: folder.clone(),
         series: Vec::new(),
@@ -662,199 +452,249 @@ pub async fn run(
     let series = std::mem::take(&mut bench.series);
     database.close().await;
     let mut report = result?;
-    if let Some(path) = &args.svg {
+    if let Some(path) = &options.svg {
         std::fs::write(path, chart::lag_cdf_svg("agentd scheduling lag", &series))?;
-        report["chart"] = json!(path.display().to_string());
+        report.chart = Some(path.display().to_string());
     }
     let _ = std::fs::remove_dir_all(&folder);
     Ok(report)
 }
 
-async fn run_scenarios(bench: &mut Bench<'_>) -> anyhow::Result<Value> {
-    let args = bench.args;
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_string())
-        })
-        .unwrap_or_default();
-    let postgres = store::bench::server_version(&bench.database.pool).await?;
-    let autovacuum = store::bench::server_autovacuum(&bench.database.pool).await?;
-    let concurrency = args.concurrency;
-    let mut report = json!({
-        "agentd": env!("CARGO_PKG_VERSION"),
-        "machine": {"cpus": cpus, "cpu_model": cpu_model, "postgres": postgres, "autovacuum": autovacuum},
-        "replica_concurrency": concurrency,
-    });
-    if args.wants(Scenario::Burst) {
-        report["burst"] = bench.burst().await?;
+async fn run_scenarios(bench: &mut Bench<'_>) -> anyhow::Result<Report> {
+    let machine = Machine {
+        cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        cpu_model: std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find(|line| line.starts_with("model name"))
+                    .and_then(|line| line.split_once(':'))
+                    .map(|(_, model)| model.trim().to_string())
+            })
+            .unwrap_or_default(),
+        postgres: store::bench::server_version(&bench.database.pool).await?,
+        autovacuum: store::bench::server_autovacuum(&bench.database.pool).await?,
+    };
+    let mut report = Report {
+        agentd: env!("CARGO_PKG_VERSION").to_string(),
+        machine,
+        replica_concurrency: bench.options.concurrency,
+        burst: None,
+        steady: None,
+        throughput: None,
+        logs: None,
+        idle: None,
+        scale: None,
+        targets: Vec::new(),
+        chart: None,
+    };
+    for scenario in Scenario::EVERY {
+        if !bench.options.wants(scenario) {
+            continue;
+        }
+        match scenario {
+            Scenario::Burst => report.burst = Some(burst::run(bench).await?),
+            Scenario::Steady => report.steady = Some(steady::run(bench).await?),
+            Scenario::Throughput => report.throughput = Some(throughput::run(bench).await?),
+            Scenario::Logs => report.logs = Some(logs::run(bench).await?),
+            Scenario::Idle => report.idle = Some(idle::run(bench).await?),
+            Scenario::Scale => report.scale = Some(scale::run(bench).await?),
+        }
     }
-    if args.wants(Scenario::Steady) {
-        report["steady"] = bench.steady().await?;
-    }
-    if args.wants(Scenario::Throughput) {
-        report["throughput"] = bench.throughput().await?;
-    }
-    if args.wants(Scenario::Logs) {
-        report["logs"] = bench.logs().await?;
-    }
-    if args.wants(Scenario::Idle) {
-        report["idle"] = bench.idle().await?;
-    }
-    if args.wants(Scenario::Scale) {
-        report["scale"] = bench.scale().await?;
-    }
-    report["targets"] = targets(&report);
+    report.targets = targets(&report);
     Ok(report)
 }
 
 /// The issue's targets, checked against the report (only for scenarios that ran at the
 /// targets' sizes).
-fn targets(report: &Value) -> Value {
+fn targets(report: &Report) -> Vec<TargetCheck> {
     let mut checks = Vec::new();
-    let mut check = |scenario: &str, target: &str, value: &Value, met: Option<bool>| {
-        checks.push(json!({"scenario": scenario, "target": target, "value": value, "met": met}));
-    };
-    let burst = &report["burst"];
-    if burst.is_object() {
-        let p99 = &burst["lag_p99_ms"];
-        check(
-            "burst",
-            "p99 lag <= 500 ms",
-            p99,
-            p99.as_f64().map(|v| v <= 500.0),
-        );
-        let all = &burst["all_completed_after_ms"];
-        check(
-            "burst",
-            "all completed within 1 s",
-            all,
-            all.as_f64().map(|v| v <= 1000.0),
-        );
-    }
-    let steady = &report["steady"];
-    if steady.is_object() {
-        let p99 = &steady["lag_p99_ms"];
-        check(
-            "steady",
-            "p99 lag <= 25 ms",
-            p99,
-            p99.as_f64().map(|v| v <= 25.0),
-        );
-    }
-    let throughput = &report["throughput"];
-    if throughput.is_object() {
-        let ratio = &throughput["ratio"];
-        check(
-            "throughput",
-            ">= 70% of the ceiling",
-            ratio,
-            ratio.as_f64().map(|v| v >= 0.7),
-        );
-    }
-    let logs = &report["logs"];
-    if logs.is_object() {
-        let rate = &logs["lines_per_second"];
-        check(
-            "logs",
-            ">= 100,000 lines/s stored",
-            rate,
-            rate.as_f64().map(|v| v >= 100_000.0),
-        );
-        let p99 = &logs["visibility_p99_ms"];
-        check(
-            "logs",
-            "visible within 250 ms (p99)",
-            p99,
-            p99.as_f64().map(|v| v <= 250.0),
-        );
-    }
-    let idle = &report["idle"];
-    if idle.is_object() {
-        let qpm = &idle["queries_per_minute"];
-        check(
-            "idle",
-            "<= 2 queries per minute",
-            qpm,
-            qpm.as_f64().map(|v| v <= 2.0),
-        );
-        let cpu = &idle["cpu_percent"];
-        check("idle", "< 1% CPU", cpu, cpu.as_f64().map(|v| v < 1.0));
-        let rss = &idle["rss_mib"];
-        check("idle", "< 30 MiB RSS", rss, rss.as_f64().map(|v| v < 30.0));
-    }
-    if let Some(scale) = report["scale"].as_array()
-        && let (Some(first), Some(last)) = (scale.first(), scale.last())
-    {
-        let ratio = match (
-            first["claim_ms_median"].as_f64(),
-            last["claim_ms_median"].as_f64(),
-        ) {
-            (Some(a), Some(b)) if a > 0.0 => Some(round2(b / a)),
-            _ => None,
-        };
-        check(
-            "scale",
-            "claim time flat (within 2x) from smallest to largest table",
-            &json!(ratio),
-            ratio.map(|r| r <= 2.0),
-        );
-    }
-    Value::Array(checks)
-}
-
-/// The readable report.
-pub fn table(report: &Value) -> String {
-    let mut out = String::new();
-    let machine = &report["machine"];
-    out.push_str(&format!(
-        "agentd {} bench on {} CPU(s) ({}), PostgreSQL {} (autovacuum {}); replica concurrency {}\n",
-        report["agentd"].as_str().unwrap_or(""),
-        machine["cpus"],
-        machine["cpu_model"].as_str().unwrap_or("?"),
-        machine["postgres"].as_str().unwrap_or("?"),
-        machine["autovacuum"].as_str().unwrap_or("?"),
-        report["replica_concurrency"],
-    ));
-    let sections = ["burst", "steady", "throughput", "logs", "idle"];
-    for section in sections {
-        if let Some(fields) = report[section].as_object() {
-            out.push_str(&format!("\n{section}\n"));
-            for (key, value) in fields {
-                out.push_str(&format!("  {key:<28} {value}\n"));
+    for scenario in Scenario::EVERY {
+        match scenario {
+            Scenario::Burst => {
+                if let Some(burst) = &report.burst {
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "p99 lag <= 500 ms",
+                        burst.lag_p99_ms,
+                        |v| v <= 500.0,
+                    ));
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "all completed within 1 s",
+                        burst.all_completed_after_ms,
+                        |v| v <= 1000.0,
+                    ));
+                }
+            }
+            Scenario::Steady => {
+                if let Some(steady) = &report.steady {
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "p99 lag <= 25 ms",
+                        steady.lag_p99_ms,
+                        |v| v <= 25.0,
+                    ));
+                }
+            }
+            Scenario::Throughput => {
+                if let Some(throughput) = &report.throughput {
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        ">= 70% of the ceiling",
+                        Some(throughput.ratio),
+                        |v| v >= 0.7,
+                    ));
+                }
+            }
+            Scenario::Logs => {
+                if let Some(logs) = &report.logs {
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        ">= 100,000 lines/s stored",
+                        Some(logs.lines_per_second),
+                        |v| v >= 100_000.0,
+                    ));
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "visible within 250 ms (p99)",
+                        logs.visibility_p99_ms,
+                        |v| v <= 250.0,
+                    ));
+                }
+            }
+            Scenario::Idle => {
+                if let Some(idle) = &report.idle {
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "<= 2 queries per minute",
+                        Some(idle.queries_per_minute),
+                        |v| v <= 2.0,
+                    ));
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "< 1% CPU",
+                        Some(idle.cpu_percent),
+                        |v| v < 1.0,
+                    ));
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "< 30 MiB RSS",
+                        Some(idle.rss_mib),
+                        |v| v < 30.0,
+                    ));
+                }
+            }
+            Scenario::Scale => {
+                if let Some(scale) = &report.scale
+                    && let (Some(first), Some(last)) = (scale.sizes.first(), scale.sizes.last())
+                {
+                    let ratio = match (first.claim_ms_median, last.claim_ms_median) {
+                        (Some(a), Some(b)) if a > 0.0 => Some(round2(b / a)),
+                        _ => None,
+                    };
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "claim time flat (within 2x) from smallest to largest table",
+                        ratio,
+                        |r| r <= 2.0,
+                    ));
+                }
             }
         }
     }
-    if let Some(rows) = report["scale"].as_array() {
-        out.push_str("\nscale\n  schedules    claim median ms  claim p95 ms\n");
-        for row in rows {
-            out.push_str(&format!(
-                "  {:<12} {:<16} {}\n",
-                row["schedules"], row["claim_ms_median"], row["claim_ms_p95"]
-            ));
-        }
+    checks
+}
+
+/// A value as the JSON report prints it (`null` for none).
+fn json_text(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_string())
+}
+
+/// A section's fields as the JSON report names and prints them, in its (sorted) order.
+fn fields(section: &impl Serialize) -> Vec<(String, String)> {
+    match serde_json::to_value(section) {
+        Ok(serde_json::Value::Object(fields)) => fields
+            .into_iter()
+            .map(|(key, value)| (key, value.to_string()))
+            .collect(),
+        Ok(_) | Err(_) => Vec::new(),
     }
-    if let Some(checks) = report["targets"].as_array() {
+}
+
+impl Report {
+    /// The readable report: the machine, each scenario's figures, the targets.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let machine = &self.machine;
+        out.push_str(&format!(
+            "agentd {} bench on {} CPU(s) ({}), PostgreSQL {} (autovacuum {}); replica concurrency {}\n",
+            self.agentd,
+            machine.cpus,
+            machine.cpu_model,
+            machine.postgres,
+            machine.autovacuum,
+            self.replica_concurrency,
+        ));
+        for scenario in Scenario::EVERY {
+            let section = match scenario {
+                Scenario::Burst => self.burst.as_ref().map(fields),
+                Scenario::Steady => self.steady.as_ref().map(fields),
+                Scenario::Throughput => self.throughput.as_ref().map(fields),
+                Scenario::Logs => self.logs.as_ref().map(fields),
+                Scenario::Idle => self.idle.as_ref().map(fields),
+                // A table of its own, below.
+                Scenario::Scale => None,
+            };
+            if let Some(fields) = section {
+                out.push_str(&format!("\n{}\n", scenario.name()));
+                for (key, value) in fields {
+                    out.push_str(&format!("  {key:<28} {value}\n"));
+                }
+            }
+        }
+        if let Some(scale) = &self.scale {
+            out.push_str("\nscale\n  schedules    claim median ms  claim p95 ms\n");
+            for row in &scale.sizes {
+                out.push_str(&format!(
+                    "  {} {} {}\n",
+                    row.schedules,
+                    json_text(&row.claim_ms_median),
+                    json_text(&row.claim_ms_p95),
+                ));
+            }
+        }
         out.push_str("\ntargets\n");
-        for check in checks {
-            let met = match check["met"].as_bool() {
+        for check in &self.targets {
+            let met = match check.met {
                 Some(true) => "met",
                 Some(false) => "MISSED",
                 None => "n/a",
             };
             out.push_str(&format!(
                 "  {:<10} {:<60} {:<12} {met}\n",
-                check["scenario"].as_str().unwrap_or(""),
-                check["target"].as_str().unwrap_or(""),
-                check["value"].to_string(),
+                check.scenario.name(),
+                check.target,
+                json_text(&check.value),
             ));
         }
+        out
     }
-    out
+
+    /// The JSON report, pretty-printed with every object's keys sorted, so reports from
+    /// different runs and versions diff cleanly (docs/bench/report.json is one).
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(&serde_json::to_value(self)?)
+    }
+
+    /// What `agentd bench --format …` prints.
+    pub fn render(&self, format: BenchFormat) -> serde_json::Result<String> {
+        Ok(match format {
+            BenchFormat::Both => format!("{}{}\n", self.table(), self.to_json()?),
+            BenchFormat::Table => self.table(),
+            BenchFormat::Json => format!("{}\n", self.to_json()?),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -871,18 +711,71 @@ mod tests {
         assert_eq!(percentile(&[], 50.0), None);
     }
 
+    const EXAMPLE: &str = include_str!("../../docs/bench/report.json");
+
+    /// The documented example, its targets judged anew from its figures.
+    fn example() -> Report {
+        let mut report: Report = serde_json::from_str(EXAMPLE).unwrap();
+        report.targets = targets(&report);
+        report
+    }
+
+    #[test]
+    fn the_json_report_is_the_documented_one() {
+        assert_eq!(example().to_json().unwrap(), EXAMPLE.trim_end());
+    }
+
     #[test]
     fn targets_are_judged_only_for_scenarios_that_ran() {
-        let report = json!({
-            "burst": {"lag_p99_ms": 120.0, "all_completed_after_ms": 1500.0},
-            "scale": [{"schedules": 10000, "claim_ms_median": 1.0}, {"schedules": 1000000, "claim_ms_median": 1.5}],
-        });
+        let mut report = example();
+        report.steady = None;
+        report.throughput = None;
+        report.logs = None;
+        report.idle = None;
+        let scale = report.scale.as_mut().unwrap();
+        scale.sizes[0].claim_ms_median = Some(1.0);
+        scale.sizes[2].claim_ms_median = Some(1.5);
         let checks = targets(&report);
-        let checks = checks.as_array().unwrap();
-        assert_eq!(checks.len(), 3);
-        assert_eq!(checks[0]["met"], true);
-        assert_eq!(checks[1]["met"], false);
-        assert_eq!(checks[2]["met"], true);
-        assert_eq!(checks[2]["value"], 1.5);
+        let judged: Vec<(&str, Option<bool>)> = checks
+            .iter()
+            .map(|check| (check.scenario.name(), check.met))
+            .collect();
+        assert_eq!(
+            judged,
+            [
+                ("burst", Some(false)),
+                ("burst", Some(true)),
+                ("scale", Some(true))
+            ]
+        );
+        assert_eq!(checks[2].value, Some(1.5));
+    }
+
+    #[test]
+    fn a_figure_json_cannot_hold_is_no_figure() {
+        let mut report = example();
+        report.throughput.as_mut().unwrap().ratio = f64::NAN;
+        let check = targets(&report)
+            .into_iter()
+            .find(|check| check.scenario == Scenario::Throughput)
+            .unwrap();
+        assert_eq!((check.value, check.met), (None, None));
+    }
+
+    #[test]
+    fn the_table_lists_every_section_and_target() {
+        let table = example().table();
+        assert!(table.starts_with(
+            "agentd 0.1.0 bench on 2 CPU(s) (AMD EPYC), PostgreSQL 15.20 (Debian 15.20-0+deb12u1) \
+             (autovacuum off); replica concurrency 1000\n"
+        ));
+        assert!(table.contains("\nburst\n  all_completed_after_ms       763.452\n"));
+        assert!(table.contains("  replica_cpu_seconds          [0.14,0.19]\n"));
+        assert!(table.contains("\nidle\n  cpu_percent                  0.0\n"));
+        assert!(table.contains("  10000 0.973 3.294\n"));
+        assert!(table.contains(
+            "  throughput >= 70% of the ceiling                                        0.57         MISSED\n"
+        ));
+        assert_eq!(table.matches(" met\n").count(), 8);
     }
 }
