@@ -48,7 +48,7 @@ fn bad_configuration_stops_start_up_with_one_line_naming_key_and_value() {
     assert_eq!(
         line,
         "config: database.max_connections = \"lots\" (from environment variable \
-         AGENTD__DATABASE__MAX_CONNECTIONS): expected a whole number"
+         AGENTD__DATABASE__MAX_CONNECTIONS): expected a whole number from 1 to 10000"
     );
     let line = config_error(agentd().env("AGENTD__DATABASE__MAX_CONNECTIONS", "0"));
     assert!(line.contains("database.max_connections = 0"), "{line}");

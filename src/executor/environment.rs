@@ -92,9 +92,42 @@ pub const REFUSED_PREFIXES: &[&str] = &[
     "R_ENVIRON",
 ];
 
+/// An operator's addition to the refused names (`executors.command.refused_env`): a name, or
+/// the start of names followed by `*`. Parsed once from the settings, kept upper-case since
+/// names are compared without regard to case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvPattern {
+    upper: String,
+    prefix: bool,
+}
+
+impl EnvPattern {
+    /// The pattern `text` describes: a name, or a name's start (possibly empty) followed by
+    /// `*`; `None` for anything else.
+    pub fn parse(text: &str) -> Option<EnvPattern> {
+        let (name, prefix) = match text.strip_suffix('*') {
+            Some(start) => (start, true),
+            None => (text, false),
+        };
+        (is_identifier(name) || (prefix && name.is_empty())).then(|| EnvPattern {
+            upper: name.to_ascii_uppercase(),
+            prefix,
+        })
+    }
+
+    /// Whether the upper-cased name `upper` is refused by this pattern.
+    fn matches(&self, upper: &str) -> bool {
+        if self.prefix {
+            upper.starts_with(&self.upper)
+        } else {
+            upper == self.upper
+        }
+    }
+}
+
 /// Why `name` may not be passed to the program, or `None` when it may. `extra` holds the
-/// operator's additions: exact names, or prefixes ending in `*`.
-pub fn refusal(name: &str, extra: &[String]) -> Option<String> {
+/// operator's additions.
+pub fn refusal(name: &str, extra: &[EnvPattern]) -> Option<String> {
     if !is_identifier(name) {
         return Some(format!(
             "variable {} not passed to the program: not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
@@ -106,13 +139,7 @@ pub fn refusal(name: &str, extra: &[String]) -> Option<String> {
         || REFUSED_PREFIXES
             .iter()
             .any(|prefix| upper.starts_with(prefix));
-    let configured = extra.iter().any(|pattern| {
-        let pattern = pattern.to_ascii_uppercase();
-        match pattern.strip_suffix('*') {
-            Some(prefix) => upper.starts_with(prefix),
-            None => upper == pattern,
-        }
-    });
+    let configured = extra.iter().any(|pattern| pattern.matches(&upper));
     (builtin || configured).then(|| {
         format!(
             "variable {} not passed to the program: it can steer a loader, shell or interpreter (refused names: docs/security.md)",
@@ -128,13 +155,6 @@ pub fn is_identifier(name: &str) -> bool {
         .next()
         .is_some_and(|first| first.is_ascii_alphabetic() || first == b'_')
         && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
-}
-
-/// Whether `pattern` is a valid `executors.command.refused_env` entry: a name, or a
-/// name's start followed by `*`.
-pub fn is_pattern(pattern: &str) -> bool {
-    let name = pattern.strip_suffix('*').unwrap_or(pattern);
-    is_identifier(name) || (pattern.ends_with('*') && name.is_empty())
 }
 
 #[cfg(test)]
@@ -187,10 +207,16 @@ mod tests {
 
     #[test]
     fn the_operator_extends_the_list() {
-        let extra = vec!["MY_TOOL_*".to_string(), "secret_config".to_string()];
+        let extra: Vec<EnvPattern> = ["MY_TOOL_*", "secret_config"]
+            .into_iter()
+            .map(|text| EnvPattern::parse(text).unwrap())
+            .collect();
         assert!(refusal("MY_TOOL_PLUGINS", &extra).is_some());
         assert!(refusal("SECRET_CONFIG", &extra).is_some());
         assert_eq!(refusal("MY_TOOLS", &extra), None);
-        assert!(is_pattern("MY_TOOL_*") && is_pattern("X") && !is_pattern("A-B*"));
+        assert!(EnvPattern::parse("X").is_some() && EnvPattern::parse("*").is_some());
+        for bad in ["A-B*", "", "**", "A*B", "1A"] {
+            assert_eq!(EnvPattern::parse(bad), None, "{bad}");
+        }
     }
 }
