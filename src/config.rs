@@ -8,6 +8,10 @@
 //! each field's type (or its `deserialize_with` function in [`value`]) parses the value once,
 //! so code past [`Settings::load`] only sees valid settings. A bad value is reported as one
 //! line that names the key, the value and where it came from ([`report`]).
+//!
+//! Three sections were renamed (`[log]` → `[logging]`, `[logs]` → `[run_logs]`,
+//! `[executor]` → `[execution]`); the old names still work, each use adding one warning to
+//! [`Settings::deprecations`].
 
 mod layers;
 mod report;
@@ -104,17 +108,20 @@ impl fmt::Display for Source {
 pub struct Settings {
     pub database: DatabaseSettings,
     pub embedded: EmbeddedSettings,
-    /// `[log]`: agentd's own log lines.
+    /// `[logging]`: agentd's own log lines.
+    #[serde(rename = "logging")]
     pub log: LogSettings,
     pub worker: WorkerSettings,
     pub scheduler: SchedulerSettings,
     pub requests: RequestSettings,
     pub lease: LeaseSettings,
     pub shutdown: ShutdownSettings,
-    /// `[executor]`: which executor runs an agent, the run timeout, the team router.
+    /// `[execution]`: which executor runs an agent, the run timeout, the team router.
+    #[serde(rename = "execution")]
     pub executor: ExecutorChoice,
     pub executors: ExecutorSettings,
-    /// `[logs]`: limits on the runs' log lines.
+    /// `[run_logs]`: limits on the runs' log lines.
+    #[serde(rename = "run_logs")]
     pub logs: LogLimitSettings,
     pub artifacts: ArtifactSettings,
     pub http: HttpSettings,
@@ -124,6 +131,10 @@ pub struct Settings {
     /// credentials): `agentd run` wipes them from its own environment at start-up.
     #[serde(skip)]
     pub secret_variables: Vec<String>,
+    /// One line per old setting name in use (a section renamed since), naming the old and
+    /// the new name: logged as warnings once logging is set up.
+    #[serde(skip)]
+    pub deprecations: Vec<String>,
 }
 
 /// The operations endpoints.
@@ -399,7 +410,7 @@ impl fmt::Debug for WebhookExecutorSettings {
     }
 }
 
-/// Which executor runs which agent, and for how long at most (`[executor]`).
+/// Which executor runs which agent, and for how long at most (`[execution]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorChoice {
@@ -452,7 +463,7 @@ pub struct CommandExecutorSettings {
     /// Program and arguments; empty when not configured.
     #[serde(deserialize_with = "value::program")]
     pub program: Vec<String>,
-    /// Longest the program may run (`executor.timeout` unless set).
+    /// Longest the program may run (`execution.timeout` unless set).
     #[serde(deserialize_with = "value::duration_or_run_timeout")]
     pub timeout: Duration,
     #[serde(deserialize_with = "value::flag")]
@@ -492,7 +503,7 @@ impl fmt::Debug for ArtifactSettings {
     }
 }
 
-/// Per-run log storage limits (`[logs]`).
+/// Per-run log storage limits (`[run_logs]`).
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogLimitSettings {
@@ -547,11 +558,12 @@ impl Settings {
         env: &HashMap<String, String>,
     ) -> Result<Settings, ConfigError> {
         let defaults = layers::defaults()?;
+        let mut deprecations = Vec::new();
         let mut builder = config::Config::builder().add_source(layers::default_layer(&defaults));
         if let Some(path) = config_file {
-            builder = builder.add_source(layers::file(path)?);
+            builder = builder.add_source(layers::file(path, &mut deprecations)?);
         }
-        for layer in layers::environment(env, &defaults) {
+        for layer in layers::environment(env, &defaults, &mut deprecations) {
             builder = builder.add_source(layer);
         }
         if let Some(layer) = layers::database_url(env) {
@@ -570,6 +582,7 @@ impl Settings {
             .try_deserialize()
             .map_err(|error| report.explain(error))?;
         settings.complete(env, &report)?;
+        settings.deprecations = deprecations;
         Ok(settings)
     }
 
@@ -592,7 +605,7 @@ impl Settings {
         if self.executor.chooses(ExecutorKind::Command) && command.program.is_empty() {
             return Err(report.invalid(
                 PROGRAM_KEY,
-                "the command executor is chosen in [executor] but no program is configured",
+                "the command executor is chosen in [execution] but no program is configured",
             ));
         }
 
@@ -604,7 +617,7 @@ impl Settings {
             if webhook.url.is_empty() {
                 return Err(report.invalid(
                     WEBHOOK_URL_KEY,
-                    "the webhook executor is chosen in [executor]; expected an http:// or https:// URL",
+                    "the webhook executor is chosen in [execution]; expected an http:// or https:// URL",
                 ));
             }
             if webhook.secret.is_none() {
@@ -717,8 +730,9 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}{authority}{path_and_query}")
 }
 
-/// The dotted keys the text of a configuration file sets, as written (a map setting such as
-/// `executor.by_category` counts as one key). For checking deployment files.
+/// The dotted keys the text of a configuration file sets, as written (an old section name
+/// stays old; a map setting such as `execution.by_category` counts as one key). For checking
+/// deployment files.
 pub fn file_keys(text: &str) -> Result<Vec<String>, ConfigError> {
     let defaults = layers::defaults()?;
     Ok(flatten(
@@ -837,13 +851,13 @@ mod tests {
             error.starts_with("config: database.max_backoff = \"soon\""),
             "{error}"
         );
-        let error = Settings::load(None, &env(&[("AGENTD__LOG__FORMAT", "xml")]))
+        let error = Settings::load(None, &env(&[("AGENTD__LOGGING__FORMAT", "xml")]))
             .unwrap_err()
             .to_string();
         assert_eq!(
             error,
-            "config: log.format = \"xml\" (from environment variable \
-             AGENTD__LOG__FORMAT): expected auto, json or text"
+            "config: logging.format = \"xml\" (from environment variable \
+             AGENTD__LOGGING__FORMAT): expected auto, json or text"
         );
         let error = Settings::load(None, &env(&[("AGENTD__NOPE__KEY", "1")]))
             .unwrap_err()
@@ -1052,15 +1066,15 @@ mod tests {
     #[test]
     fn a_bad_choice_lists_the_valid_values() {
         assert_eq!(
-            load_error(None, &[("AGENTD__EXECUTOR__DEFAULT", "docker")]),
-            "config: executor.default = \"docker\" (from environment variable \
-             AGENTD__EXECUTOR__DEFAULT): expected builtin, command, openai or webhook"
+            load_error(None, &[("AGENTD__EXECUTION__DEFAULT", "docker")]),
+            "config: execution.default = \"docker\" (from environment variable \
+             AGENTD__EXECUTION__DEFAULT): expected builtin, command, openai or webhook"
         );
-        let (_folder, path) = file("[executor]\nby_category = { research = \"gpu\" }\n");
+        let (_folder, path) = file("[execution]\nby_category = { research = \"gpu\" }\n");
         assert_eq!(
             load_error(Some(&path), &[]),
             format!(
-                "config: executor.by_category.research = \"gpu\" (from {}): expected builtin, \
+                "config: execution.by_category.research = \"gpu\" (from {}): expected builtin, \
                  command, openai or webhook",
                 path.display()
             )
@@ -1077,7 +1091,7 @@ mod tests {
                 "expected skip or allow",
             ),
             (
-                "AGENTD__EXECUTOR__TEAM_ROUTER",
+                "AGENTD__EXECUTION__TEAM_ROUTER",
                 "dice",
                 "expected words or openai",
             ),
@@ -1141,8 +1155,8 @@ mod tests {
                 "expected an http:// or https:// URL",
             ),
             (
-                "[executor]\nby_category = \"research\"",
-                "executor.by_category = \"research\"",
+                "[execution]\nby_category = \"research\"",
+                "execution.by_category = \"research\"",
                 "expected a table such as { name = \"value\" }",
             ),
             (
@@ -1166,7 +1180,7 @@ mod tests {
             None,
             &env(&[
                 (
-                    "AGENTD__EXECUTOR__BY_CATEGORY",
+                    "AGENTD__EXECUTION__BY_CATEGORY",
                     "{ research = \"command\" }",
                 ),
                 (
@@ -1195,6 +1209,144 @@ mod tests {
             settings.executors.command.timeout, settings.executor.timeout,
             "an empty command timeout is the run timeout"
         );
+        assert!(settings.deprecations.is_empty());
+    }
+
+    #[test]
+    fn maps_merge_key_by_key_across_layers() {
+        let (_folder, path) =
+            file("[execution]\nby_category = { a = \"builtin\", b = \"builtin\" }\n");
+        let settings = Settings::load(
+            Some(&path),
+            &env(&[
+                ("AGENTD__EXECUTION__BY_CATEGORY", "{ b = \"openai\" }"),
+                ("AGENTD__EXECUTION__BY_CATEGORY__C", "openai"),
+            ]),
+        )
+        .unwrap();
+        let mut chosen: Vec<(&str, ExecutorKind)> = settings
+            .executor
+            .by_category
+            .iter()
+            .map(|(category, kind)| (category.as_str(), *kind))
+            .collect();
+        chosen.sort_by_key(|(category, _)| *category);
+        assert_eq!(
+            chosen,
+            [
+                ("a", ExecutorKind::Builtin),
+                ("b", ExecutorKind::OpenAi),
+                ("c", ExecutorKind::OpenAi),
+            ]
+        );
+    }
+
+    #[test]
+    fn old_section_names_work_with_one_warning_each() {
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("AGENTD__LOG__LEVEL", "debug"),
+                ("AGENTD__LOGS__MAX_LINES_PER_RUN", "5"),
+                ("AGENTD__EXECUTOR__TIMEOUT", "2m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.log.level, "debug");
+        assert_eq!(settings.logs.max_lines_per_run, 5);
+        assert_eq!(settings.executor.timeout, Duration::from_secs(120));
+        assert_eq!(
+            settings.deprecations,
+            [
+                "config: environment variable AGENTD__EXECUTOR__TIMEOUT is deprecated, rename \
+                 it AGENTD__EXECUTION__TIMEOUT",
+                "config: environment variable AGENTD__LOGS__MAX_LINES_PER_RUN is deprecated, \
+                 rename it AGENTD__RUN_LOGS__MAX_LINES_PER_RUN",
+                "config: environment variable AGENTD__LOG__LEVEL is deprecated, rename it \
+                 AGENTD__LOGGING__LEVEL",
+            ]
+        );
+
+        let (_folder, path) = file(
+            "[log]\nlevel = \"warn\"\nformat = \"json\"\n\n[executor]\ndefault = \"command\"\n\
+             by_category = { research = \"builtin\" }\n\n[executors.command]\nprogram = [\"true\"]\n",
+        );
+        let settings = Settings::load(Some(&path), &env(&[])).unwrap();
+        assert_eq!(settings.log.level, "warn");
+        assert_eq!(settings.log.format, LogFormat::Json);
+        assert_eq!(settings.executor.default, ExecutorKind::Command);
+        assert_eq!(
+            settings.deprecations,
+            [
+                format!(
+                    "config: {}: section [log] is deprecated, rename it [logging]",
+                    path.display()
+                ),
+                format!(
+                    "config: {}: section [executor] is deprecated, rename it [execution]",
+                    path.display()
+                ),
+            ]
+        );
+
+        // An error about a value under an old name says where it was written.
+        assert_eq!(
+            load_error(None, &[("AGENTD__EXECUTOR__DEFAULT", "docker")]),
+            "config: execution.default = \"docker\" (from environment variable \
+             AGENTD__EXECUTOR__DEFAULT): expected builtin, command, openai or webhook"
+        );
+        assert!(
+            Settings::load(None, &env(&[]))
+                .unwrap()
+                .deprecations
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn given_both_names_the_new_one_wins_and_the_warning_says_so() {
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("AGENTD__LOG__LEVEL", "debug"),
+                ("AGENTD__LOGGING__LEVEL", "warn"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.log.level, "warn");
+        assert_eq!(
+            settings.deprecations,
+            [
+                "config: environment variable AGENTD__LOG__LEVEL is deprecated and ignored: \
+              AGENTD__LOGGING__LEVEL is set too and wins"
+            ]
+        );
+
+        let (_folder, path) = file(
+            "[logs]\nmax_lines_per_run = 5\nmax_bytes_per_run = 7\n\n\
+             [run_logs]\nmax_lines_per_run = 9\n",
+        );
+        let settings = Settings::load(Some(&path), &env(&[])).unwrap();
+        assert_eq!(settings.logs.max_lines_per_run, 9, "the new name wins");
+        assert_eq!(
+            settings.logs.max_bytes_per_run, 7,
+            "the old name still counts"
+        );
+        assert_eq!(
+            settings.deprecations,
+            [format!(
+                "config: {}: section [logs] is deprecated, rename it [run_logs]; \
+                 run_logs.max_lines_per_run set under both names, the value in [run_logs] wins",
+                path.display()
+            )]
+        );
+
+        // Across layers the later layer wins, whatever the names: the environment over the file.
+        let (_folder, path) = file("[logging]\nlevel = \"warn\"\n");
+        let settings =
+            Settings::load(Some(&path), &env(&[("AGENTD__LOG__LEVEL", "error")])).unwrap();
+        assert_eq!(settings.log.level, "error");
+        assert_eq!(settings.deprecations.len(), 1);
     }
 
     #[test]
@@ -1227,7 +1379,7 @@ mod tests {
             (
                 None,
                 vec![
-                    ("AGENTD__EXECUTOR__DEFAULT", "webhook"),
+                    ("AGENTD__EXECUTION__DEFAULT", "webhook"),
                     (
                         "AGENTD__EXECUTORS__WEBHOOK__URL",
                         "https://u:hunter2@hooks.example.com/x",
@@ -1253,25 +1405,35 @@ mod tests {
         ] {
             assert!(keys.iter().any(|known| known == key), "{key}");
         }
-        assert!(keys.iter().any(|key| key == "executor.by_category"));
+        for (old, new) in layers::RENAMED_SECTIONS {
+            assert!(
+                keys.iter().any(|key| key.starts_with(&format!("{new}."))),
+                "{new}"
+            );
+            assert!(
+                !keys.iter().any(|key| key.starts_with(&format!("{old}."))),
+                "{old}"
+            );
+        }
+        assert!(keys.iter().any(|key| key == "execution.by_category"));
         assert_eq!(
-            file_keys("[log]\nlevel = \"debug\"\n[executor]\nby_category = { a = \"command\" }\n")
+            file_keys("[log]\nlevel = \"debug\"\n[execution]\nby_category = { a = \"command\" }\n")
                 .unwrap(),
-            ["executor.by_category", "log.level"]
+            ["execution.by_category", "log.level"]
         );
     }
 
     #[test]
     fn cross_section_rules_name_the_key() {
         assert_eq!(
-            load_error(None, &[("AGENTD__EXECUTOR__DEFAULT", "command")]),
+            load_error(None, &[("AGENTD__EXECUTION__DEFAULT", "command")]),
             "config: executors.command.program = [] (from built-in defaults): the command \
-             executor is chosen in [executor] but no program is configured"
+             executor is chosen in [execution] but no program is configured"
         );
         let error = load_error(
             None,
             &[
-                ("AGENTD__EXECUTOR__BY_CATEGORY", "{ hooks = \"webhook\" }"),
+                ("AGENTD__EXECUTION__BY_CATEGORY", "{ hooks = \"webhook\" }"),
                 (
                     "AGENTD__EXECUTORS__WEBHOOK__URL",
                     "https://hooks.example.com/run",

@@ -2,10 +2,11 @@
 //! where it came from.
 //!
 //! agentd reads each layer itself rather than with `config`'s `File` and `Environment`
-//! sources, for two reasons: an error must name the environment variable a value came from
-//! (`Environment` tags every value "the environment"); and variables hold TOML values such
+//! sources, for three reasons: an error must name the environment variable a value came
+//! from (`Environment` tags every value "the environment"); variables hold TOML values such
 //! as `["python3", "agent.py"]` and `{ research = "command" }` (`Environment` only splits
-//! lists on a separator and has no tables).
+//! lists on a separator and has no tables); and the old section names are renamed within
+//! each layer before layers are merged, so a new name given beside an old one wins there.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,6 +15,14 @@ use super::{ConfigError, DEFAULT_TOML, Source};
 
 /// Prefix of the environment variables that override settings.
 pub(super) const ENV_PREFIX: &str = "AGENTD__";
+
+/// Sections whose names said too little (`[log]` beside `[logs]`, `[executor]` beside
+/// `[executors]`): old name → new name. The old names still work, with a warning.
+pub(super) const RENAMED_SECTIONS: &[(&str, &str)] = &[
+    ("log", "logging"),
+    ("logs", "run_logs"),
+    ("executor", "execution"),
+];
 
 /// One layer: a table of values, each carrying its origin (see [`Source::tag`]).
 #[derive(Debug, Clone)]
@@ -52,20 +61,61 @@ pub(super) fn default_layer(defaults: &toml::Table) -> Layer {
     Layer::new(defaults.clone(), &Source::Default)
 }
 
-/// The file at `path`.
-pub(super) fn file(path: &Path) -> Result<Layer, ConfigError> {
+/// The file at `path`, its old section names renamed (one warning each in `deprecations`).
+pub(super) fn file(path: &Path, deprecations: &mut Vec<String>) -> Result<Layer, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_path_buf(),
         reason: error.to_string(),
     })?;
     let source = Source::File(path.to_path_buf());
-    let table = parse_toml(&text, &source.to_string())?;
+    let mut table = parse_toml(&text, &source.to_string())?;
+    rename_sections(&mut table, &source, deprecations);
     Ok(Layer::new(table, &source))
 }
 
-/// One layer per `AGENTD__SECTION__KEY` variable. A value is read as TOML (`10`, `true`, `["a", "b"]`,
+/// Moves the old sections of a file's `table` to their new names, a key given under both
+/// names keeping the new name's value; one warning per old section in `deprecations`.
+fn rename_sections(table: &mut toml::Table, source: &Source, deprecations: &mut Vec<String>) {
+    for (old, new) in RENAMED_SECTIONS {
+        let Some(old_value) = table.remove(*old) else {
+            continue;
+        };
+        let mut shadowed = Vec::new();
+        match (table.get_mut(*new), old_value) {
+            (Some(toml::Value::Table(current)), toml::Value::Table(old_table)) => {
+                for (key, value) in old_table {
+                    if current.contains_key(&key) {
+                        shadowed.push(format!("{new}.{key}"));
+                    } else {
+                        current.insert(key, value);
+                    }
+                }
+            }
+            (Some(_), _) => shadowed.push((*new).to_string()),
+            (None, old_value) => {
+                table.insert((*new).to_string(), old_value);
+            }
+        }
+        let mut warning =
+            format!("config: {source}: section [{old}] is deprecated, rename it [{new}]");
+        if !shadowed.is_empty() {
+            warning.push_str(&format!(
+                "; {} set under both names, the value in [{new}] wins",
+                shadowed.join(", ")
+            ));
+        }
+        deprecations.push(warning);
+    }
+}
+
+/// One layer per `AGENTD__SECTION__KEY` variable, old section names renamed (one warning per
+/// variable in `deprecations`). A value is read as TOML (`10`, `true`, `["a", "b"]`,
 /// `{ a = "b" }`) when the key's default is not text, and as text otherwise.
-pub(super) fn environment(env: &HashMap<String, String>, defaults: &toml::Table) -> Vec<Layer> {
+pub(super) fn environment(
+    env: &HashMap<String, String>,
+    defaults: &toml::Table,
+    deprecations: &mut Vec<String>,
+) -> Vec<Layer> {
     let mut names: Vec<&String> = env.keys().filter(|k| k.starts_with(ENV_PREFIX)).collect();
     names.sort();
     let path_of = |name: &str| -> Vec<String> {
@@ -74,9 +124,24 @@ pub(super) fn environment(env: &HashMap<String, String>, defaults: &toml::Table)
             .map(str::to_lowercase)
             .collect()
     };
+    let set_directly: Vec<Vec<String>> = names.iter().map(|name| path_of(name)).collect();
     let mut layers = Vec::new();
     for name in names {
-        let path = path_of(name);
+        let mut path = path_of(name);
+        if let Some((_, new)) = RENAMED_SECTIONS.iter().find(|(old, _)| path[0] == *old) {
+            path[0] = (*new).to_string();
+            let replacement = format!("{ENV_PREFIX}{}", path.join("__").to_uppercase());
+            if set_directly.contains(&path) {
+                deprecations.push(format!(
+                    "config: environment variable {name} is deprecated and ignored: \
+                     {replacement} is set too and wins"
+                ));
+                continue;
+            }
+            deprecations.push(format!(
+                "config: environment variable {name} is deprecated, rename it {replacement}"
+            ));
+        }
         let raw = &env[name];
         let value = match lookup(defaults, &path) {
             None | Some(toml::Value::String(_)) => toml::Value::String(raw.clone()),

@@ -86,7 +86,7 @@ choices!(OverlapPolicy {
     Allow => "allow",
 });
 
-/// How a `route` team picks its member (`executor.team_router`); settings keep it as
+/// How a `route` team picks its member (`execution.team_router`); settings keep it as
 /// `route_with_model`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TeamRouter {
@@ -101,7 +101,7 @@ choices!(TeamRouter {
     OpenAi => "openai",
 });
 
-/// `executor.team_router`, as whether teams are routed by the model.
+/// `execution.team_router`, as whether teams are routed by the model.
 pub(super) fn team_router<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
     Ok(match parsed::<D, TeamRouter>(deserializer)? {
         TeamRouter::Words => false,
@@ -416,7 +416,7 @@ pub(super) fn optional_duration<'de, D: Deserializer<'de>>(
     })
 }
 
-/// Empty: zero, which [`super::Settings::load`] replaces with `executor.timeout`; otherwise
+/// Empty: zero, which [`super::Settings::load`] replaces with `execution.timeout`; otherwise
 /// a duration above zero.
 pub(super) fn duration_or_run_timeout<'de, D: Deserializer<'de>>(
     deserializer: D,
