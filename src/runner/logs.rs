@@ -11,9 +11,9 @@
 //! the run's lease would have expired; a refused (fenced) write means the lease is lost.
 //!
 //! Bad output gets a clear result: NUL bytes are removed, a line over [`MAX_LINE_BYTES`] is
-//! cut with a marker, and past `logs.max_lines_per_run` lines or `logs.max_bytes_per_run`
-//! bytes nothing more is stored; one `warn` line at the end says how much was dropped. The
-//! run itself goes on, and memory stays bounded whatever it prints.
+//! cut with a marker, and past `run_logs.max_lines_per_run` lines or
+//! `run_logs.max_bytes_per_run` bytes nothing more is stored; one `warn` line at the end says
+//! how much was dropped. The run itself goes on, and memory stays bounded whatever it prints.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -72,7 +72,7 @@ pub const MAX_PENDING_LINES: usize = 100_000;
 /// Longest line stored, in bytes; longer ones are cut and marked.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
-/// Per-run storage limits (`logs.max_lines_per_run`, `logs.max_bytes_per_run`).
+/// Per-run storage limits (`run_logs.max_lines_per_run`, `run_logs.max_bytes_per_run`).
 #[derive(Debug, Clone, Copy)]
 pub struct LogLimits {
     pub max_lines: u64,
