@@ -46,7 +46,7 @@ WORKDIR /home/nonroot
 # JSON logs, artifacts in the folder above. Any setting can be overridden the same way
 # (AGENTD__SECTION__KEY); these variables win over a file given with AGENTD_CONFIG.
 ENV AGENTD__HTTP__LISTEN=0.0.0.0:9464 \
-    AGENTD__LOG__FORMAT=json \
+    AGENTD__LOGGING__FORMAT=json \
     AGENTD__ARTIFACTS__DIR=/home/nonroot/artifacts
 EXPOSE 9464
 # Liveness only (GET /healthz, no curl needed). Readiness (database reachable, migrations

@@ -2,21 +2,32 @@
 //!
 //! Layers, later ones win: `config/default.toml` (compiled in, so it always lists every
 //! key), the file named by `--config`/`AGENTD_CONFIG`, environment variables
-//! `AGENTD__SECTION__KEY`, and `DATABASE_URL` for the database URL. Every key of every layer
-//! must exist in the defaults, so a typo is an error instead of a silently ignored setting.
-//! Values are checked here, once: code past [`Settings::load`] only sees valid settings, and
-//! a bad value is reported as one line that names the key, the value and where it came from.
+//! `AGENTD__SECTION__KEY`, and `DATABASE_URL` for the database URL. The `config` crate
+//! merges them, every value keeping its origin ([`layers`] reads each one), and deserializes
+//! the result into the sections below: each is a serde struct that refuses unknown keys, and
+//! each field's type (or its `deserialize_with` function in [`value`]) parses the value once,
+//! so code past [`Settings::load`] only sees valid settings. A bad value is reported as one
+//! line that names the key, the value and where it came from ([`report`]).
+//!
+//! Three sections were renamed (`[log]` → `[logging]`, `[logs]` → `[run_logs]`,
+//! `[executor]` → `[execution]`); the old names still work, each use adding one warning to
+//! [`Settings::deprecations`].
 
-use std::collections::{BTreeMap, HashMap};
+mod layers;
+mod report;
+mod value;
+
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
+
+pub use value::{DatabaseUrl, EnvPattern, HttpUrl, UidRange, is_env_name};
+
 /// The defaults, compiled in so that the binary needs no file to start.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
-
-/// Prefix of the environment variables that override settings.
-const ENV_PREFIX: &str = "AGENTD__";
 
 /// Why the settings could not be loaded. Display is one line meant for an operator.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +49,12 @@ pub enum ConfigError {
         origin: Source,
         reason: String,
     },
+    /// A key the settings need and config/default.toml lacks (a fault of the build).
+    #[error("config: {key} is missing from config/default.toml")]
+    Missing { key: String },
+    /// The layers could not be merged or read as settings at all, with no key to blame.
+    #[error("config: {reason}")]
+    Unusable { reason: String },
 }
 
 /// Where a setting's value came from, so an error can say which layer to fix.
@@ -51,6 +68,28 @@ pub enum Source {
     Env(String),
 }
 
+impl Source {
+    /// How a value merged by `config` remembers this source (its "origin").
+    fn tag(&self) -> String {
+        match self {
+            Source::Default => "default:".into(),
+            Source::File(path) => format!("file:{}", path.display()),
+            Source::Env(name) => format!("env:{name}"),
+        }
+    }
+
+    /// The source a [`Source::tag`] stands for.
+    fn from_tag(tag: &str) -> Source {
+        if let Some(path) = tag.strip_prefix("file:") {
+            Source::File(PathBuf::from(path))
+        } else if let Some(name) = tag.strip_prefix("env:") {
+            Source::Env(name.to_string())
+        } else {
+            Source::Default
+        }
+    }
+}
+
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -61,19 +100,28 @@ impl fmt::Display for Source {
     }
 }
 
-/// All of agentd's settings.
-#[derive(Debug, Clone)]
+/// All of agentd's settings, one field per section of config/default.toml. Built by
+/// [`Settings::load`], which also fills in what comes from elsewhere (secrets read from the
+/// variables that `*_env` settings name, and the fields marked `skip`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub database: DatabaseSettings,
     pub embedded: EmbeddedSettings,
+    /// `[logging]`: agentd's own log lines.
+    #[serde(rename = "logging")]
     pub log: LogSettings,
     pub worker: WorkerSettings,
     pub scheduler: SchedulerSettings,
     pub requests: RequestSettings,
     pub lease: LeaseSettings,
     pub shutdown: ShutdownSettings,
+    /// `[execution]`: which executor runs an agent, the run timeout, the team router.
+    #[serde(rename = "execution")]
     pub executor: ExecutorChoice,
     pub executors: ExecutorSettings,
+    /// `[run_logs]`: limits on the runs' log lines.
+    #[serde(rename = "run_logs")]
     pub logs: LogLimitSettings,
     pub artifacts: ArtifactSettings,
     pub http: HttpSettings,
@@ -81,16 +129,27 @@ pub struct Settings {
     /// Environment variables whose values these settings hold and that are secrets
     /// (`DATABASE_URL`, the API key, the webhook secret, the endpoints' token, AWS
     /// credentials): `agentd run` wipes them from its own environment at start-up.
+    #[serde(skip)]
     pub secret_variables: Vec<String>,
+    /// One line per old setting name in use (a section renamed since), naming the old and
+    /// the new name: logged as warnings once logging is set up.
+    #[serde(skip)]
+    pub deprecations: Vec<String>,
 }
 
 /// The operations endpoints.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// `None`: no HTTP server.
+    #[serde(deserialize_with = "value::listen")]
     pub listen: Option<std::net::SocketAddr>,
+    /// The name of the environment variable holding the token (empty: no token).
+    #[serde(deserialize_with = "value::env_name_or_empty")]
+    pub token_env: String,
     /// The token `/readyz` and `/metrics` require, read from the environment variable
-    /// `http.token_env` names; `None`: they are open.
+    /// `token_env` names; `None`: they are open.
+    #[serde(skip)]
     pub token: Option<BearerToken>,
 }
 
@@ -145,12 +204,18 @@ impl fmt::Debug for BearerToken {
 }
 
 /// How long run history is kept (`None`: forever).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RetentionSettings {
+    #[serde(deserialize_with = "value::optional_duration")]
     pub run_logs: Option<Duration>,
+    #[serde(deserialize_with = "value::optional_duration")]
     pub artifacts: Option<Duration>,
+    #[serde(deserialize_with = "value::optional_duration")]
     pub runs: Option<Duration>,
+    #[serde(deserialize_with = "value::positive_duration")]
     pub interval: Duration,
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 100_000>")]
     pub batch_size: u32,
 }
 
@@ -162,41 +227,40 @@ impl RetentionSettings {
 }
 
 /// How to reach PostgreSQL.
-#[derive(Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// `None`: run the embedded server.
-    pub url: Option<String>,
+    #[serde(deserialize_with = "value::empty_or")]
+    pub url: Option<DatabaseUrl>,
+    #[serde(deserialize_with = "value::flag")]
     pub migrate: bool,
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 10_000>")]
     pub max_connections: u32,
+    #[serde(deserialize_with = "value::positive_duration")]
     pub connect_timeout: Duration,
+    #[serde(deserialize_with = "value::positive_duration")]
     pub max_backoff: Duration,
 }
 
-impl fmt::Debug for DatabaseSettings {
-    // The URL may carry a password: never print it whole.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("url", &self.url.as_deref().map(redact_url))
-            .field("migrate", &self.migrate)
-            .field("max_connections", &self.max_connections)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("max_backoff", &self.max_backoff)
-            .finish()
-    }
-}
-
 /// The private PostgreSQL run when no database URL is configured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EmbeddedSettings {
+    #[serde(deserialize_with = "value::folder")]
     pub data_dir: PathBuf,
+    #[serde(deserialize_with = "value::optional_folder")]
     pub bin_dir: Option<PathBuf>,
+    #[serde(deserialize_with = "value::positive_duration")]
     pub start_timeout: Duration,
 }
 
 /// Log output.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     /// A tracing filter directive (`info`, `debug,sqlx=warn`, …), already validated.
+    #[serde(deserialize_with = "value::log_filter")]
     pub level: String,
     pub format: LogFormat,
 }
@@ -211,19 +275,26 @@ pub enum LogFormat {
 }
 
 /// This replica's identity and capacity.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     /// Never empty: defaults to host name and process id.
+    #[serde(deserialize_with = "value::worker_id")]
     pub id: String,
     /// Runs executed at once, at least 1.
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 10_000>")]
     pub concurrency: usize,
 }
 
 /// The claim loop.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SchedulerSettings {
+    #[serde(deserialize_with = "value::positive_duration")]
     pub poll_interval: Duration,
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 10_000>")]
     pub batch_size: usize,
+    #[serde(deserialize_with = "value::duration")]
     pub misfire_grace: Duration,
     pub misfire_policy: MisfirePolicy,
     pub overlap_policy: OverlapPolicy,
@@ -246,15 +317,19 @@ pub enum OverlapPolicy {
 }
 
 /// Limits on what users may ask for (`[requests]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RequestSettings {
     /// Most runs one user may have queued; `request_run` refuses more.
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 1_000_000>")]
     pub max_pending_per_user: u32,
 }
 
 /// Run leases.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LeaseSettings {
+    #[serde(deserialize_with = "value::lease_ttl")]
     pub ttl: Duration,
 }
 
@@ -267,8 +342,10 @@ impl LeaseSettings {
 }
 
 /// Graceful shutdown.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
+    #[serde(deserialize_with = "value::duration")]
     pub grace: Duration,
 }
 
@@ -281,38 +358,49 @@ pub enum ExecutorKind {
     Webhook,
 }
 
-impl ExecutorKind {
-    fn parse(name: &str) -> Option<ExecutorKind> {
-        match name {
-            "builtin" => Some(ExecutorKind::Builtin),
-            "command" => Some(ExecutorKind::Command),
-            "openai" => Some(ExecutorKind::OpenAi),
-            "webhook" => Some(ExecutorKind::Webhook),
-            _ => None,
-        }
-    }
-}
-
 /// The OpenAI-compatible executor.
-#[derive(Debug, Clone)]
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OpenAiExecutorSettings {
-    pub base_url: String,
+    pub base_url: HttpUrl,
     pub model: String,
-    pub model_by_category: std::collections::HashMap<String, String>,
+    pub model_by_category: HashMap<String, String>,
+    /// The name of the environment variable holding the API key.
+    #[serde(deserialize_with = "value::env_name_or_empty")]
+    pub api_key_env: String,
     /// The API key, read from the environment variable `api_key_env` names.
+    #[serde(skip)]
     pub api_key: Option<String>,
     /// Most bytes of streamed reply text kept; past it the run fails (a hostile endpoint
     /// could stream forever).
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 4_294_967_295>")]
     pub max_reply_bytes: usize,
 }
 
+impl fmt::Debug for OpenAiExecutorSettings {
+    // The API key is a secret: its variable's name only.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiExecutorSettings")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("model_by_category", &self.model_by_category)
+            .field("api_key_env", &self.api_key_env)
+            .field("max_reply_bytes", &self.max_reply_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The webhook executor.
-#[derive(Clone)]
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WebhookExecutorSettings {
-    /// Empty when not configured.
+    /// An http(s) URL; empty when not configured.
+    #[serde(deserialize_with = "value::http_url_or_empty")]
     pub url: String,
     /// The signing secret, read from the environment variable `secret_env` names.
+    #[serde(skip)]
     pub secret: Option<String>,
+    #[serde(deserialize_with = "value::env_name_or_empty")]
     pub secret_env: String,
 }
 
@@ -325,19 +413,31 @@ impl fmt::Debug for WebhookExecutorSettings {
     }
 }
 
-/// Which executor runs which agent, and for how long at most.
-#[derive(Debug, Clone)]
+/// Which executor runs which agent, and for how long at most (`[execution]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExecutorChoice {
     pub default: ExecutorKind,
     /// agents.category → executor.
-    pub by_category: std::collections::HashMap<String, ExecutorKind>,
+    pub by_category: HashMap<String, ExecutorKind>,
+    #[serde(deserialize_with = "value::positive_duration")]
     pub timeout: Duration,
-    /// Route teams by asking the model (true) or by word overlap (false).
+    /// Route teams by asking the model (`team_router = "openai"`) or by word overlap
+    /// (`"words"`).
+    #[serde(rename = "team_router", deserialize_with = "value::team_router")]
     pub route_with_model: bool,
 }
 
+impl ExecutorChoice {
+    /// Whether `kind` runs some agent: the default, or some category's choice.
+    fn chooses(&self, kind: ExecutorKind) -> bool {
+        self.default == kind || self.by_category.values().any(|chosen| *chosen == kind)
+    }
+}
+
 /// Settings of each executor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExecutorSettings {
     pub http: HttpClientSettings,
     pub builtin: BuiltinExecutorSettings,
@@ -348,29 +448,41 @@ pub struct ExecutorSettings {
 
 /// The HTTP client of the openai and webhook executors: endpoints are driven by tenants,
 /// so a connection attempt and every silence while reading an answer have a limit.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpClientSettings {
     /// Longest a connection (TCP and TLS) may take to open.
+    #[serde(deserialize_with = "value::positive_duration")]
     pub connect_timeout: Duration,
     /// Longest silence while waiting for or reading a response.
+    #[serde(deserialize_with = "value::positive_duration")]
     pub read_timeout: Duration,
 }
 
 /// The command executor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CommandExecutorSettings {
     /// Program and arguments; empty when not configured.
+    #[serde(deserialize_with = "value::program")]
     pub program: Vec<String>,
+    /// Longest the program may run (`execution.timeout` unless set).
+    #[serde(deserialize_with = "value::duration_or_run_timeout")]
     pub timeout: Duration,
+    #[serde(deserialize_with = "value::flag")]
     pub variables_in_input: bool,
+    #[serde(deserialize_with = "value::duration")]
     pub kill_grace: Duration,
-    /// Variable names refused besides the built-in list (names, or prefixes ending in `*`).
-    pub refused_env: Vec<String>,
-    /// As root: the users runs run as, first and last uid (each run has one of its own).
-    pub uid_range: (u32, u32),
+    /// Variable names refused besides the built-in list.
+    #[serde(deserialize_with = "value::env_patterns")]
+    pub refused_env: Vec<EnvPattern>,
+    /// As root: the users runs run as (each run has one of its own).
+    pub uid_range: UidRange,
     /// Where runs get their folders; `None`: `agentd-runs` in the temporary folder.
+    #[serde(deserialize_with = "value::optional_trimmed_folder")]
     pub runs_dir: Option<PathBuf>,
     /// As root: most processes a run's user may have at once.
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 1_000_000>")]
     pub max_processes: u64,
 }
 
@@ -394,33 +506,52 @@ impl fmt::Debug for ArtifactSettings {
     }
 }
 
-/// Per-run log storage limits.
-#[derive(Debug, Clone, Copy)]
+/// Per-run log storage limits (`[run_logs]`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogLimitSettings {
+    #[serde(deserialize_with = "value::whole::<_, _, 1, { i64::MAX }>")]
     pub max_lines_per_run: u64,
+    #[serde(deserialize_with = "value::whole::<_, _, 1, { i64::MAX }>")]
     pub max_bytes_per_run: u64,
 }
 
 /// Where and how much artifacts are stored.
-#[derive(Clone)]
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ArtifactSettings {
+    #[serde(deserialize_with = "value::folder")]
     pub dir: PathBuf,
     /// `s3://bucket/prefix` when artifacts go to a bucket.
+    #[serde(deserialize_with = "value::bucket_url")]
     pub url: Option<String>,
     /// AWS_* environment variables (lower-cased names), for the bucket's client.
+    #[serde(skip)]
     pub s3_options: Vec<(String, String)>,
+    #[serde(deserialize_with = "value::whole::<_, _, 1, { i64::MAX }>")]
     pub max_bytes: u64,
+    #[serde(deserialize_with = "value::whole::<_, _, 1, { i64::MAX }>")]
     pub max_bytes_per_run: u64,
 }
 
 /// The built-in executor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BuiltinExecutorSettings {
     /// Pause between steps (may be zero).
+    #[serde(deserialize_with = "value::duration")]
     pub step_delay: Duration,
     /// 0: normal; N: a no-op logging N lines (benchmarks).
+    #[serde(deserialize_with = "value::whole::<_, _, 0, 10_000_000>")]
     pub noop_lines: u64,
 }
+
+/// Keys named by the rules that span sections (each is also a field above; a test checks
+/// that config/default.toml has them).
+const PROGRAM_KEY: &str = "executors.command.program";
+const WEBHOOK_URL_KEY: &str = "executors.webhook.url";
+const WEBHOOK_SECRET_KEY: &str = "executors.webhook.secret_env";
+const HTTP_TOKEN_KEY: &str = "http.token_env";
 
 impl Settings {
     /// Loads the settings from the defaults, an optional file, and the given environment
@@ -429,473 +560,100 @@ impl Settings {
         config_file: Option<&Path>,
         env: &HashMap<String, String>,
     ) -> Result<Settings, ConfigError> {
-        let mut layers = Layers::from_defaults()?;
+        let defaults = layers::defaults()?;
+        let mut deprecations = Vec::new();
+        let mut builder = config::Config::builder().add_source(layers::default_layer(&defaults));
         if let Some(path) = config_file {
-            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-                path: path.to_path_buf(),
+            builder = builder.add_source(layers::file(path, &mut deprecations)?);
+        }
+        for layer in layers::environment(env, &defaults, &mut deprecations) {
+            builder = builder.add_source(layer);
+        }
+        if let Some(layer) = layers::database_url(env) {
+            builder = builder.add_source(layer);
+        }
+        // Our sources cannot fail, and nothing here is frozen.
+        let merged = builder
+            .build()
+            .map_err(|error| ConfigError::Unusable {
                 reason: error.to_string(),
-            })?;
-            layers.apply_file(&text, Source::File(path.to_path_buf()))?;
-        }
-        layers.apply_env(env)?;
-        layers.env = env.clone();
-        if let Some(url) = env.get("DATABASE_URL") {
-            layers.set(
-                "database.url",
-                toml::Value::String(url.clone()),
-                Source::Env("DATABASE_URL".into()),
-            );
-        }
-        layers.build()
-    }
-}
-
-/// The merged key/value view of every layer, with the source of each value.
-struct Layers {
-    values: BTreeMap<String, (toml::Value, Source)>,
-    /// The environment, for settings that name an environment variable (secrets).
-    env: HashMap<String, String>,
-}
-
-impl Layers {
-    fn from_defaults() -> Result<Layers, ConfigError> {
-        let table = parse_toml(DEFAULT_TOML, "config/default.toml")?;
-        let mut values = BTreeMap::new();
-        for (key, value) in flatten(&table) {
-            values.insert(key, (value, Source::Default));
-        }
-        Ok(Layers {
-            values,
-            env: HashMap::new(),
-        })
+            })?
+            .cache;
+        let report = report::Report::new(&merged);
+        let mut settings: Settings = merged
+            .clone()
+            .try_deserialize()
+            .map_err(|error| report.explain(error))?;
+        settings.complete(env, &report)?;
+        settings.deprecations = deprecations;
+        Ok(settings)
     }
 
-    fn apply_file(&mut self, text: &str, source: Source) -> Result<(), ConfigError> {
-        let name = source.to_string();
-        let table = parse_toml(text, &name)?;
-        for (key, value) in flatten(&table) {
-            if !self.values.contains_key(&key) {
-                return Err(ConfigError::UnknownKey {
-                    key,
-                    origin: source,
-                });
-            }
-            // Types are checked in build(), with the key and the value in the error.
-            self.set(&key, value, source.clone());
-        }
-        Ok(())
-    }
-
-    fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
-        let mut names: Vec<&String> = env.keys().filter(|k| k.starts_with(ENV_PREFIX)).collect();
-        names.sort();
-        for name in names {
-            let raw = &env[name];
-            let source = Source::Env(name.clone());
-            let key = name[ENV_PREFIX.len()..].to_lowercase().replace("__", ".");
-            let Some((default, _)) = self.values.get(&key) else {
-                return Err(ConfigError::UnknownKey {
-                    key,
-                    origin: source,
-                });
-            };
-            // An environment variable is text; read it as the type its default has.
-            let value = match default {
-                toml::Value::String(_) => toml::Value::String(raw.clone()),
-                _ => parse_env_value(raw).ok_or_else(|| ConfigError::Invalid {
-                    key: key.clone(),
-                    value: quote(raw),
-                    origin: source.clone(),
-                    reason: format!("expected {}", type_name(default)),
-                })?,
-            };
-            self.set(&key, value, source);
-        }
-        Ok(())
-    }
-
-    fn set(&mut self, key: &str, value: toml::Value, source: Source) {
-        self.values.insert(key.to_string(), (value, source));
-    }
-
-    fn get(&self, key: &str) -> &(toml::Value, Source) {
-        // Every key read by build() is in config/default.toml; a test checks that
-        // loading the defaults alone succeeds, so a missing key cannot ship.
-        self.values
-            .get(key)
-            .unwrap_or_else(|| panic!("config/default.toml lacks {key}"))
-    }
-
-    fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
-        let (value, source) = self.get(key);
-        ConfigError::Invalid {
-            key: key.to_string(),
-            value: value.to_string(),
-            origin: source.clone(),
-            reason: reason.into(),
-        }
-    }
-
-    fn string(&self, key: &str) -> Result<String, ConfigError> {
-        match &self.get(key).0 {
-            toml::Value::String(text) => Ok(text.clone()),
-            _ => Err(self.invalid(key, "expected a string")),
-        }
-    }
-
-    fn bool(&self, key: &str) -> Result<bool, ConfigError> {
-        match &self.get(key).0 {
-            toml::Value::Boolean(flag) => Ok(*flag),
-            _ => Err(self.invalid(key, "expected true or false")),
-        }
-    }
-
-    fn integer(&self, key: &str, min: i64, max: i64) -> Result<i64, ConfigError> {
-        match &self.get(key).0 {
-            toml::Value::Integer(n) if (min..=max).contains(n) => Ok(*n),
-            _ => Err(self.invalid(key, format!("expected a whole number from {min} to {max}"))),
-        }
-    }
-
-    fn duration(&self, key: &str) -> Result<Duration, ConfigError> {
-        let text = self.string(key)?;
-        parse_duration(&text).map_err(|reason| self.invalid(key, reason))
-    }
-
-    fn build(&self) -> Result<Settings, ConfigError> {
-        let url = self.string("database.url")?;
-        let url = if url.trim().is_empty() {
-            None
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Some(url)
-        } else {
-            // The value may hold a password: name the key and the scheme only.
-            let (_, source) = self.get("database.url");
-            return Err(ConfigError::Invalid {
-                key: "database.url".into(),
-                value: quote(&redact_url(&url)),
-                origin: source.clone(),
-                reason: "expected a postgres:// or postgresql:// URL".into(),
-            });
+    /// What the sections cannot say alone: rules across sections, and values read from the
+    /// environment variables that settings name.
+    fn complete(
+        &mut self,
+        env: &HashMap<String, String>,
+        report: &report::Report<'_>,
+    ) -> Result<(), ConfigError> {
+        let env_value = |name: &str| -> Option<String> {
+            env.get(name.trim())
+                .filter(|value| !value.is_empty())
+                .cloned()
         };
-        let database = DatabaseSettings {
-            url,
-            migrate: self.bool("database.migrate")?,
-            max_connections: self.integer("database.max_connections", 1, 10_000)? as u32,
-            connect_timeout: self.positive_duration("database.connect_timeout")?,
-            max_backoff: self.positive_duration("database.max_backoff")?,
-        };
-
-        let data_dir = self.string("embedded.data_dir")?;
-        if data_dir.trim().is_empty() {
-            return Err(self.invalid("embedded.data_dir", "expected a folder path"));
+        let command = &mut self.executors.command;
+        if command.timeout.is_zero() {
+            command.timeout = self.executor.timeout;
         }
-        let bin_dir = self.string("embedded.bin_dir")?;
-        let embedded = EmbeddedSettings {
-            data_dir: PathBuf::from(data_dir),
-            bin_dir: (!bin_dir.trim().is_empty()).then(|| PathBuf::from(bin_dir)),
-            start_timeout: self.positive_duration("embedded.start_timeout")?,
-        };
-
-        let level = self.string("log.level")?;
-        if tracing_subscriber::EnvFilter::try_new(&level).is_err() || level.trim().is_empty() {
-            return Err(self.invalid(
-                "log.level",
-                "expected trace, debug, info, warn, error or a tracing filter",
+        if self.executor.chooses(ExecutorKind::Command) && command.program.is_empty() {
+            return Err(report.invalid(
+                PROGRAM_KEY,
+                "the command executor is chosen in [execution] but no program is configured",
             ));
         }
-        let format = match self.string("log.format")?.as_str() {
-            "auto" => LogFormat::Auto,
-            "json" => LogFormat::Json,
-            "text" => LogFormat::Text,
-            _ => return Err(self.invalid("log.format", "expected auto, json or text")),
-        };
-        let log = LogSettings { level, format };
 
-        let id = self.string("worker.id")?;
-        let id = id.trim();
-        if id.chars().any(|c| c.is_control()) || id.len() > 200 {
-            return Err(self.invalid("worker.id", "expected at most 200 printable characters"));
-        }
-        let worker = WorkerSettings {
-            id: if id.is_empty() {
-                default_worker_id()
-            } else {
-                id.to_string()
-            },
-            concurrency: self.integer("worker.concurrency", 1, 10_000)? as usize,
-        };
-
-        let scheduler = SchedulerSettings {
-            poll_interval: self.positive_duration("scheduler.poll_interval")?,
-            batch_size: self.integer("scheduler.batch_size", 1, 10_000)? as usize,
-            misfire_grace: self.duration("scheduler.misfire_grace")?,
-            misfire_policy: match self.string("scheduler.misfire_policy")?.as_str() {
-                "coalesce" => MisfirePolicy::Coalesce,
-                "skip" => MisfirePolicy::Skip,
-                _ => {
-                    return Err(
-                        self.invalid("scheduler.misfire_policy", "expected coalesce or skip")
-                    );
-                }
-            },
-            overlap_policy: match self.string("scheduler.overlap_policy")?.as_str() {
-                "skip" => OverlapPolicy::Skip,
-                "allow" => OverlapPolicy::Allow,
-                _ => return Err(self.invalid("scheduler.overlap_policy", "expected skip or allow")),
-            },
-        };
-        let requests = RequestSettings {
-            max_pending_per_user: self.integer("requests.max_pending_per_user", 1, 1_000_000)?
-                as u32,
-        };
-        let ttl = self.positive_duration("lease.ttl")?;
-        if ttl < Duration::from_secs(1) {
-            return Err(self.invalid("lease.ttl", "expected at least 1s"));
-        }
-        let lease = LeaseSettings { ttl };
-        let shutdown = ShutdownSettings {
-            grace: self.duration("shutdown.grace")?,
-        };
-        let executor_name = |key: &str, name: &str| {
-            ExecutorKind::parse(name)
-                .ok_or_else(|| self.invalid(key, "expected builtin or command"))
-        };
-        let default = executor_name("executor.default", &self.string("executor.default")?)?;
-        let mut by_category = std::collections::HashMap::new();
-        match &self.get("executor.by_category").0 {
-            toml::Value::Table(table) => {
-                for (category, name) in table {
-                    let kind = name.as_str().and_then(ExecutorKind::parse).ok_or_else(|| {
-                        self.invalid(
-                            "executor.by_category",
-                            format!("category {category:?}: expected builtin or command"),
-                        )
-                    })?;
-                    by_category.insert(category.clone(), kind);
-                }
-            }
-            _ => {
-                return Err(self.invalid(
-                    "executor.by_category",
-                    "expected a table such as { research = \"command\" }",
-                ));
-            }
-        }
-        let run_timeout = self.positive_duration("executor.timeout")?;
-        let route_with_model = match self.string("executor.team_router")?.as_str() {
-            "words" => false,
-            "openai" => true,
-            _ => return Err(self.invalid("executor.team_router", "expected words or openai")),
-        };
-        let executor = ExecutorChoice {
-            default,
-            by_category,
-            timeout: run_timeout,
-            route_with_model,
-        };
-
-        let program = match &self.get("executors.command.program").0 {
-            toml::Value::Array(items) => items
-                .iter()
-                .map(|item| item.as_str().map(str::to_string))
-                .collect::<Option<Vec<String>>>()
-                .ok_or_else(|| {
-                    self.invalid("executors.command.program", "expected an array of strings")
-                })?,
-            _ => {
-                return Err(self.invalid(
-                    "executors.command.program",
-                    "expected an array of strings such as [\"python3\", \"agent.py\"]",
-                ));
-            }
-        };
-        let uses_command = executor.default == ExecutorKind::Command
-            || executor
-                .by_category
-                .values()
-                .any(|k| *k == ExecutorKind::Command);
-        if uses_command && program.is_empty() {
-            return Err(self.invalid(
-                "executors.command.program",
-                "the command executor is chosen in [executor] but no program is configured",
-            ));
-        }
-        let command_timeout = if self.string("executors.command.timeout")?.trim().is_empty() {
-            run_timeout
-        } else {
-            self.positive_duration("executors.command.timeout")?
-        };
-        let chosen = |kind: ExecutorKind| {
-            executor.default == kind || executor.by_category.values().any(|k| *k == kind)
-        };
-        let mut model_by_category = std::collections::HashMap::new();
-        match &self.get("executors.openai.model_by_category").0 {
-            toml::Value::Table(table) => {
-                for (category, model) in table {
-                    let model = model.as_str().ok_or_else(|| {
-                        self.invalid(
-                            "executors.openai.model_by_category",
-                            format!("category {category:?}: expected a model name"),
-                        )
-                    })?;
-                    model_by_category.insert(category.clone(), model.to_string());
-                }
-            }
-            _ => {
-                return Err(self.invalid(
-                    "executors.openai.model_by_category",
-                    "expected a table such as { research = \"gpt-4o\" }",
-                ));
-            }
-        }
-        let base_url = self.string("executors.openai.base_url")?;
-        if (chosen(ExecutorKind::OpenAi) || executor.route_with_model)
-            && !(base_url.starts_with("http://") || base_url.starts_with("https://"))
-        {
-            return Err(self.invalid(
-                "executors.openai.base_url",
-                "expected an http:// or https:// URL",
-            ));
-        }
-        let api_key_env = self.string("executors.openai.api_key_env")?;
-        let openai = OpenAiExecutorSettings {
-            base_url: base_url.trim_end_matches('/').to_string(),
-            model: self.string("executors.openai.model")?,
-            model_by_category,
-            api_key: self.env_value(&api_key_env),
-            max_reply_bytes: self.integer(
-                "executors.openai.max_reply_bytes",
-                1,
-                i64::from(u32::MAX),
-            )? as usize,
-        };
-        let webhook_url = self.string("executors.webhook.url")?;
-        let secret_env = self.string("executors.webhook.secret_env")?;
-        let secret_env_name = secret_env.clone();
-        let webhook = WebhookExecutorSettings {
-            secret: self.env_value(&secret_env),
-            url: webhook_url,
-            secret_env,
-        };
-        if chosen(ExecutorKind::Webhook) {
-            if !(webhook.url.starts_with("http://") || webhook.url.starts_with("https://")) {
-                return Err(self.invalid(
-                    "executors.webhook.url",
-                    "the webhook executor is chosen in [executor]; expected an http:// or https:// URL",
+        let openai = &mut self.executors.openai;
+        openai.api_key = env_value(&openai.api_key_env);
+        let webhook = &mut self.executors.webhook;
+        webhook.secret = env_value(&webhook.secret_env);
+        if self.executor.chooses(ExecutorKind::Webhook) {
+            if webhook.url.is_empty() {
+                return Err(report.invalid(
+                    WEBHOOK_URL_KEY,
+                    "the webhook executor is chosen in [execution]; expected an http:// or https:// URL",
                 ));
             }
             if webhook.secret.is_none() {
-                return Err(self.invalid(
-                    "executors.webhook.secret_env",
+                return Err(report.invalid(
+                    WEBHOOK_SECRET_KEY,
                     "the webhook executor is chosen but this environment variable is not set",
                 ));
             }
         }
-        let executors = ExecutorSettings {
-            http: HttpClientSettings {
-                connect_timeout: self.positive_duration("executors.http.connect_timeout")?,
-                read_timeout: self.positive_duration("executors.http.read_timeout")?,
-            },
-            openai,
-            webhook,
-            builtin: BuiltinExecutorSettings {
-                step_delay: self.duration("executors.builtin.step_delay")?,
-                noop_lines: self.integer("executors.builtin.noop_lines", 0, 10_000_000)? as u64,
-            },
-            command: CommandExecutorSettings {
-                program,
-                timeout: command_timeout,
-                variables_in_input: self.bool("executors.command.variables_in_input")?,
-                kill_grace: self.duration("executors.command.kill_grace")?,
-                refused_env: self.names("executors.command.refused_env")?,
-                uid_range: self.uid_range("executors.command.uid_range")?,
-                runs_dir: {
-                    let dir = self.string("executors.command.runs_dir")?;
-                    (!dir.trim().is_empty()).then(|| PathBuf::from(dir.trim()))
-                },
-                max_processes: self.integer("executors.command.max_processes", 1, 1_000_000)?
-                    as u64,
-            },
-        };
-        let logs = LogLimitSettings {
-            max_lines_per_run: self.integer("logs.max_lines_per_run", 1, i64::MAX)? as u64,
-            max_bytes_per_run: self.integer("logs.max_bytes_per_run", 1, i64::MAX)? as u64,
-        };
-        let artifacts_dir = self.string("artifacts.dir")?;
-        if artifacts_dir.trim().is_empty() {
-            return Err(self.invalid("artifacts.dir", "expected a folder path"));
+
+        let name = self.http.token_env.trim();
+        if !name.is_empty() {
+            let value = env_value(name).ok_or_else(|| {
+                report.invalid(
+                    HTTP_TOKEN_KEY,
+                    format!("the environment variable {name} is not set or empty"),
+                )
+            })?;
+            self.http.token = Some(BearerToken::parse(&value).map_err(|reason| {
+                report.invalid(
+                    HTTP_TOKEN_KEY,
+                    format!("the token in the environment variable {name} {reason}"),
+                )
+            })?);
         }
-        let artifacts_url = self.string("artifacts.url")?;
-        let artifacts_url = artifacts_url.trim();
-        let url = if artifacts_url.is_empty() {
-            None
-        } else if !artifacts_url.starts_with("s3://") || artifacts_url.len() <= "s3://".len() {
-            return Err(self.invalid(
-                "artifacts.url",
-                "expected an s3://bucket/prefix URL, or empty",
-            ));
-        } else if !cfg!(feature = "s3") {
-            return Err(self.invalid(
-                "artifacts.url",
-                "this agentd was built without the s3 feature (cargo build --features s3)",
-            ));
-        } else {
-            Some(artifacts_url.to_string())
-        };
-        let mut s3_options: Vec<(String, String)> = self
-            .env
+
+        let mut s3_options: Vec<(String, String)> = env
             .iter()
             .filter(|(name, _)| name.starts_with("AWS_"))
             .map(|(name, value)| (name.to_lowercase(), value.clone()))
             .collect();
         s3_options.sort();
-        let artifacts = ArtifactSettings {
-            dir: PathBuf::from(artifacts_dir),
-            url,
-            s3_options,
-            max_bytes: self.integer("artifacts.max_bytes", 1, i64::MAX)? as u64,
-            max_bytes_per_run: self.integer("artifacts.max_bytes_per_run", 1, i64::MAX)? as u64,
-        };
-        let listen = self.string("http.listen")?;
-        let token_env = self.string("http.token_env")?;
-        let token = if token_env.trim().is_empty() {
-            None
-        } else {
-            let name = token_env.trim();
-            let value = self.env_value(name).ok_or_else(|| {
-                self.invalid(
-                    "http.token_env",
-                    format!("the environment variable {name} is not set or empty"),
-                )
-            })?;
-            Some(BearerToken::parse(&value).map_err(|reason| {
-                self.invalid(
-                    "http.token_env",
-                    format!("the token in the environment variable {name} {reason}"),
-                )
-            })?)
-        };
-        let http = HttpSettings {
-            listen: if listen.trim().is_empty() {
-                None
-            } else {
-                Some(listen.trim().parse().map_err(|_| {
-                    self.invalid(
-                        "http.listen",
-                        "expected an address and port such as \"127.0.0.1:9464\", or empty",
-                    )
-                })?)
-            },
-            token,
-        };
-        let retention = RetentionSettings {
-            run_logs: self.optional_age("retention.run_logs")?,
-            artifacts: self.optional_age("retention.artifacts")?,
-            runs: self.optional_age("retention.runs")?,
-            interval: self.positive_duration("retention.interval")?,
-            batch_size: self.integer("retention.batch_size", 1, 100_000)? as u32,
-        };
+        self.artifacts.s3_options = s3_options;
 
         let mut secret_variables: Vec<String> = [
             "DATABASE_URL",
@@ -905,89 +663,18 @@ impl Layers {
             "AWS_ACCESS_KEY_ID",
         ]
         .into_iter()
+        .chain([
+            self.executors.openai.api_key_env.trim(),
+            self.executors.webhook.secret_env.trim(),
+            self.http.token_env.trim(),
+        ])
+        .filter(|name| !name.is_empty() && env.contains_key(*name))
         .map(String::from)
-        .chain([api_key_env.trim(), secret_env_name.trim(), token_env.trim()].map(String::from))
-        .filter(|name| !name.is_empty() && self.env.contains_key(name))
         .collect();
         secret_variables.sort();
         secret_variables.dedup();
-
-        Ok(Settings {
-            secret_variables,
-            database,
-            embedded,
-            log,
-            worker,
-            scheduler,
-            requests,
-            lease,
-            shutdown,
-            executor,
-            executors,
-            logs,
-            artifacts,
-            http,
-            retention,
-        })
-    }
-
-    /// `FIRST-LAST`: a range of unprivileged uids (at least 1000, at most 4294967294).
-    fn uid_range(&self, key: &str) -> Result<(u32, u32), ConfigError> {
-        let text = self.string(key)?;
-        let expected = "expected a range of uids such as \"100000-165535\" (from 1000 up, first not above last)";
-        let (first, last) = text
-            .trim()
-            .split_once('-')
-            .ok_or_else(|| self.invalid(key, expected))?;
-        let parse = |part: &str| part.trim().parse::<u32>().ok();
-        match (parse(first), parse(last)) {
-            (Some(first), Some(last)) if first >= 1000 && first <= last && last < u32::MAX => {
-                Ok((first, last))
-            }
-            _ => Err(self.invalid(key, expected)),
-        }
-    }
-
-    /// A list of environment variable names or prefixes (`NAME`, `PREFIX_*`).
-    fn names(&self, key: &str) -> Result<Vec<String>, ConfigError> {
-        let expected =
-            "expected an array of names or prefixes such as [\"MY_TOOL_*\", \"SECRET_CONFIG\"]";
-        let toml::Value::Array(items) = &self.get(key).0 else {
-            return Err(self.invalid(key, expected));
-        };
-        items
-            .iter()
-            .map(|item| match item.as_str() {
-                Some(name) if crate::executor::environment::is_pattern(name) => {
-                    Ok(name.to_string())
-                }
-                _ => Err(self.invalid(key, expected)),
-            })
-            .collect()
-    }
-
-    /// The value of an environment variable named by a setting, if set and not empty.
-    fn env_value(&self, name: &str) -> Option<String> {
-        self.env
-            .get(name.trim())
-            .filter(|value| !value.is_empty())
-            .cloned()
-    }
-
-    /// A retention age: empty means keep forever; otherwise a duration above zero.
-    fn optional_age(&self, key: &str) -> Result<Option<Duration>, ConfigError> {
-        if self.string(key)?.trim().is_empty() {
-            return Ok(None);
-        }
-        self.positive_duration(key).map(Some)
-    }
-
-    fn positive_duration(&self, key: &str) -> Result<Duration, ConfigError> {
-        let duration = self.duration(key)?;
-        if duration.is_zero() {
-            return Err(self.invalid(key, "expected a duration above zero"));
-        }
-        Ok(duration)
+        self.secret_variables = secret_variables;
+        Ok(())
     }
 }
 
@@ -1046,78 +733,49 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}{authority}{path_and_query}")
 }
 
-/// The dotted keys the text of a configuration file sets, as agentd reads them (a map
-/// setting such as `executor.by_category` counts as one key). For checking deployment files.
+/// The dotted keys the text of a configuration file sets, as written (an old section name
+/// stays old; a map setting such as `execution.by_category` counts as one key). For checking
+/// deployment files.
 pub fn file_keys(text: &str) -> Result<Vec<String>, ConfigError> {
-    Ok(flatten(&parse_toml(text, "configuration file")?)
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect())
+    let defaults = layers::defaults()?;
+    Ok(flatten(
+        &layers::parse_toml(text, "configuration file")?,
+        &defaults,
+    ))
 }
 
-fn parse_toml(text: &str, name: &str) -> Result<toml::Table, ConfigError> {
-    text.parse::<toml::Table>()
-        .map_err(|error| ConfigError::Syntax {
-            path: name.to_string(),
-            reason: error.message().replace('\n', " "),
-        })
-}
-
-/// Keys whose value is a table with free-form keys (such as a map of categories): they are
-/// one setting, not sections.
-const MAP_KEYS: &[&str] = &["executor.by_category", "executors.openai.model_by_category"];
-
-/// `section.key` (or `section.sub.key`) → value, for every setting in `table`.
-fn flatten(table: &toml::Table) -> Vec<(String, toml::Value)> {
-    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
-        for (name, value) in table {
-            let key = if prefix.is_empty() {
-                name.clone()
-            } else {
-                format!("{prefix}.{name}")
-            };
-            match value {
-                toml::Value::Table(inner) if !MAP_KEYS.contains(&key.as_str()) => {
-                    walk(&key, inner, out)
-                }
-                other => out.push((key, other.clone())),
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk("", table, &mut out);
-    out
-}
-
-/// Every setting's key, in the order of config/default.toml's sections (for docs checks).
+/// Every setting's key, section by section (for docs checks).
 pub fn default_keys() -> Vec<String> {
-    DEFAULT_TOML
-        .parse::<toml::Table>()
-        .map(|table| flatten(&table).into_iter().map(|(key, _)| key).collect())
+    layers::defaults()
+        .map(|defaults| flatten(&defaults, &defaults))
         .unwrap_or_default()
 }
 
-/// Reads a non-string environment value as a TOML value (`10`, `true`, `["a","b"]`).
-fn parse_env_value(raw: &str) -> Option<toml::Value> {
-    let document = format!("value = {raw}");
-    let mut table = document.parse::<toml::Table>().ok()?;
-    table.remove("value")
-}
-
-fn type_name(value: &toml::Value) -> &'static str {
-    match value {
-        toml::Value::String(_) => "a string",
-        toml::Value::Integer(_) => "a whole number",
-        toml::Value::Float(_) => "a number",
-        toml::Value::Boolean(_) => "true or false",
-        toml::Value::Datetime(_) => "a date-time",
-        toml::Value::Array(_) => "an array such as [\"a\", \"b\"]",
-        toml::Value::Table(_) => "a table such as { key = \"value\" }",
+/// `section.key` (or `section.sub.key`) for every setting in `table`. A table that is empty
+/// in `defaults` is a map with free-form keys (categories), so one setting, not a section.
+fn flatten(table: &toml::Table, defaults: &toml::Table) -> Vec<String> {
+    fn walk(
+        path: &mut Vec<String>,
+        table: &toml::Table,
+        defaults: &toml::Table,
+        out: &mut Vec<String>,
+    ) {
+        for (name, value) in table {
+            path.push(name.clone());
+            let is_map = matches!(
+                layers::lookup(defaults, path),
+                Some(toml::Value::Table(map)) if map.is_empty()
+            );
+            match value {
+                toml::Value::Table(inner) if !is_map => walk(path, inner, defaults, out),
+                _ => out.push(path.join(".")),
+            }
+            path.pop();
+        }
     }
-}
-
-fn quote(text: &str) -> String {
-    toml::Value::String(text.to_string()).to_string()
+    let mut out = Vec::new();
+    walk(&mut Vec::new(), table, defaults, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -1187,7 +845,7 @@ mod tests {
         assert_eq!(
             error,
             "config: database.max_connections = \"many\" (from environment variable \
-             AGENTD__DATABASE__MAX_CONNECTIONS): expected a whole number"
+             AGENTD__DATABASE__MAX_CONNECTIONS): expected a whole number from 1 to 10000"
         );
         let error = Settings::load(None, &env(&[("AGENTD__DATABASE__MAX_BACKOFF", "soon")]))
             .unwrap_err()
@@ -1196,11 +854,13 @@ mod tests {
             error.starts_with("config: database.max_backoff = \"soon\""),
             "{error}"
         );
-        let error = Settings::load(None, &env(&[("AGENTD__LOG__FORMAT", "xml")]))
+        let error = Settings::load(None, &env(&[("AGENTD__LOGGING__FORMAT", "xml")]))
             .unwrap_err()
             .to_string();
-        assert!(
-            error.contains("log.format = \"xml\"") && error.contains("expected auto, json or text")
+        assert_eq!(
+            error,
+            "config: logging.format = \"xml\" (from environment variable \
+             AGENTD__LOGGING__FORMAT): expected auto, json or text"
         );
         let error = Settings::load(None, &env(&[("AGENTD__NOPE__KEY", "1")]))
             .unwrap_err()
@@ -1354,6 +1014,449 @@ mod tests {
         assert_eq!(
             redact_url("postgres://h/db?sslmode=require&password=x"),
             "postgres://h/db?sslmode=require&password=***"
+        );
+    }
+
+    /// A configuration file in a folder of its own, removed with the folder.
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("agentd.toml");
+        std::fs::write(&path, text).unwrap();
+        (folder, path)
+    }
+
+    fn load_error(file: Option<&Path>, pairs: &[(&str, &str)]) -> String {
+        Settings::load(file, &env(pairs)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_naming_the_key_and_its_origin() {
+        let (_folder, path) = file("[database]\nmax_conections = 3\n");
+        assert_eq!(
+            load_error(Some(&path), &[]),
+            format!(
+                "config: unknown key database.max_conections (from {})",
+                path.display()
+            )
+        );
+        let (_folder, path) = file("[schedular]\nbatch_size = 10\n");
+        assert_eq!(
+            load_error(Some(&path), &[]),
+            format!(
+                "config: unknown key schedular.batch_size (from {})",
+                path.display()
+            )
+        );
+        // Fields filled from elsewhere are not settings.
+        let (_folder, path) = file("[http]\ntoken = \"s3cr3t\"\n");
+        let error = load_error(Some(&path), &[]);
+        assert!(
+            error.starts_with("config: unknown key http.token (from ") && !error.contains("s3cr3t"),
+            "{error}"
+        );
+        assert_eq!(
+            load_error(None, &[("AGENTD__EXECUTORS__COMMAND__PROGAM", "[\"sh\"]")]),
+            "config: unknown key executors.command.progam (from environment variable \
+             AGENTD__EXECUTORS__COMMAND__PROGAM)"
+        );
+        assert_eq!(
+            load_error(None, &[("AGENTD__EXECUTORS__SHELL__PROGRAM", "sh")]),
+            "config: unknown key executors.shell.program (from environment variable \
+             AGENTD__EXECUTORS__SHELL__PROGRAM)"
+        );
+    }
+
+    #[test]
+    fn a_bad_choice_lists_the_valid_values() {
+        assert_eq!(
+            load_error(None, &[("AGENTD__EXECUTION__DEFAULT", "docker")]),
+            "config: execution.default = \"docker\" (from environment variable \
+             AGENTD__EXECUTION__DEFAULT): expected builtin, command, openai or webhook"
+        );
+        let (_folder, path) = file("[execution]\nby_category = { research = \"gpu\" }\n");
+        assert_eq!(
+            load_error(Some(&path), &[]),
+            format!(
+                "config: execution.by_category.research = \"gpu\" (from {}): expected builtin, \
+                 command, openai or webhook",
+                path.display()
+            )
+        );
+        for (variable, value, expected) in [
+            (
+                "AGENTD__SCHEDULER__MISFIRE_POLICY",
+                "later",
+                "expected coalesce or skip",
+            ),
+            (
+                "AGENTD__SCHEDULER__OVERLAP_POLICY",
+                "queue",
+                "expected skip or allow",
+            ),
+            (
+                "AGENTD__EXECUTION__TEAM_ROUTER",
+                "dice",
+                "expected words or openai",
+            ),
+        ] {
+            let error = load_error(None, &[(variable, value)]);
+            assert!(
+                error.contains(&format!(
+                    "= \"{value}\" (from environment variable {variable}): "
+                )) && error.ends_with(expected),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_have_their_types_in_a_file_too() {
+        for (text, key, reason) in [
+            (
+                "[database]\nmax_connections = \"3\"",
+                "database.max_connections = \"3\"",
+                "expected a whole number from 1 to 10000",
+            ),
+            (
+                "[database]\nmax_connections = 2.5",
+                "database.max_connections = 2.5",
+                "expected a whole number from 1 to 10000",
+            ),
+            (
+                "[database]\nmigrate = \"yes\"",
+                "database.migrate = \"yes\"",
+                "expected true or false",
+            ),
+            (
+                "[lease]\nttl = 30",
+                "lease.ttl = 30",
+                "expected a duration such as \"500ms\", \"30s\", \"15m\", \"2h\" or \"30d\"",
+            ),
+            (
+                "[lease]\nttl = \"500ms\"",
+                "lease.ttl = \"500ms\"",
+                "expected at least 1s",
+            ),
+            (
+                "[executors.command]\nprogram = \"python3 agent.py\"",
+                "executors.command.program = \"python3 agent.py\"",
+                "expected an array of strings such as [\"python3\", \"agent.py\"]",
+            ),
+            (
+                "[executors.command]\nrefused_env = [\"OK\", \"A-B*\"]",
+                "executors.command.refused_env = [\"OK\", \"A-B*\"]",
+                "expected an array of names or prefixes such as [\"MY_TOOL_*\", \"SECRET_CONFIG\"]",
+            ),
+            (
+                "[executors.command]\nuid_range = \"500-900\"",
+                "executors.command.uid_range = \"500-900\"",
+                "expected a range of uids such as \"100000-165535\" (from 1000 up, first not above last)",
+            ),
+            (
+                "[http]\ntoken_env = \"OPS-TOKEN\"",
+                "http.token_env = \"OPS-TOKEN\"",
+                "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*), or empty",
+            ),
+            (
+                "[executors.openai]\napi_key_env = \"$KEY\"",
+                "executors.openai.api_key_env = \"$KEY\"",
+                "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*), or empty",
+            ),
+            (
+                "[executors.openai]\nbase_url = \"api.example.com\"",
+                "executors.openai.base_url = \"api.example.com\"",
+                "expected an http:// or https:// URL",
+            ),
+            (
+                "[execution]\nby_category = \"research\"",
+                "execution.by_category = \"research\"",
+                "expected a table such as { name = \"value\" }",
+            ),
+            (
+                "database = 5",
+                "database = 5",
+                "expected a table of settings",
+            ),
+        ] {
+            let (_folder, path) = file(text);
+            assert_eq!(
+                load_error(Some(&path), &[]),
+                format!("config: {key} (from {}): {reason}", path.display()),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn typed_values_from_the_environment() {
+        let settings = Settings::load(
+            None,
+            &env(&[
+                (
+                    "AGENTD__EXECUTION__BY_CATEGORY",
+                    "{ research = \"command\" }",
+                ),
+                (
+                    "AGENTD__EXECUTORS__COMMAND__PROGRAM",
+                    "[\"sh\", \"-c\", \"true\"]",
+                ),
+                (
+                    "AGENTD__EXECUTORS__COMMAND__REFUSED_ENV",
+                    "[\"TOOL_*\", \"SECRET\"]",
+                ),
+                ("AGENTD__EXECUTORS__COMMAND__UID_RANGE", "200000-200009"),
+                ("AGENTD__WORKER__ID", "42"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.executor.by_category.get("research"),
+            Some(&ExecutorKind::Command)
+        );
+        assert_eq!(settings.executors.command.program, ["sh", "-c", "true"]);
+        assert_eq!(settings.executors.command.refused_env.len(), 2);
+        let range = settings.executors.command.uid_range;
+        assert_eq!((range.first(), range.last()), (200_000, 200_009));
+        assert_eq!(settings.worker.id, "42", "text stays text");
+        assert_eq!(
+            settings.executors.command.timeout, settings.executor.timeout,
+            "an empty command timeout is the run timeout"
+        );
+        assert!(settings.deprecations.is_empty());
+    }
+
+    #[test]
+    fn maps_merge_key_by_key_across_layers() {
+        let (_folder, path) =
+            file("[execution]\nby_category = { a = \"builtin\", b = \"builtin\" }\n");
+        let settings = Settings::load(
+            Some(&path),
+            &env(&[
+                ("AGENTD__EXECUTION__BY_CATEGORY", "{ b = \"openai\" }"),
+                ("AGENTD__EXECUTION__BY_CATEGORY__C", "openai"),
+            ]),
+        )
+        .unwrap();
+        let mut chosen: Vec<(&str, ExecutorKind)> = settings
+            .executor
+            .by_category
+            .iter()
+            .map(|(category, kind)| (category.as_str(), *kind))
+            .collect();
+        chosen.sort_by_key(|(category, _)| *category);
+        assert_eq!(
+            chosen,
+            [
+                ("a", ExecutorKind::Builtin),
+                ("b", ExecutorKind::OpenAi),
+                ("c", ExecutorKind::OpenAi),
+            ]
+        );
+    }
+
+    #[test]
+    fn old_section_names_work_with_one_warning_each() {
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("AGENTD__LOG__LEVEL", "debug"),
+                ("AGENTD__LOGS__MAX_LINES_PER_RUN", "5"),
+                ("AGENTD__EXECUTOR__TIMEOUT", "2m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.log.level, "debug");
+        assert_eq!(settings.logs.max_lines_per_run, 5);
+        assert_eq!(settings.executor.timeout, Duration::from_secs(120));
+        assert_eq!(
+            settings.deprecations,
+            [
+                "config: environment variable AGENTD__EXECUTOR__TIMEOUT is deprecated, rename \
+                 it AGENTD__EXECUTION__TIMEOUT",
+                "config: environment variable AGENTD__LOGS__MAX_LINES_PER_RUN is deprecated, \
+                 rename it AGENTD__RUN_LOGS__MAX_LINES_PER_RUN",
+                "config: environment variable AGENTD__LOG__LEVEL is deprecated, rename it \
+                 AGENTD__LOGGING__LEVEL",
+            ]
+        );
+
+        let (_folder, path) = file(
+            "[log]\nlevel = \"warn\"\nformat = \"json\"\n\n[executor]\ndefault = \"command\"\n\
+             by_category = { research = \"builtin\" }\n\n[executors.command]\nprogram = [\"true\"]\n",
+        );
+        let settings = Settings::load(Some(&path), &env(&[])).unwrap();
+        assert_eq!(settings.log.level, "warn");
+        assert_eq!(settings.log.format, LogFormat::Json);
+        assert_eq!(settings.executor.default, ExecutorKind::Command);
+        assert_eq!(
+            settings.deprecations,
+            [
+                format!(
+                    "config: {}: section [log] is deprecated, rename it [logging]",
+                    path.display()
+                ),
+                format!(
+                    "config: {}: section [executor] is deprecated, rename it [execution]",
+                    path.display()
+                ),
+            ]
+        );
+
+        // An error about a value under an old name says where it was written.
+        assert_eq!(
+            load_error(None, &[("AGENTD__EXECUTOR__DEFAULT", "docker")]),
+            "config: execution.default = \"docker\" (from environment variable \
+             AGENTD__EXECUTOR__DEFAULT): expected builtin, command, openai or webhook"
+        );
+        assert!(
+            Settings::load(None, &env(&[]))
+                .unwrap()
+                .deprecations
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn given_both_names_the_new_one_wins_and_the_warning_says_so() {
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("AGENTD__LOG__LEVEL", "debug"),
+                ("AGENTD__LOGGING__LEVEL", "warn"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.log.level, "warn");
+        assert_eq!(
+            settings.deprecations,
+            [
+                "config: environment variable AGENTD__LOG__LEVEL is deprecated and ignored: \
+              AGENTD__LOGGING__LEVEL is set too and wins"
+            ]
+        );
+
+        let (_folder, path) = file(
+            "[logs]\nmax_lines_per_run = 5\nmax_bytes_per_run = 7\n\n\
+             [run_logs]\nmax_lines_per_run = 9\n",
+        );
+        let settings = Settings::load(Some(&path), &env(&[])).unwrap();
+        assert_eq!(settings.logs.max_lines_per_run, 9, "the new name wins");
+        assert_eq!(
+            settings.logs.max_bytes_per_run, 7,
+            "the old name still counts"
+        );
+        assert_eq!(
+            settings.deprecations,
+            [format!(
+                "config: {}: section [logs] is deprecated, rename it [run_logs]; \
+                 run_logs.max_lines_per_run set under both names, the value in [run_logs] wins",
+                path.display()
+            )]
+        );
+
+        // Across layers the later layer wins, whatever the names: the environment over the file.
+        let (_folder, path) = file("[logging]\nlevel = \"warn\"\n");
+        let settings =
+            Settings::load(Some(&path), &env(&[("AGENTD__LOG__LEVEL", "error")])).unwrap();
+        assert_eq!(settings.log.level, "error");
+        assert_eq!(settings.deprecations.len(), 1);
+    }
+
+    #[test]
+    fn secrets_never_appear_in_errors() {
+        let secret = "hunter2";
+        for (file_text, pairs) in [
+            (None, vec![("DATABASE_URL", "mysql://u:hunter2@h/db")]),
+            (None, vec![("AGENTD__DATABASE__URL", "hunter2")]),
+            (None, vec![("AGENTD__DATABASE__PASSWORD", "hunter2")]),
+            (
+                None,
+                vec![(
+                    "AGENTD__EXECUTORS__OPENAI__BASE_URL",
+                    "ftp://u:hunter2@h/v1",
+                )],
+            ),
+            (
+                None,
+                vec![("AGENTD__EXECUTORS__OPENAI__API_KEY", "hunter2")],
+            ),
+            (
+                Some("[database]\nurl = \"mysql://u:hunter2@h/db\"\n"),
+                vec![],
+            ),
+            (
+                Some("[database]\nurl = [\"postgres://u:hunter2@h/db\"]\n"),
+                vec![],
+            ),
+            (Some("[executors.webhook]\nsecret = \"hunter2\"\n"), vec![]),
+            (
+                None,
+                vec![
+                    ("AGENTD__EXECUTION__DEFAULT", "webhook"),
+                    (
+                        "AGENTD__EXECUTORS__WEBHOOK__URL",
+                        "https://u:hunter2@hooks.example.com/x",
+                    ),
+                ],
+            ),
+        ] {
+            let folder = file_text.map(file);
+            let error = load_error(folder.as_ref().map(|(_, path)| path.as_path()), &pairs);
+            assert!(error.starts_with("config: "), "{error}");
+            assert!(!error.contains(secret), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_keys_named_by_rules_across_sections_exist() {
+        let keys = default_keys();
+        for key in [
+            PROGRAM_KEY,
+            WEBHOOK_URL_KEY,
+            WEBHOOK_SECRET_KEY,
+            HTTP_TOKEN_KEY,
+        ] {
+            assert!(keys.iter().any(|known| known == key), "{key}");
+        }
+        for (old, new) in layers::RENAMED_SECTIONS {
+            assert!(
+                keys.iter().any(|key| key.starts_with(&format!("{new}."))),
+                "{new}"
+            );
+            assert!(
+                !keys.iter().any(|key| key.starts_with(&format!("{old}."))),
+                "{old}"
+            );
+        }
+        assert!(keys.iter().any(|key| key == "execution.by_category"));
+        assert_eq!(
+            file_keys("[log]\nlevel = \"debug\"\n[execution]\nby_category = { a = \"command\" }\n")
+                .unwrap(),
+            ["execution.by_category", "log.level"]
+        );
+    }
+
+    #[test]
+    fn cross_section_rules_name_the_key() {
+        assert_eq!(
+            load_error(None, &[("AGENTD__EXECUTION__DEFAULT", "command")]),
+            "config: executors.command.program = [] (from built-in defaults): the command \
+             executor is chosen in [execution] but no program is configured"
+        );
+        let error = load_error(
+            None,
+            &[
+                ("AGENTD__EXECUTION__BY_CATEGORY", "{ hooks = \"webhook\" }"),
+                (
+                    "AGENTD__EXECUTORS__WEBHOOK__URL",
+                    "https://hooks.example.com/run",
+                ),
+            ],
+        );
+        assert_eq!(
+            error,
+            "config: executors.webhook.secret_env = \"AGENTD_WEBHOOK_SECRET\" (from built-in \
+             defaults): the webhook executor is chosen but this environment variable is not set"
         );
     }
 }

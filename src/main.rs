@@ -48,6 +48,9 @@ fn main() -> ExitCode {
         | Command::Schedule(_) => telemetry::LogStream::Stderr,
     };
     telemetry::init(&settings.log, &settings.worker.id, stream);
+    for deprecation in &settings.deprecations {
+        tracing::warn!("{deprecation}");
+    }
     // Before any other thread exists: agentd's memory and environment become unreadable to
     // the programs it runs, and escaping processes come back to it (docs/security.md).
     if matches!(cli.command, Command::Run(_) | Command::Demo) {

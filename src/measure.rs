@@ -64,7 +64,7 @@ pub const CATALOG: &[(&str, &str)] = &[
     (LOG_BYTES, "Bytes of run log messages stored."),
     (
         LOG_LINES_DROPPED,
-        "Run log lines not stored: over logs.max_lines_per_run or max_bytes_per_run.",
+        "Run log lines not stored: over run_logs.max_lines_per_run or max_bytes_per_run.",
     ),
     (ARTIFACTS, "Artifacts stored."),
     (ARTIFACT_BYTES, "Bytes of artifacts stored."),

@@ -1,7 +1,7 @@
 //! Logging, set up once per process.
 //!
 //! agentd writes one line per event: JSON objects for log collectors (when stdout is not a
-//! terminal, or `log.format = "json"`), readable text on a terminal. Every line carries
+//! terminal, or `logging.format = "json"`), readable text on a terminal. Every line carries
 //! `timestamp`, `level`, `message`, `target`, `worker_id`, the fields of the event, and the
 //! fields of every span it happened in, flattened to the top level, so a line about a run
 //! has `run_id` and a line about a schedule has `schedule_id` without callers repeating
@@ -32,8 +32,8 @@ pub enum LogStream {
     Stderr,
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over `log.level`. Calling it
-/// twice is harmless (the second call does nothing), which keeps tests simple.
+/// Installs the global subscriber. `RUST_LOG`, when set, wins over `logging.level`. Calling
+/// it twice is harmless (the second call does nothing), which keeps tests simple.
 pub fn init(settings: &LogSettings, worker_id: &str, stream: LogStream) {
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -58,7 +58,7 @@ pub fn init(settings: &LogSettings, worker_id: &str, stream: LogStream) {
         .try_init();
 }
 
-/// `log.level`, plus: PostgreSQL's NOTICE messages (which sqlx logs at info, such as
+/// `logging.level`, plus: PostgreSQL's NOTICE messages (which sqlx logs at info, such as
 /// "relation already exists, skipping" while adopting a database) only as warnings, unless
 /// the configured filter says something about sqlx itself.
 fn default_directives(level: &str) -> String {

@@ -134,7 +134,7 @@ async fn a_file_larger_than_one_upload_part_is_streamed_to_the_bucket() {
         &db,
         "w1",
         &[
-            ("AGENTD__EXECUTOR__DEFAULT", "command"),
+            ("AGENTD__EXECUTION__DEFAULT", "command"),
             ("AGENTD__EXECUTORS__COMMAND__PROGRAM", &program),
             ("AGENTD__ARTIFACTS__MAX_BYTES", "20971520"),
             ("AGENTD__ARTIFACTS__URL", "s3://artifacts/runs"),

@@ -45,7 +45,7 @@ async fn run_on_replica(settings: &[(&str, &str)]) -> Finished {
     let db = TestDb::migrated().await;
     let user = create_user(&db.pool).await;
     let agent = create_agent(&db.pool, user).await;
-    let mut all = vec![("AGENTD__EXECUTOR__TIMEOUT", RUN_TIMEOUT)];
+    let mut all = vec![("AGENTD__EXECUTION__TIMEOUT", RUN_TIMEOUT)];
     all.extend_from_slice(settings);
     let mut daemon: Daemon = replica(&db.url, "bounded", &all);
     daemon.wait_for("worker started", Duration::from_secs(30));
@@ -106,7 +106,7 @@ async fn a_2_gib_artifact_is_refused_unread_and_a_small_one_stored() {
     ])
     .unwrap();
     let run = run_on_replica(&[
-        ("AGENTD__EXECUTOR__DEFAULT", "command"),
+        ("AGENTD__EXECUTION__DEFAULT", "command"),
         ("AGENTD__EXECUTORS__COMMAND__PROGRAM", &program),
     ])
     .await;
@@ -141,7 +141,7 @@ async fn a_model_stream_without_a_line_end_fails_the_run_at_the_event_cap() {
     let url = endless_server("/v1/chat/completions", "text/event-stream").await;
     let base_url = url.trim_end_matches("/chat/completions").to_string();
     let run = run_on_replica(&[
-        ("AGENTD__EXECUTOR__DEFAULT", "openai"),
+        ("AGENTD__EXECUTION__DEFAULT", "openai"),
         ("AGENTD__EXECUTORS__OPENAI__BASE_URL", &base_url),
     ])
     .await;
@@ -160,7 +160,7 @@ async fn a_model_stream_without_a_line_end_fails_the_run_at_the_event_cap() {
 async fn a_webhook_stream_without_a_line_end_fails_the_run_at_the_line_cap() {
     let url = endless_server("/hook", "application/x-ndjson").await;
     let run = run_on_replica(&[
-        ("AGENTD__EXECUTOR__DEFAULT", "webhook"),
+        ("AGENTD__EXECUTION__DEFAULT", "webhook"),
         ("AGENTD__EXECUTORS__WEBHOOK__URL", &url),
         (
             "AGENTD__EXECUTORS__WEBHOOK__SECRET_ENV",

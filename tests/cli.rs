@@ -48,10 +48,22 @@ fn bad_configuration_stops_start_up_with_one_line_naming_key_and_value() {
     assert_eq!(
         line,
         "config: database.max_connections = \"lots\" (from environment variable \
-         AGENTD__DATABASE__MAX_CONNECTIONS): expected a whole number"
+         AGENTD__DATABASE__MAX_CONNECTIONS): expected a whole number from 1 to 10000"
     );
     let line = config_error(agentd().env("AGENTD__DATABASE__MAX_CONNECTIONS", "0"));
     assert!(line.contains("database.max_connections = 0"), "{line}");
+    let line = config_error(agentd().env("AGENTD__EXECUTION__DEFAULT", "docker"));
+    assert_eq!(
+        line,
+        "config: execution.default = \"docker\" (from environment variable \
+         AGENTD__EXECUTION__DEFAULT): expected builtin, command, openai or webhook"
+    );
+    let line = config_error(agentd().env("AGENTD__WORKER__CONCURENCY", "4"));
+    assert_eq!(
+        line,
+        "config: unknown key worker.concurency (from environment variable \
+         AGENTD__WORKER__CONCURENCY)"
+    );
 
     let folder = tempfile::tempdir().unwrap();
     let file = folder.path().join("agentd.toml");
@@ -85,6 +97,56 @@ fn bad_configuration_stops_start_up_with_one_line_naming_key_and_value() {
     assert!(
         line.contains("database.url") && !line.contains("hunter2"),
         "{line}"
+    );
+}
+
+/// The JSON lines of a one-shot command's stderr that contain `word`.
+fn logged(stderr: &[u8], word: &str) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter(|line| line.contains(word))
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect()
+}
+
+#[test]
+fn an_old_section_name_works_and_says_so_once() {
+    // A healthcheck of a port nothing listens on: it loads the settings, sets up logging,
+    // and fails without needing a database.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let output = agentd()
+        .env_remove("AGENTD__LOGGING__FORMAT")
+        .env("AGENTD__LOG__FORMAT", "json")
+        .args(["healthcheck", "--url", &url])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let warnings = logged(&output.stderr, "deprecated");
+    assert_eq!(warnings.len(), 1, "{output:?}");
+    assert_eq!(warnings[0]["level"], "warn");
+    assert_eq!(
+        warnings[0]["message"],
+        "config: environment variable AGENTD__LOG__FORMAT is deprecated, rename it \
+         AGENTD__LOGGING__FORMAT"
+    );
+
+    // Both names: the new one wins (the lines stay JSON), and the warning says so.
+    let output = agentd()
+        .env("AGENTD__LOG__FORMAT", "text")
+        .args(["healthcheck", "--url", &url])
+        .output()
+        .unwrap();
+    let warnings = logged(&output.stderr, "deprecated");
+    assert_eq!(warnings.len(), 1, "{output:?}");
+    assert_eq!(
+        warnings[0]["message"],
+        "config: environment variable AGENTD__LOG__FORMAT is deprecated and ignored: \
+         AGENTD__LOGGING__FORMAT is set too and wins"
     );
 }
 

@@ -109,7 +109,7 @@ impl World {
         let artifacts = self.folder.path().join("artifacts");
         let artifacts = artifacts.to_string_lossy().to_string();
         let mut all = vec![
-            ("AGENTD__EXECUTOR__DEFAULT", "command"),
+            ("AGENTD__EXECUTION__DEFAULT", "command"),
             ("AGENTD__EXECUTORS__COMMAND__PROGRAM", program.as_str()),
             ("AGENTD__ARTIFACTS__DIR", artifacts.as_str()),
         ];
@@ -251,7 +251,7 @@ echo after
     let (_, run) = world
         .run_command(
             "seq 2000000\n",
-            &[("AGENTD__LOGS__MAX_LINES_PER_RUN", "1000")],
+            &[("AGENTD__RUN_LOGS__MAX_LINES_PER_RUN", "1000")],
             Duration::from_secs(60),
         )
         .await;
@@ -322,7 +322,7 @@ async fn cancel_stops_the_program() {
         &world.db,
         "w1",
         &[
-            ("AGENTD__EXECUTOR__DEFAULT", "command"),
+            ("AGENTD__EXECUTION__DEFAULT", "command"),
             ("AGENTD__EXECUTORS__COMMAND__PROGRAM", &program),
         ],
     )
@@ -436,9 +436,9 @@ async fn secret_variable_values_never_appear_in_agentds_own_logs() {
         &world.db.url,
         "r1",
         &[
-            ("AGENTD__EXECUTOR__DEFAULT", "command"),
+            ("AGENTD__EXECUTION__DEFAULT", "command"),
             ("AGENTD__EXECUTORS__COMMAND__PROGRAM", &program),
-            ("AGENTD__LOG__LEVEL", "debug"),
+            ("AGENTD__LOGGING__LEVEL", "debug"),
         ],
     );
     daemon.wait_for("worker started", Duration::from_secs(20));

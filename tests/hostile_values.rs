@@ -624,7 +624,7 @@ async fn outcomes_the_database_refuses_never_wedge_a_run() {
         &db.url,
         "wedge-1",
         &[
-            ("AGENTD__EXECUTOR__DEFAULT", "command"),
+            ("AGENTD__EXECUTION__DEFAULT", "command"),
             ("AGENTD__EXECUTORS__COMMAND__PROGRAM", program),
             ("AGENTD__ARTIFACTS__DIR", artifacts.to_str().unwrap()),
             ("AGENTD__LEASE__TTL", "2s"),
@@ -717,7 +717,7 @@ async fn outcomes_the_database_refuses_never_wedge_a_run() {
         &db.url,
         "wedge-2",
         &[
-            ("AGENTD__EXECUTOR__DEFAULT", "command"),
+            ("AGENTD__EXECUTION__DEFAULT", "command"),
             ("AGENTD__EXECUTORS__COMMAND__PROGRAM", program),
             ("AGENTD__ARTIFACTS__DIR", artifacts.to_str().unwrap()),
             ("AGENTD__LEASE__TTL", "2s"),

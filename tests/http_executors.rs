@@ -158,7 +158,7 @@ async fn fake_model(script: Vec<(u16, Vec<String>, bool)>) -> (String, FakeModel
 
 fn openai_settings(base: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("AGENTD__EXECUTOR__DEFAULT", "openai".to_string()),
+        ("AGENTD__EXECUTION__DEFAULT", "openai".to_string()),
         ("AGENTD__EXECUTORS__OPENAI__BASE_URL", format!("{base}/v1")),
         ("AGENTD__EXECUTORS__OPENAI__MODEL", "fake-1".to_string()),
         (
@@ -330,7 +330,7 @@ async fn fake_runtime(events: Vec<String>, hang: bool) -> (String, Arc<Mutex<Vec
 
 fn webhook_settings(url: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("AGENTD__EXECUTOR__DEFAULT", "webhook".to_string()),
+        ("AGENTD__EXECUTION__DEFAULT", "webhook".to_string()),
         ("AGENTD__EXECUTORS__WEBHOOK__URL", url.to_string()),
         (
             "AGENTD__EXECUTORS__WEBHOOK__SECRET_ENV",
@@ -391,7 +391,7 @@ async fn webhook_events_become_logs_artifacts_and_output_with_a_verifiable_signa
 async fn a_webhook_that_never_answers_times_out() {
     let (url, _) = fake_runtime(vec![], true).await;
     let mut settings = webhook_settings(&url);
-    settings.push(("AGENTD__EXECUTOR__TIMEOUT", "1s".to_string()));
+    settings.push(("AGENTD__EXECUTION__TIMEOUT", "1s".to_string()));
     let started = std::time::Instant::now();
     let run = run_once(&borrowed(&settings), "x", json!(null)).await;
     assert_eq!(run.status, "failed");

@@ -218,7 +218,7 @@ impl World {
     /// timeout far longer than any test takes; `extra` wins.
     fn settings(&self, program: &[String], extra: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut settings: Vec<(String, String)> = [
-            ("AGENTD__EXECUTOR__DEFAULT", "command".to_string()),
+            ("AGENTD__EXECUTION__DEFAULT", "command".to_string()),
             (
                 "AGENTD__EXECUTORS__COMMAND__PROGRAM",
                 serde_json::to_string(program).unwrap(),
@@ -427,7 +427,7 @@ async fn refused_variables_never_reach_the_program_and_no_value_leaks() {
                 "AGENTD__EXECUTORS__COMMAND__REFUSED_ENV",
                 r#"["TENANT_TOOL_*", "COMPANY_SECRET"]"#,
             ),
-            ("AGENTD__LOG__LEVEL", "debug"),
+            ("AGENTD__LOGGING__LEVEL", "debug"),
         ],
     );
     let run_id = world.request(agent, None).await;

@@ -268,7 +268,7 @@ async fn the_migrate_command_applies_then_reports_up_to_date() {
         std::process::Command::new(support::agentd_binary())
             .arg("migrate")
             .env("DATABASE_URL", &db.url)
-            .env("AGENTD__LOG__FORMAT", "json")
+            .env("AGENTD__LOGGING__FORMAT", "json")
             .output()
             .unwrap()
     };

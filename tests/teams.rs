@@ -63,7 +63,7 @@ async fn team(strategy: &str, members: &[(&str, &str, &str, &str)]) -> Team {
                 .to_string(),
         ),
         (
-            "AGENTD__EXECUTOR__BY_CATEGORY",
+            "AGENTD__EXECUTION__BY_CATEGORY",
             r#"{ failing = "command" }"#.to_string(),
         ),
         (
@@ -319,7 +319,7 @@ async fn route_asks_the_model_when_configured_and_falls_back_to_words() {
         .await;
         let base = routing_model(answer).await;
         team.overrides
-            .push(("AGENTD__EXECUTOR__TEAM_ROUTER", "openai".into()));
+            .push(("AGENTD__EXECUTION__TEAM_ROUTER", "openai".into()));
         team.overrides
             .push(("AGENTD__EXECUTORS__OPENAI__BASE_URL", base));
         let (status, error, output, _) = team.run(json!("chart last month's sales numbers")).await;
@@ -368,7 +368,7 @@ async fn a_team_run_sums_its_members_usage_and_each_member_has_its_executors_tim
         format!(r#"["sh", "{}"]"#, script.display()),
     ));
     crew.overrides.push((
-        "AGENTD__EXECUTOR__BY_CATEGORY",
+        "AGENTD__EXECUTION__BY_CATEGORY",
         r#"{ program = "command" }"#.to_string(),
     ));
     crew.overrides

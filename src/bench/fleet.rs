@@ -53,8 +53,8 @@ impl Fleet {
                 .env("DATABASE_URL", options.url)
                 .env("AGENTD__WORKER__ID", format!("bench-{index}"))
                 .env("AGENTD__HTTP__LISTEN", "")
-                .env("AGENTD__LOG__FORMAT", "json")
-                .env("AGENTD__LOG__LEVEL", "warn")
+                .env("AGENTD__LOGGING__FORMAT", "json")
+                .env("AGENTD__LOGGING__LEVEL", "warn")
                 .env(
                     "AGENTD__ARTIFACTS__DIR",
                     options.folder.join("artifacts").as_os_str(),

@@ -7,6 +7,8 @@
 //! agentd sets itself. The list is documented in docs/security.md and extended by
 //! `executors.command.refused_env`. Names are compared without regard to case.
 
+use crate::config::{EnvPattern, is_env_name};
+
 /// Names refused exactly.
 pub const REFUSED_NAMES: &[&str] = &[
     // Set by agentd for every program.
@@ -93,9 +95,9 @@ pub const REFUSED_PREFIXES: &[&str] = &[
 ];
 
 /// Why `name` may not be passed to the program, or `None` when it may. `extra` holds the
-/// operator's additions: exact names, or prefixes ending in `*`.
-pub fn refusal(name: &str, extra: &[String]) -> Option<String> {
-    if !is_identifier(name) {
+/// operator's additions.
+pub fn refusal(name: &str, extra: &[EnvPattern]) -> Option<String> {
+    if !is_env_name(name) {
         return Some(format!(
             "variable {} not passed to the program: not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
             crate::text::quoted(name)
@@ -106,35 +108,13 @@ pub fn refusal(name: &str, extra: &[String]) -> Option<String> {
         || REFUSED_PREFIXES
             .iter()
             .any(|prefix| upper.starts_with(prefix));
-    let configured = extra.iter().any(|pattern| {
-        let pattern = pattern.to_ascii_uppercase();
-        match pattern.strip_suffix('*') {
-            Some(prefix) => upper.starts_with(prefix),
-            None => upper == pattern,
-        }
-    });
+    let configured = extra.iter().any(|pattern| pattern.matches(&upper));
     (builtin || configured).then(|| {
         format!(
             "variable {} not passed to the program: it can steer a loader, shell or interpreter (refused names: docs/security.md)",
             crate::text::quoted(name)
         )
     })
-}
-
-/// `[A-Za-z_][A-Za-z0-9_]*`: a name every shell and `env` accepts.
-pub fn is_identifier(name: &str) -> bool {
-    let mut bytes = name.bytes();
-    bytes
-        .next()
-        .is_some_and(|first| first.is_ascii_alphabetic() || first == b'_')
-        && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
-}
-
-/// Whether `pattern` is a valid `executors.command.refused_env` entry: a name, or a
-/// name's start followed by `*`.
-pub fn is_pattern(pattern: &str) -> bool {
-    let name = pattern.strip_suffix('*').unwrap_or(pattern);
-    is_identifier(name) || (pattern.ends_with('*') && name.is_empty())
 }
 
 #[cfg(test)]
@@ -187,10 +167,16 @@ mod tests {
 
     #[test]
     fn the_operator_extends_the_list() {
-        let extra = vec!["MY_TOOL_*".to_string(), "secret_config".to_string()];
+        let extra: Vec<EnvPattern> = ["MY_TOOL_*", "secret_config"]
+            .into_iter()
+            .map(|text| EnvPattern::parse(text).unwrap())
+            .collect();
         assert!(refusal("MY_TOOL_PLUGINS", &extra).is_some());
         assert!(refusal("SECRET_CONFIG", &extra).is_some());
         assert_eq!(refusal("MY_TOOLS", &extra), None);
-        assert!(is_pattern("MY_TOOL_*") && is_pattern("X") && !is_pattern("A-B*"));
+        assert!(EnvPattern::parse("X").is_some() && EnvPattern::parse("*").is_some());
+        for bad in ["A-B*", "", "**", "A*B", "1A"] {
+            assert_eq!(EnvPattern::parse(bad), None, "{bad}");
+        }
     }
 }

@@ -32,7 +32,7 @@ pub use crate::artifact_store::{ArtifactContent, ArtifactFile};
 pub use crate::domain::{AgentDefinition, ClaimedRun, RunKind, Target, Variable};
 
 /// The executors the settings ask for: `builtin` always, `command` when a program is
-/// configured, chosen per agent category by `executor.default` and `executor.by_category`.
+/// configured, chosen per agent category by `execution.default` and `execution.by_category`.
 /// Fails when the command executor's runs cannot be given places of their own.
 pub fn from_settings(settings: &crate::config::Settings) -> Result<Executors, String> {
     use crate::config::ExecutorKind;
@@ -103,7 +103,7 @@ pub trait Executor: Send + Sync + 'static {
     fn execute<'a>(&'a self, run: &'a RunContext) -> BoxFuture<'a, Outcome>;
 
     /// This executor's own limit on a run's duration, when it has one; otherwise
-    /// `executor.timeout` applies.
+    /// `execution.timeout` applies.
     fn timeout(&self) -> Option<Duration> {
         None
     }

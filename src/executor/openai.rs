@@ -358,7 +358,7 @@ impl EventBoundary {
     }
 }
 
-/// Picks a `route` team's member by asking the model (`executor.team_router = "openai"`).
+/// Picks a `route` team's member by asking the model (`execution.team_router = "openai"`).
 pub struct ModelRouter {
     settings: OpenAiExecutorSettings,
     client: reqwest::Client,

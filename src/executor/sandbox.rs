@@ -57,7 +57,7 @@ impl Sandbox {
         private_folder(&base, me.as_raw(), if root { 0o711 } else { 0o700 })
             .map_err(|error| format!("executors.command.runs_dir: {}: {error}", base.display()))?;
         let users = if root {
-            let (first, last) = settings.uid_range;
+            let (first, last) = (settings.uid_range.first(), settings.uid_range.last());
             check_mapped(first, last)?;
             let locks = base.join(".locks");
             private_folder(&locks, 0, 0o700).map_err(|error| {

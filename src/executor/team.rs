@@ -1,7 +1,7 @@
 //! Team runs: one `runs` row of type `team`, its members run by their own executors.
 //!
 //! - `route`: the one member best suited to the input runs: chosen by the model when
-//!   `executor.team_router = "openai"` (from the members' names, descriptions and
+//!   `execution.team_router = "openai"` (from the members' names, descriptions and
 //!   categories), otherwise (or when the model's answer names no member) the highest
 //!   word-overlap score between the input and the member's name, description and category
 //!   (ties: lowest position). The choice and its reason are logged and recorded.

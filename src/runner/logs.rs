@@ -10,10 +10,11 @@
 //! unreachable, lines are kept (up to [`MAX_PENDING_LINES`]) and retried with backoff until
 //! the run's lease would have expired; a refused (fenced) write means the lease is lost.
 //!
-//! Bad output gets a clear result: NUL bytes are removed, a line over [`MAX_LINE_BYTES`](crate::executor::MAX_LINE_BYTES) is
-//! cut with a marker, and past `logs.max_lines_per_run` lines or `logs.max_bytes_per_run`
-//! bytes nothing more is stored; one `warn` line at the end says how much was dropped. The
-//! run itself goes on, and memory stays bounded whatever it prints.
+//! Bad output gets a clear result: NUL bytes are removed, a line over
+//! [`MAX_LINE_BYTES`](crate::executor::MAX_LINE_BYTES) is cut with a marker, and past
+//! `run_logs.max_lines_per_run` lines or `run_logs.max_bytes_per_run` bytes nothing more is
+//! stored; one `warn` line at the end says how much was dropped. The run itself goes on, and
+//! memory stays bounded whatever it prints.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -70,7 +71,7 @@ pub const MAX_BATCH_LINES: usize = 1000;
 /// (and counted) so memory stays bounded.
 pub const MAX_PENDING_LINES: usize = 100_000;
 
-/// Per-run storage limits (`logs.max_lines_per_run`, `logs.max_bytes_per_run`).
+/// Per-run storage limits (`run_logs.max_lines_per_run`, `run_logs.max_bytes_per_run`).
 #[derive(Debug, Clone, Copy)]
 pub struct LogLimits {
     pub max_lines: u64,

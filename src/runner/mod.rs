@@ -87,7 +87,7 @@ pub struct RunnerOptions {
     pub lease_ttl: Duration,
     pub max_backoff: Duration,
     pub concurrency: usize,
-    /// `executor.timeout`: longest a run may execute unless its executor has its own limit.
+    /// `execution.timeout`: longest a run may execute unless its executor has its own limit.
     pub run_timeout: Duration,
     pub log_limits: LogLimits,
     pub artifacts: ArtifactStore,

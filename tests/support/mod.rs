@@ -171,7 +171,7 @@ pub fn agentd() -> Command {
             command.env_remove(name);
         }
     }
-    command.env("AGENTD__LOG__FORMAT", "json");
+    command.env("AGENTD__LOGGING__FORMAT", "json");
     // Tests run daemons side by side: each gets a free port for its endpoints (the bound
     // address is in the "operations endpoints listening" line).
     command.env("AGENTD__HTTP__LISTEN", "127.0.0.1:0");
