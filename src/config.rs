@@ -24,7 +24,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use value::{DatabaseUrl, EnvPattern, HttpUrl, UidRange, is_env_name};
+pub use value::{
+    DatabaseUrl, EnvPattern, ExecutorKind, HttpUrl, LogFormat, MisfirePolicy, OverlapPolicy,
+    UidRange, is_env_name, parse_duration, redact_url,
+};
 
 /// The defaults, compiled in so that the binary needs no file to start.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -265,15 +268,6 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Text on a terminal, JSON otherwise.
-    Auto,
-    Json,
-    Text,
-}
-
 /// This replica's identity and capacity.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -298,22 +292,6 @@ pub struct SchedulerSettings {
     pub misfire_grace: Duration,
     pub misfire_policy: MisfirePolicy,
     pub overlap_policy: OverlapPolicy,
-}
-
-/// What to do with a slot fired later than `misfire_grace` after its time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MisfirePolicy {
-    /// Fire one run anyway.
-    Coalesce,
-    /// Fire nothing; only advance to the next slot.
-    Skip,
-}
-
-/// What to do when a schedule's previous run is still running at its next slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OverlapPolicy {
-    Skip,
-    Allow,
 }
 
 /// Limits on what users may ask for (`[requests]`).
@@ -347,15 +325,6 @@ impl LeaseSettings {
 pub struct ShutdownSettings {
     #[serde(deserialize_with = "value::duration")]
     pub grace: Duration,
-}
-
-/// The executors agentd can run agents with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ExecutorKind {
-    Builtin,
-    Command,
-    OpenAi,
-    Webhook,
 }
 
 /// The OpenAI-compatible executor.
@@ -676,61 +645,6 @@ impl Settings {
         self.secret_variables = secret_variables;
         Ok(())
     }
-}
-
-/// Parses a duration written like `500ms`, `30s`, `15m`, `2h`, `30d` (or combinations such
-/// as `1h 30m`). The error says what is expected.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|_| {
-        "expected a duration such as \"500ms\", \"30s\", \"15m\", \"2h\" or \"30d\"".into()
-    })
-}
-
-/// `host-pid`: distinct for every process, readable in logs.
-fn default_worker_id() -> String {
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|name| name.into_string().ok())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{host}-{}", std::process::id())
-}
-
-/// Replaces the password of a connection URL (in its user info or a `password=` query
-/// parameter) with `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return "***".into();
-    };
-    let (scheme, rest) = url.split_at(scheme_end + 3);
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path_and_query) = rest.split_at(authority_end);
-    let authority = match authority.rfind('@') {
-        Some(at) => {
-            let (userinfo, host) = authority.split_at(at);
-            match userinfo.split_once(':') {
-                Some((user, _password)) => format!("{user}:***{host}"),
-                None => authority.to_string(),
-            }
-        }
-        None => authority.to_string(),
-    };
-    let path_and_query = match path_and_query.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((name, _)) if name.eq_ignore_ascii_case("password") => {
-                        format!("{name}=***")
-                    }
-                    _ => pair.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => path_and_query.to_string(),
-    };
-    format!("{scheme}{authority}{path_and_query}")
 }
 
 /// The dotted keys the text of a configuration file sets, as written (an old section name

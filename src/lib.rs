@@ -12,6 +12,9 @@
 //! [`scheduler`], executed by the [`runner`] with an [`executor`], and written back by the
 //! store. A module reaches only downward in this list's sense: the foundations at the
 //! bottom know nothing of the floors above, and nothing below the runner knows about SQL.
+//! Inside a module, its files use from `mod.rs` only what the module offers everyone (the
+//! `Executor` trait, `StoreError`, `ScheduleError`, the `Runner`), never each other in a
+//! circle.
 //!
 //! Entry:
 //! - `main.rs` (the binary) and [`cli`]: the command line, the top floor (it imports the

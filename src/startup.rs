@@ -204,16 +204,21 @@ pub async fn trigger(
                 );
                 position = Some((timestamp, id));
             }
-            match state {
-                Some(state) if state.status == RunStatus::Completed => {
+            let Some(state) = state else {
+                // The claim moves a request into runs in one transaction, so only deletion
+                // (retention, the application) makes a run disappear.
+                anyhow::bail!("run {run_id} no longer exists");
+            };
+            match state.status {
+                RunStatus::Completed => {
                     println!("run {run_id} completed");
                     return Ok(true);
                 }
-                Some(state) if state.status == RunStatus::Failed => {
+                RunStatus::Failed => {
                     println!("run {run_id} failed: {}", state.error.unwrap_or_default());
                     return Ok(false);
                 }
-                _ => {}
+                RunStatus::Queued | RunStatus::Running => {}
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}

@@ -5,7 +5,8 @@
 //! that may be a secret is never shown whole: URLs through [`redact_url`], the database URL
 //! always, and an unknown key's value not at all (it may be a secret under a mistyped name).
 
-use super::{ConfigError, Source, redact_url};
+use super::value::redact_url;
+use super::{ConfigError, Source};
 
 /// Keys whose value is a secret, or may hold one whatever it looks like.
 const SECRET_KEYS: &[&str] = &["database.url"];

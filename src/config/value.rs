@@ -14,8 +14,6 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 
-use super::{ExecutorKind, LogFormat, MisfirePolicy, OverlapPolicy, parse_duration, redact_url};
-
 /// A setting written as text and parsed once into its type.
 pub(super) trait Parse: Sized {
     /// The reason any other value is refused: `expected …`, with the valid values.
@@ -505,7 +503,7 @@ pub(super) fn worker_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<St
             return Err(EXPECTED.into());
         }
         Ok(if id.is_empty() {
-            super::default_worker_id()
+            default_worker_id()
         } else {
             id.to_string()
         })
@@ -672,4 +670,85 @@ impl EnvPattern {
             upper == self.upper
         }
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    Json,
+    Text,
+}
+
+/// What to do with a slot fired later than `misfire_grace` after its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MisfirePolicy {
+    /// Fire one run anyway.
+    Coalesce,
+    /// Fire nothing; only advance to the next slot.
+    Skip,
+}
+
+/// What to do when a schedule's previous run is still running at its next slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlapPolicy {
+    Skip,
+    Allow,
+}
+
+/// The executors agentd can run agents with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExecutorKind {
+    Builtin,
+    Command,
+    OpenAi,
+    Webhook,
+}
+
+/// Parses a duration written like `500ms`, `30s`, `15m`, `2h`, `30d` (or combinations such
+/// as `1h 30m`). The error says what is expected.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|_| {
+        "expected a duration such as \"500ms\", \"30s\", \"15m\", \"2h\" or \"30d\"".into()
+    })
+}
+
+/// `host-pid`: distinct for every process, readable in logs.
+fn default_worker_id() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The URL with its password (in the user info or a `password=` query parameter) replaced
+/// by `***`, for logs and errors; `***` alone for text that is not a URL.
+pub fn redact_url(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return "***".into();
+    };
+    if url.password().is_some() && url.set_password(Some("***")).is_err() {
+        return "***".into();
+    }
+    if url
+        .query_pairs()
+        .any(|(name, _)| name.eq_ignore_ascii_case("password"))
+    {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if name.eq_ignore_ascii_case("password") {
+                    "***".to_string()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.into()
 }

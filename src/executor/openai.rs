@@ -373,7 +373,7 @@ impl ModelRouter {
     /// The index of the member the model names for `input`, or why it could not choose.
     pub async fn choose(
         &self,
-        members: &[super::AgentDefinition],
+        members: &[crate::domain::AgentDefinition],
         input: &str,
     ) -> Result<usize, String> {
         let listing: Vec<String> = members

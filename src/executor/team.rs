@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use super::builtin::input_text;
+use super::{BoxFuture, Executor, Executors, Outcome, RunContext, Usage};
 use crate::domain::{AgentDefinition, ClaimedRun, RunKind, Target, TeamDefinition, TeamStrategy};
-use crate::executor::builtin::input_text;
-use crate::executor::{BoxFuture, Executor, Executors, Outcome, RunContext, Usage};
 
 /// The executor of team runs: each member runs with the executor of its own category,
 /// under that executor's timeout (`executor.timeout` when it has none), sharing the team

@@ -24,8 +24,8 @@ use sqlx::postgres::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::RunControl;
 use super::batch::Batcher;
+use super::control::RunControl;
 use crate::executor::{Level, LogEntry, cut_line};
 use crate::store::runs::{Fenced, LogLine, insert_log_batches};
 

@@ -26,6 +26,10 @@ pub const CHANNELS: [&str; 4] = [
     "agentd_leases",
 ];
 
+/// Shortest time between two looks that notifications asked for: a flood of NOTIFYs (any
+/// database role may send them) costs at most one look per gap (for each claim loop).
+pub const MIN_NOTIFIED_GAP: Duration = Duration::from_millis(5);
+
 /// The listener service.
 #[derive(Clone)]
 pub struct Listener {

@@ -28,11 +28,8 @@ use crate::runner::slots::{Reservation, Source};
 use crate::store::StoreError;
 use crate::store::runs::{ClaimedRun, RunKind};
 use crate::store::schedules::{ClaimTransaction, due_summary};
+use listener::MIN_NOTIFIED_GAP;
 use plan::{PlanEvent, RuleCache, plan_claim};
-
-/// Shortest time between two looks that notifications asked for: a flood of NOTIFYs (any
-/// database role may send them) costs at most one look per gap.
-pub const MIN_NOTIFIED_GAP: Duration = Duration::from_millis(5);
 
 /// The schedule loop's service.
 #[derive(Clone)]

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::MIN_NOTIFIED_GAP;
+use super::listener::MIN_NOTIFIED_GAP;
 use crate::retry::Retry;
 use crate::runner::Runner;
 use crate::runner::slots::Source;
