@@ -3,11 +3,11 @@
 //! Layers, later ones win: `config/default.toml` (compiled in, so it always lists every
 //! key), the file named by `--config`/`AGENTD_CONFIG`, environment variables
 //! `AGENTD__SECTION__KEY`, and `DATABASE_URL` for the database URL. The `config` crate
-//! merges them, every value keeping its origin ([`layers`] reads each one), and deserializes
+//! merges them, every value keeping its origin (`layers` reads each one), and deserializes
 //! the result into the sections below: each is a serde struct that refuses unknown keys, and
-//! each field's type (or its `deserialize_with` function in [`value`]) parses the value once,
+//! each field's type (or its `deserialize_with` function in `value`) parses the value once,
 //! so code past [`Settings::load`] only sees valid settings. A bad value is reported as one
-//! line that names the key, the value and where it came from ([`report`]).
+//! line that names the key, the value and where it came from (`report`).
 //!
 //! Three sections were renamed (`[log]` → `[logging]`, `[logs]` → `[run_logs]`,
 //! `[executor]` → `[execution]`); the old names still work, each use adding one warning to
