@@ -9,10 +9,16 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
 
+use crate::retry::Backoff;
+
 /// Failures of one loop that make the process give up on it (see [`Health::supervise`]).
 pub const MAX_RESTARTS: usize = 5;
-/// The first wait before a failed loop starts again; it doubles with each failure.
-const RESTART_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
+/// The wait before a failed loop starts again: from 500 ms, doubling with each failure in
+/// the window (the one retry policy, jitter included).
+const RESTART_BACKOFF: Backoff = Backoff {
+    first: std::time::Duration::from_millis(500),
+    max: std::time::Duration::from_secs(16),
+};
 /// The window in which [`MAX_RESTARTS`] failures count.
 pub const RESTART_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -64,7 +70,7 @@ impl Health {
         stopping: impl Fn() -> bool + Send + 'static,
         fatal: tokio_util::sync::CancellationToken,
         start: S,
-        backoff: std::time::Duration,
+        backoff: Backoff,
     ) -> impl Future<Output = ()> + Send + 'static
     where
         S: Fn() -> F + Send + 'static,
@@ -100,7 +106,7 @@ impl Health {
                     fatal.cancel();
                     return;
                 }
-                let delay = backoff * (1u32 << failures.len().min(6));
+                let delay = backoff.delay(failures.len() as u32);
                 tracing::error!(
                     service = name,
                     panicked,
@@ -171,7 +177,10 @@ mod tests {
                 }
             }
         };
-        let backoff = std::time::Duration::from_millis(1);
+        let backoff = Backoff {
+            first: std::time::Duration::from_millis(1),
+            max: std::time::Duration::from_millis(1),
+        };
         health
             .supervise_with("scheduler", || false, fatal.clone(), start, backoff)
             .await;

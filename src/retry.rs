@@ -1,8 +1,8 @@
 //! The one retry policy of agentd, and its one source of randomness.
 //!
 //! Every loop that tries again after a failure (connecting, claiming, listening, writing a
-//! run's lines, artifacts and outcome, the readiness check, a model request) waits as
-//! [`Retry`] says: exponential backoff from a first delay, doubling, capped, with "equal
+//! run's lines, artifacts and outcome, the readiness check, a model request, restarting a
+//! worker loop that ended) waits as [`Retry`] (or its [`Backoff`]) says: exponential backoff from a first delay, doubling, capped, with "equal
 //! jitter" (half fixed, half random) so that replicas which failed together do not retry in
 //! lockstep. Where a loop may only go on until some moment (a lease's end, a connection
 //! deadline), it asks [`Retry::wait_before`], which refuses a wait that would end past it.

@@ -71,6 +71,11 @@ impl Fleet {
         Ok(Fleet { children, logs })
     }
 
+    /// The log file of each replica.
+    pub fn logs(&self) -> &[PathBuf] {
+        &self.logs
+    }
+
     /// The replicas' process ids.
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().map(Child::id).collect()

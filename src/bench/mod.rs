@@ -284,7 +284,18 @@ impl Bench<'_> {
     }
 
     fn fleet(&self, scratch: &Scratch, replicas: usize, noop_lines: i64) -> anyhow::Result<Fleet> {
-        let settings = vec![
+        self.fleet_with(scratch, replicas, noop_lines, Vec::new())
+    }
+
+    /// [`Self::fleet`] with more settings (`AGENTD__…` variables) for its replicas.
+    fn fleet_with(
+        &self,
+        scratch: &Scratch,
+        replicas: usize,
+        noop_lines: i64,
+        more: Vec<(String, String)>,
+    ) -> anyhow::Result<Fleet> {
+        let mut settings = vec![
             (
                 "AGENTD__EXECUTORS__BUILTIN__NOOP_LINES".to_string(),
                 noop_lines.to_string(),
@@ -294,6 +305,7 @@ impl Bench<'_> {
                 self.options.concurrency.to_string(),
             ),
         ];
+        settings.extend(more);
         Fleet::start(&FleetOptions {
             url: &scratch.url,
             replicas,
