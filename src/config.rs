@@ -25,8 +25,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use value::{
-    DatabaseUrl, EnvPattern, ExecutorKind, HttpUrl, LogFormat, MisfirePolicy, OverlapPolicy,
-    UidRange, is_env_name, parse_duration, redact_url,
+    DatabaseUrl, EnvPattern, ExecutorKind, HttpUrl, LogFormat, MisfirePolicy, Multitask,
+    OverlapPolicy, UidRange, is_env_name, parse_duration, redact_url,
 };
 
 /// The defaults, compiled in so that the binary needs no file to start.
@@ -117,6 +117,7 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub scheduler: SchedulerSettings,
     pub requests: RequestSettings,
+    pub conversations: ConversationSettings,
     pub lease: LeaseSettings,
     pub shutdown: ShutdownSettings,
     /// `[execution]`: which executor runs an agent, the run timeout, the team router.
@@ -301,6 +302,34 @@ pub struct RequestSettings {
     /// Most runs one user may have queued; `request_run` refuses more.
     #[serde(deserialize_with = "value::whole::<_, _, 1, 1_000_000>")]
     pub max_pending_per_user: u32,
+}
+
+/// How agentd answers chat messages (`[conversations]`, docs/conversations.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationSettings {
+    /// Answer user messages at all (a replica with `false` claims no turns).
+    pub enabled: bool,
+    /// A user message arriving while its conversation's turn runs.
+    pub multitask: Multitask,
+    /// A turn starts once no user message arrived for this long…
+    #[serde(deserialize_with = "value::duration")]
+    pub debounce: Duration,
+    /// …and at the latest this long after the first unanswered one.
+    #[serde(deserialize_with = "value::duration")]
+    pub debounce_max: Duration,
+    /// Most messages of the history handed to the executor.
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 10_000>")]
+    pub history_messages: usize,
+    /// Most bytes of message text in that history.
+    #[serde(deserialize_with = "value::whole::<_, _, 1024, 16_777_216>")]
+    pub history_bytes: usize,
+    /// Most user messages one turn covers; later ones wait for the next turn.
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 10_000>")]
+    pub max_turn_messages: usize,
+    /// The reply row is written at most once per this interval while text streams in.
+    #[serde(deserialize_with = "value::positive_duration")]
+    pub stream_interval: Duration,
 }
 
 /// Run leases.

@@ -96,6 +96,60 @@ pub struct ClaimedRun {
     pub agent: Option<AgentDefinition>,
     /// Why the run cannot execute (its input could not be read): it fails with this error.
     pub defect: Option<String>,
+    /// The conversation turn the run answers (`None`: not a turn).
+    pub turn: Option<Turn>,
+}
+
+/// A turn of a conversation: the run answers these user messages with one reply.
+#[derive(Debug, Clone)]
+pub struct Turn {
+    pub conversation_id: Uuid,
+    /// The user messages the turn covers, oldest first.
+    pub message_ids: Vec<Uuid>,
+    /// The id the reply row has (inserted when its first text arrives).
+    pub reply_id: Uuid,
+    /// How long its oldest message had waited when the turn was claimed.
+    pub waited: std::time::Duration,
+}
+
+/// Who wrote a message of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatRole {
+    /// `sender_type = 'user'`.
+    User,
+    /// `sender_type = 'agent'`: a reply.
+    Assistant,
+}
+
+/// One message of a conversation's history, as an executor sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChatMessage {
+    #[serde(skip)]
+    pub id: Uuid,
+    pub role: ChatRole,
+    pub content: String,
+    pub attachments: Option<Value>,
+    /// `None`: a time outside the years 1 to 9999.
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The conversation a turn answers: its history, cut to the budget, newest last.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Conversation {
+    pub id: Uuid,
+    pub messages: Vec<ChatMessage>,
+}
+
+impl Conversation {
+    /// The text of the newest user message ("" when there is none).
+    pub fn last_user_text(&self) -> &str {
+        self.messages
+            .iter()
+            .rev()
+            .find(|message| message.role == ChatRole::User)
+            .map_or("", |message| message.content.as_str())
+    }
 }
 
 /// An agent as an executor sees it.

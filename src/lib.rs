@@ -1,10 +1,11 @@
 //! # agentd
 //!
 //! The worker daemon of an AI-agent platform whose data lives in PostgreSQL (often
-//! Supabase). The platform's web application writes users, agents, schedules and teams;
-//! agentd *runs* the agents: it fires schedules on time, executes agent and team runs,
-//! streams their logs and artifacts into the database while they execute, and records the
-//! outcome. Several replicas share one database; there is no leader on the hot path.
+//! Supabase). The platform's web application writes users, agents, schedules, teams and
+//! conversations; agentd *runs* the agents: it fires schedules on time, executes agent and
+//! team runs, streams their logs and artifacts into the database while they execute,
+//! records the outcome, and answers chat messages with streamed replies. Several replicas
+//! share one database; there is no leader on the hot path.
 //!
 //! ## The modules, in the order data flows through them
 //!
@@ -27,9 +28,10 @@
 //! The worker:
 //! - [`worker`]: one replica's services, started together, stopped in order; [`shutdown`]:
 //!   the signals.
-//! - [`scheduler`]: the claim loops (schedules, requests), their pure planning, LISTEN.
+//! - [`scheduler`]: the claim loops (schedules, requests, conversation turns), their pure
+//!   planning, LISTEN.
 //! - [`schedule`]: the pure time engine (when a schedule fires).
-//! - [`runner`]: one run's life: slots, lease, log pipe, artifacts, outcome.
+//! - [`runner`]: one run's life: slots, lease, log pipe, artifacts, a turn's reply, outcome.
 //! - [`executor`]: builtin, command (in a [`process`]-level sandbox), openai, webhook, and
 //!   team (members run by the others).
 //! - [`artifact_store`]: where artifacts are kept (folder or bucket).
@@ -39,7 +41,8 @@
 //! - [`store`]: every SQL statement and the connection pool; `migrations/` is the schema.
 //! - [`embedded_pg`]: the private PostgreSQL used when no database URL is configured.
 //! - [`database`]: the database a command works on (configured URL or embedded server).
-//! - [`domain`]: what a run is and executes (kinds, statuses, agents, teams, targets).
+//! - [`domain`]: what a run is and executes (kinds, statuses, agents, teams, targets, turns);
+//!   [`conversation`]: the pure rules of a turn (the history's cut, the reply's text).
 //! - [`config`]: typed settings, layered (defaults, file, environment), validated once.
 //! - [`retry`]: the one retry policy and source of randomness; [`text`]: quoting values.
 
@@ -47,6 +50,7 @@ pub mod artifact_store;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod conversation;
 pub mod database;
 pub mod domain;
 pub mod embedded_pg;

@@ -31,6 +31,10 @@ pub const LEASES_REAPED: &str = "agentd_leases_reaped_total";
 pub const LOOP_RESTARTS: &str = "agentd_worker_loop_restarts_total";
 pub const RETENTION_DELETED: &str = "agentd_retention_deleted_total";
 pub const WORKER_INFO: &str = "agentd_worker_info";
+pub const TURNS_STARTED: &str = "agentd_turns_started_total";
+pub const TURNS_FINISHED: &str = "agentd_turns_finished_total";
+pub const TURN_START_LAG: &str = "agentd_turn_start_lag_seconds";
+pub const TURN_FIRST_TEXT: &str = "agentd_turn_first_text_seconds";
 
 /// Every metric agentd exports, with its help text (what the operator's guide documents).
 pub const CATALOG: &[(&str, &str)] = &[
@@ -45,7 +49,7 @@ pub const CATALOG: &[(&str, &str)] = &[
     ),
     (
         RUNS_STARTED,
-        "Runs started, by type (agent, team) and trigger (schedule, request).",
+        "Runs started, by type (agent, team) and trigger (schedule, request, message).",
     ),
     (
         RUNS_FINISHED,
@@ -74,7 +78,7 @@ pub const CATALOG: &[(&str, &str)] = &[
     ),
     (
         CLAIM_BATCH,
-        "Schedules and requests taken by one claim transaction.",
+        "Schedules, requests or conversation turns taken by one claim transaction.",
     ),
     (
         DATABASE_ERRORS,
@@ -95,6 +99,23 @@ pub const CATALOG: &[(&str, &str)] = &[
     (
         RETENTION_DELETED,
         "Rows deleted by retention, by kind (run_logs, artifacts, runs).",
+    ),
+    (
+        TURNS_STARTED,
+        "Conversation turns started (claimed) on this replica.",
+    ),
+    (
+        TURNS_FINISHED,
+        "Conversation turns whose reply was made final, by status (completed, failed, \
+         interrupted, cancelled).",
+    ),
+    (
+        TURN_START_LAG,
+        "Seconds from a turn's oldest user message arriving to the turn's claim.",
+    ),
+    (
+        TURN_FIRST_TEXT,
+        "Seconds from a turn's oldest user message arriving to its reply's first stored text.",
     ),
     (
         WORKER_INFO,
@@ -160,6 +181,22 @@ pub fn claim_batch(size: usize) {
     if size > 0 {
         histogram!(CLAIM_BATCH).record(size as f64);
     }
+}
+
+/// A conversation turn was claimed here; its oldest message had waited `lag`.
+pub fn turn_started(lag: Duration) {
+    counter!(TURNS_STARTED).increment(1);
+    histogram!(TURN_START_LAG).record(lag.as_secs_f64());
+}
+
+/// A turn's reply first showed text, `after` its oldest message arrived.
+pub fn turn_first_text(after: Duration) {
+    histogram!(TURN_FIRST_TEXT).record(after.as_secs_f64());
+}
+
+/// A turn's reply was made final with `status`.
+pub fn turn_finished(status: &'static str) {
+    counter!(TURNS_FINISHED, "status" => status).increment(1);
 }
 
 /// A run started on this replica (`trigger`: `schedule` or `request`).

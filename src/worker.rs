@@ -1,7 +1,7 @@
 //! A worker: the services of one replica, started together and stopped in order.
 //!
-//! Start: register the worker, then the listener, lease keeper, reaper, and the two claim
-//! loops (schedules, requests). Each loop is supervised ([`Health::supervise`]): restarted
+//! Start: register the worker, then the listener, lease keeper, reaper, and the claim
+//! loops (schedules, requests, conversation turns). Each loop is supervised ([`Health::supervise`]): restarted
 //! when it fails, and when one keeps failing the worker stops as on shutdown and returns
 //! an error. Shutdown (the token fires): the claim loops stop at once; running runs get
 //! `shutdown.grace` to finish; the rest are cancelled and recorded as failed ("worker
@@ -16,17 +16,19 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifact_store::ArtifactStore;
-use crate::config::Settings;
+use crate::config::{Multitask, Settings};
 use crate::executor::Executors;
 use crate::health::Health;
 use crate::maintenance::reaper::Reaper;
 use crate::maintenance::retention::Retention;
 use crate::runner::leases::LeaseKeeper;
 use crate::runner::logs::LogLimits;
-use crate::runner::{Runner, RunnerOptions, StopReason};
+use crate::runner::{Runner, RunnerOptions, StopReason, TurnOptions};
 use crate::scheduler::Scheduler;
+use crate::scheduler::conversations::TurnClaimer;
 use crate::scheduler::listener::Listener;
 use crate::scheduler::requests::RequestClaimer;
+use crate::store::conversations::TurnRules;
 use crate::store::workers::{WorkerInfo, deregister_worker, publish_limits, register_worker};
 
 /// How long cancelled runs get to record their outcome after the grace period.
@@ -71,11 +73,17 @@ pub async fn serve(
                 &settings.artifacts,
                 settings.database.max_backoff,
             ),
+            turns: TurnOptions {
+                history_messages: settings.conversations.history_messages,
+                history_bytes: settings.conversations.history_bytes,
+                stream_interval: settings.conversations.stream_interval,
+            },
         },
         executors,
     );
     let wake = Arc::new(Notify::new());
     let requests = Arc::new(Notify::new());
+    let messages = Arc::new(Notify::new());
     let leases = Arc::new(Notify::new());
     let renew = Arc::new(Notify::new());
     // Claiming stops on shutdown, or when a loop keeps failing (`fatal`): then the worker
@@ -95,6 +103,7 @@ pub async fn serve(
         pool: pool.clone(),
         wake: wake.clone(),
         requests: requests.clone(),
+        messages: messages.clone(),
         leases: leases.clone(),
         renew: renew.clone(),
         max_backoff: settings.database.max_backoff,
@@ -175,6 +184,7 @@ pub async fn serve(
         max_backoff: settings.database.max_backoff,
         wake,
         requests,
+        messages: messages.clone(),
     };
     let stop = claiming.clone();
     claimers.spawn(
@@ -182,6 +192,31 @@ pub async fn serve(
             scheduler.clone().run(stop.clone())
         }),
     );
+    if settings.conversations.enabled {
+        let conversations = &settings.conversations;
+        let turn_claimer = TurnClaimer {
+            pool: pool.clone(),
+            runner: runner.clone(),
+            worker_id: worker_id.clone(),
+            lease_ttl: settings.lease.ttl,
+            batch_size: settings.scheduler.batch_size,
+            rules: TurnRules {
+                debounce: conversations.debounce,
+                debounce_max: conversations.debounce_max,
+                max_turn_messages: conversations.max_turn_messages,
+                interrupt: conversations.multitask == Multitask::Interrupt,
+            },
+            max_backoff: settings.database.max_backoff,
+            wake: messages,
+        };
+        let stop = claiming.clone();
+        claimers.spawn(health.supervise(
+            "conversations",
+            until(&claiming),
+            fatal.clone(),
+            move || turn_claimer.clone().run(stop.clone()),
+        ));
+    }
     claimers.close();
     health.set_serving(true);
     tracing::info!(concurrency = settings.worker.concurrency, "worker started");

@@ -4,7 +4,7 @@
 mod support;
 
 use sqlx::PgPool;
-use support::{TestDb, execute_script};
+use support::{SUPABASE_PLATFORM, TestDb, execute_script};
 
 const APPLICATION_TABLES: [&str; 11] = [
     "users",
@@ -19,27 +19,6 @@ const APPLICATION_TABLES: [&str; 11] = [
     "conversations",
     "messages",
 ];
-
-/// What a Supabase project has before the application's schema: its roles (with the
-/// default grants Supabase gives them on new tables in `public`), schema `auth` and its
-/// `auth.uid()`, which reads the claim differently from our stand-in.
-const SUPABASE_PLATFORM: &str = r#"
-DO $$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN NOINHERIT; END IF;
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN CREATE ROLE authenticated NOLOGIN NOINHERIT; END IF;
-EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-END $$;
-CREATE SCHEMA auth;
-CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
-  SELECT coalesce(
-    nullif(current_setting('request.jwt.claim.sub', true), ''),
-    (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')
-  )::uuid
-$$;
-GRANT USAGE ON SCHEMA auth TO anon, authenticated;
-GRANT USAGE ON SCHEMA public TO anon, authenticated;
-ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO anon, authenticated;
-"#;
 
 /// Everything about the schema a migration could change: columns with types, defaults and
 /// nullability; constraints; indexes; policies; RLS flags; functions; schemas; grants.

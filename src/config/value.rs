@@ -82,6 +82,10 @@ choices!(OverlapPolicy {
     Skip => "skip",
     Allow => "allow",
 });
+choices!(Multitask {
+    Enqueue => "enqueue",
+    Interrupt => "interrupt",
+});
 
 /// How a `route` team picks its member (`execution.team_router`); settings keep it as
 /// `route_with_model`.
@@ -695,6 +699,16 @@ pub enum MisfirePolicy {
 pub enum OverlapPolicy {
     Skip,
     Allow,
+}
+
+/// What a user message arriving while its conversation's turn runs does
+/// (`conversations.multitask`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Multitask {
+    /// The next turn covers it, when the running one ends.
+    Enqueue,
+    /// The running turn is cancelled; the next covers everything not yet answered.
+    Interrupt,
 }
 
 /// The executors agentd can run agents with.

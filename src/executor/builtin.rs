@@ -2,7 +2,10 @@
 //! something visible. It renders the agent's instructions with its variables (`{{name}}`)
 //! and the run's input (`{{input}}`), logs each step (pausing
 //! `executors.builtin.step_delay` between them), completes with the rendered text as
-//! output, and writes it as a Markdown artifact.
+//! output, and writes it as a Markdown artifact. In a conversation turn `{{input}}` is the
+//! newest user message, and the reply is the rendered instructions followed by that
+//! message (or the rendered text alone when the instructions use `{{input}}`), so a fresh
+//! install converses without a model.
 
 use std::time::Duration;
 
@@ -113,7 +116,7 @@ impl Executor for BuiltinExecutor {
                 };
             }
             let claimed = &run.run;
-            let input = input_text(claimed.input.as_ref());
+            let input = run.input_text();
             let (title, template, variables) = match run.target.agent() {
                 Some(agent) => (
                     agent.name.clone(),
@@ -165,6 +168,24 @@ impl Executor for BuiltinExecutor {
                 ))
                 .await;
             run.logs.info(format!("finished {title}")).await;
+            if run.conversation.is_some() {
+                // A reply made from the instructions and the newest user message, streamed
+                // a line at a time.
+                let reply = if template.replace(' ', "").contains("{{input}}") {
+                    rendered.clone()
+                } else if rendered.trim().is_empty() {
+                    format!("You wrote: {input}")
+                } else {
+                    format!("{rendered}\n\nYou wrote: {input}")
+                };
+                for piece in reply.split_inclusive('\n') {
+                    run.reply.push(piece);
+                    self.pause().await;
+                }
+                return Outcome::Completed {
+                    output: json!({"executor": "builtin", "agent": title, "text": reply}),
+                };
+            }
             Outcome::Completed {
                 output: json!({
                     "executor": "builtin",

@@ -276,6 +276,8 @@ impl CommandExecutor {
             "schedule_id": run.run.schedule_id,
             "input": run.run.input,
             "agent": agent,
+            "conversation": run.conversation.as_ref().map(|c| c.id),
+            "messages": run.conversation.as_ref().map(|c| &c.messages),
         })
     }
 

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 pub use crate::artifact_store::{ArtifactContent, ArtifactFile};
-pub use crate::domain::{AgentDefinition, ClaimedRun, RunKind, Target, Variable};
+pub use crate::domain::{AgentDefinition, ClaimedRun, Conversation, RunKind, Target, Variable};
 
 /// The executors the settings ask for: `builtin` always, `command` when a program is
 /// configured, chosen per agent category by `execution.default` and `execution.by_category`.
@@ -220,6 +220,105 @@ pub struct RunContext {
     pub artifacts: ArtifactSink,
     /// The executor's own figures for `resource_usage` (CPU time, tokens, …).
     pub usage: Usage,
+    /// The conversation when the run is a turn: its history, cut to the budget, newest last.
+    pub conversation: Option<Conversation>,
+    /// Where a streaming executor sends the reply's text as it arrives (a turn's reply is
+    /// written from it; outside a turn it is only kept). An executor that sends nothing
+    /// answers with its output ([`crate::conversation::reply_text`]).
+    pub reply: ReplySink,
+}
+
+impl RunContext {
+    /// What `{{input}}` stands for: the newest user message of a turn, otherwise the run's
+    /// input as text.
+    pub fn input_text(&self) -> String {
+        match &self.conversation {
+            Some(conversation) => conversation.last_user_text().to_string(),
+            None => builtin::input_text(self.run.input.as_ref()),
+        }
+    }
+}
+
+/// The text of a turn's reply as it streams in: appended by the executor, read by the
+/// runner's reply writer. Bounded by [`crate::conversation::MAX_REPLY_BYTES`]; more is
+/// dropped (the executor's own limit, such as `executors.openai.max_reply_bytes`, is
+/// lower).
+#[derive(Clone, Default)]
+pub struct ReplySink {
+    inner: Arc<ReplyInner>,
+}
+
+#[derive(Default)]
+struct ReplyInner {
+    text: std::sync::Mutex<String>,
+    /// Woken on every append.
+    changed: tokio::sync::Notify,
+    /// Any text was sent.
+    sent: std::sync::atomic::AtomicBool,
+}
+
+impl ReplySink {
+    /// Appends streamed text.
+    pub fn push(&self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        {
+            let mut reply = self
+                .inner
+                .text
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let room = crate::conversation::MAX_REPLY_BYTES.saturating_sub(reply.len());
+            let mut end = text.len().min(room);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            reply.push_str(&text[..end]);
+        }
+        self.inner
+            .sent
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.inner.changed.notify_one();
+    }
+
+    /// The text so far, or `None` when nothing was sent.
+    pub fn text(&self) -> Option<String> {
+        self.inner
+            .sent
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then(|| {
+                self.inner
+                    .text
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone()
+            })
+    }
+
+    /// Bytes of text so far.
+    pub fn len(&self) -> usize {
+        self.inner
+            .text
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+
+    /// No text yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Wakes the waiter of [`ReplySink::changed`] as an append would.
+    pub fn wake(&self) {
+        self.inner.changed.notify_one();
+    }
+
+    /// Waits for the next append.
+    pub async fn changed(&self) {
+        self.inner.changed.notified().await;
+    }
 }
 
 /// Figures an executor reports for `runs.resource_usage`.

@@ -2,7 +2,8 @@
 //! `stream: true` (OpenAI, vLLM, Ollama, llama.cpp's server, LiteLLM).
 //!
 //! The system message is the agent's instructions with its variables substituted, the user
-//! message the run's input. Streamed text goes into the run's logs line by line as it
+//! message the run's input (for a conversation turn: the conversation's history, each
+//! message with its role, and the streamed text is also the reply). Streamed text goes into the run's logs line by line as it
 //! arrives; the output is the text plus the model and the finish reason; token usage goes
 //! to `resource_usage`. Connection errors, 429 and 5xx answers are retried with backoff
 //! before the first token; a stream cut after tokens arrived fails the run with a clear
@@ -21,7 +22,7 @@ use eventsource_stream::{EventStreamError, Eventsource};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use super::builtin::{input_text, render};
+use super::builtin::render;
 use super::http::{describe, error_excerpt, excerpt, read_capped};
 use super::{BoxFuture, Executor, Level, Outcome, RunContext};
 use crate::config::OpenAiExecutorSettings;
@@ -81,7 +82,7 @@ impl OpenAiExecutor {
                     .iter()
                     .map(|v| (v.name.clone(), v.value.clone().unwrap_or_default()))
                     .collect();
-                let input = input_text(run.run.input.as_ref());
+                let input = run.input_text();
                 let system = match render(
                     agent.instructions.as_deref().unwrap_or_default(),
                     &variables,
@@ -101,14 +102,26 @@ impl OpenAiExecutor {
             }
             None => (String::new(), self.settings.model.clone()),
         };
+        // A turn: the instructions, then the conversation's history; otherwise the input.
+        let messages: Vec<Value> = match &run.conversation {
+            Some(conversation) => std::iter::once(json!({ "role": "system", "content": system }))
+                .chain(
+                    conversation
+                        .messages
+                        .iter()
+                        .map(|message| json!({ "role": message.role, "content": message.content })),
+                )
+                .collect(),
+            None => vec![
+                json!({ "role": "system", "content": system }),
+                json!({ "role": "user", "content": run.input_text() }),
+            ],
+        };
         let body = json!({
             "model": model,
             "stream": true,
             "stream_options": { "include_usage": true },
-            "messages": [
-                { "role": "system", "content": system },
-                { "role": "user", "content": input_text(run.run.input.as_ref()) },
-            ],
+            "messages": messages,
         });
         let url = format!("{}/chat/completions", self.settings.base_url);
         let mut retry = Retry::new(BEFORE_FIRST_TOKEN);
@@ -202,6 +215,7 @@ impl OpenAiExecutor {
             if let Some(delta) = choice["delta"]["content"].as_str() {
                 let (kept, over) = within(delta, max_reply_bytes - text.len());
                 text.push_str(kept);
+                run.reply.push(kept);
                 for piece in kept.split_inclusive('\n') {
                     line.push_str(piece.trim_end_matches('\n'));
                     if piece.ends_with('\n') {

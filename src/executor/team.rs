@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::builtin::input_text;
-use super::{BoxFuture, Executor, Executors, Outcome, RunContext, Usage};
+use super::{BoxFuture, Executor, Executors, Outcome, ReplySink, RunContext, Usage};
 use crate::domain::{AgentDefinition, ClaimedRun, RunKind, Target, TeamDefinition, TeamStrategy};
 
 /// The executor of team runs: each member runs with the executor of its own category,
@@ -220,11 +220,14 @@ impl TeamExecutor {
                 schedule_id: run.schedule_id,
                 agent: None,
                 defect: None,
+                turn: None,
             },
             target: Target::Agent(member.clone()),
             logs: logs.clone(),
             artifacts: team_run.artifacts.clone(),
             usage: Usage::default(),
+            conversation: None,
+            reply: ReplySink::default(),
         };
         let timeout = executor.timeout().unwrap_or(self.run_timeout);
         let outcome = tokio::time::timeout(timeout, executor.execute(&context))

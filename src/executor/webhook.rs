@@ -117,6 +117,8 @@ impl WebhookExecutor {
             "schedule_id": run.run.schedule_id,
             "input": run.run.input,
             "agent": agent,
+            "conversation": run.conversation.as_ref().map(|c| c.id),
+            "messages": run.conversation.as_ref().map(|c| &c.messages),
         })
         .to_string();
         let timestamp = chrono::Utc::now().timestamp();

@@ -15,6 +15,7 @@ use sqlx::postgres::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::store::conversations::end_orphaned_turns;
 use crate::store::workers::{next_lease_expiry, reap_expired_leases};
 
 /// Most leases reaped per statement; more are taken at once in further statements.
@@ -55,6 +56,7 @@ impl Reaper {
                 },
             }
             self.reap().await;
+            self.end_orphaned_turns().await;
             next = match next_lease_expiry(&self.pool).await {
                 Ok(Some(until)) => Some(until + EXPIRY_MARGIN),
                 Ok(None) => None,
@@ -64,6 +66,32 @@ impl Reaper {
                     Some(self.retry)
                 }
             };
+        }
+    }
+
+    /// Ends the conversation turns whose lease is gone without a final reply (their worker
+    /// was lost, or failed to write it): each reply says so, and the conversation's next
+    /// turn may start.
+    async fn end_orphaned_turns(&self) {
+        loop {
+            match end_orphaned_turns(&self.pool, REAP_BATCH).await {
+                Ok(ended) => {
+                    if ended > 0 {
+                        tracing::warn!(
+                            turns = ended,
+                            "turns ended without their worker; their replies say so"
+                        );
+                    }
+                    if ended < REAP_BATCH as u64 {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    crate::measure::database_error("end_orphaned_turns");
+                    tracing::warn!(error = %error, "ending orphaned turns failed");
+                    return;
+                }
+            }
         }
     }
 

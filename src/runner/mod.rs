@@ -17,6 +17,7 @@ pub mod control;
 pub mod leases;
 pub mod logs;
 pub mod outcome;
+pub mod reply;
 pub mod slots;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use sqlx::postgres::PgPool;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -34,11 +36,14 @@ use uuid::Uuid;
 pub use control::{RunControl, StopReason};
 
 use crate::artifact_store::ArtifactStore;
-use crate::domain::{ClaimedRun, RunKind, Target};
+use crate::domain::{ClaimedRun, Conversation, RunKind, Target, Turn};
 use crate::executor::redact::Redactor;
-use crate::executor::{ArtifactSink, Executors, Level, LogSink, Outcome, RunContext, Usage};
+use crate::executor::{
+    ArtifactSink, Executors, Level, LogSink, Outcome, ReplySink, RunContext, Usage,
+};
 use crate::retry::Retry;
 use crate::store::agents::{load_agents, load_team};
+use crate::store::conversations::{ReplyEnd, load_history, write_replies};
 use crate::store::runs::LogLine;
 use crate::store::workers::HeldLease;
 use batch::Batcher;
@@ -74,6 +79,8 @@ struct RunnerInner {
     log_writer: logs::LogWriter,
     agent_loader: Batcher<Uuid, Option<crate::domain::AgentDefinition>>,
     recorder: Recorder,
+    reply_writer: reply::ReplyWriter,
+    turns: TurnOptions,
     active: Mutex<HashMap<Uuid, RunControl>>,
     tracker: TaskTracker,
     /// The slots the sources of runs share.
@@ -91,6 +98,15 @@ pub struct RunnerOptions {
     pub run_timeout: Duration,
     pub log_limits: LogLimits,
     pub artifacts: ArtifactStore,
+    pub turns: TurnOptions,
+}
+
+/// How conversation turns run (from `[conversations]`).
+#[derive(Debug, Clone, Copy)]
+pub struct TurnOptions {
+    pub history_messages: usize,
+    pub history_bytes: usize,
+    pub stream_interval: Duration,
 }
 
 /// How a run's execution ended, with what its log pipe and artifact store did.
@@ -103,6 +119,8 @@ struct Ended {
     redactor: Redactor,
     log: (logs::LogTotals, Vec<LogLine>),
     artifacts: artifacts::ArtifactTotals,
+    /// The turn the run answers, with the text its executor streamed.
+    turn: Option<(Turn, ReplySink)>,
 }
 
 impl Ended {
@@ -120,6 +138,7 @@ impl Ended {
             redactor: Redactor::default(),
             log: Default::default(),
             artifacts: Default::default(),
+            turn: None,
         }
     }
 }
@@ -140,11 +159,23 @@ impl Runner {
             })
         };
         let recorder = Recorder::new(pool.clone(), options.worker_id.clone(), options.max_backoff);
+        let reply_writer = {
+            let (pool, worker_id) = (pool.clone(), options.worker_id.clone());
+            Batcher::spawn(1, reply::MAX_GROUP, move |replies: Vec<_>| {
+                let (pool, worker_id) = (pool.clone(), worker_id.clone());
+                async move {
+                    let written = write_replies(&pool, &worker_id, &replies).await;
+                    (replies, written)
+                }
+            })
+        };
         Runner {
             inner: Arc::new(RunnerInner {
                 log_writer,
                 agent_loader,
                 recorder,
+                reply_writer,
+                turns: options.turns,
                 pool,
                 worker_id: options.worker_id,
                 lease_ttl: options.lease_ttl,
@@ -207,6 +238,8 @@ impl Runner {
             run.kind.as_str(),
             if run.schedule_id.is_some() {
                 "schedule"
+            } else if run.turn.is_some() {
+                "message"
             } else {
                 "request"
             },
@@ -222,6 +255,7 @@ impl Runner {
         self.inner.tracker.spawn(
             async move {
                 let (run_id, kind) = (run.run_id, run.kind.as_str());
+                let turn = run.turn.clone();
                 let executed = AssertUnwindSafe(runner.execute(run, control.clone()))
                     .catch_unwind()
                     .await;
@@ -233,9 +267,12 @@ impl Runner {
                             run_id,
                             kind,
                             &control,
-                            Ended::before_executing(
-                                "agentd failed internally while running it (a panic; see the worker's logs)".into(),
-                            ),
+                            Ended {
+                                turn: turn.map(|turn| (turn, ReplySink::default())),
+                                ..Ended::before_executing(
+                                    "agentd failed internally while running it (a panic; see the worker's logs)".into(),
+                                )
+                            },
                         )
                         .await;
                 }
@@ -296,6 +333,8 @@ impl Runner {
         let started = Instant::now();
         let run_id = run.run_id;
         let kind = run.kind.as_str();
+        let turn = run.turn.clone();
+        let reply = ReplySink::default();
         let (sink, receiver) = LogSink::channel(LOG_CHANNEL_CAPACITY);
         let pipe = tokio::spawn(
             logs::run_pipe(
@@ -323,17 +362,25 @@ impl Runner {
         );
 
         // What the bounds on the target's rows left out goes to the run's own logs; a
-        // target that cannot run at all fails the run.
+        // target that cannot run at all fails the run. A turn also reads its history.
         let target = match self.target(&mut run, &control).await {
             Ok(target) => {
                 for notice in target.notices() {
                     sink.log(Level::Warn, notice).await;
                 }
-                target.defect().map_or(Ok(target), Err)
+                match (target.defect(), &turn) {
+                    (Some(defect), _) => Err(defect),
+                    (None, Some(turn)) => self
+                        .conversation(turn, &control)
+                        .await
+                        .map(|conversation| (target, Some(conversation))),
+                    (None, None) => Ok((target, None)),
+                }
             }
             Err(error) => Err(error),
         };
-        let target = match target {
+        let turn = turn.map(|turn| (turn, reply.clone()));
+        let (target, conversation) = match target {
             Ok(target) => target,
             Err(error) => {
                 control.end_execution();
@@ -344,6 +391,7 @@ impl Runner {
                     started,
                     log,
                     artifacts,
+                    turn,
                     ..Ended::before_executing(error)
                 };
                 self.finish(run_id, kind, &control, ended).await;
@@ -354,12 +402,30 @@ impl Runner {
         let executor = self.inner.executors.for_target(&target);
         let timeout = executor.timeout().unwrap_or(self.inner.run_timeout);
         tracing::info!(executor = executor.name(), kind, "run started");
+        // A turn's reply streams into its row while the executor runs.
+        let streamed = CancellationToken::new();
+        let streamer = turn.as_ref().map(|(turn, reply)| {
+            tokio::spawn(
+                reply::stream(
+                    self.inner.reply_writer.clone(),
+                    run_id,
+                    reply.clone(),
+                    control.clone(),
+                    self.inner.turns.stream_interval,
+                    (turn.waited, started),
+                    streamed.clone(),
+                )
+                .in_current_span(),
+            )
+        });
         let context = RunContext {
             run,
             target,
             logs: sink,
             artifacts: artifact_sink,
             usage: Usage::default(),
+            conversation,
+            reply,
         };
         let executed = tokio::select! {
             outcome = tokio::time::timeout(timeout, executor.execute(&context)) => Some(outcome.unwrap_or_else(|_| Outcome::Failed {
@@ -369,6 +435,10 @@ impl Runner {
             _ = control.stopped() => None,
         };
         control.end_execution();
+        streamed.cancel();
+        if let Some(streamer) = streamer {
+            let _ = streamer.await;
+        }
         // The run's senders go now, so its log pipe and artifact store can finish.
         let RunContext {
             usage,
@@ -400,8 +470,96 @@ impl Runner {
             redactor,
             log,
             artifacts,
+            turn,
         };
         self.finish(run_id, kind, &control, ended).await;
+    }
+
+    /// A turn's conversation: its history, read (retrying while the database is
+    /// unreachable and the lease is valid) and cut to the budget.
+    async fn conversation(
+        &self,
+        turn: &Turn,
+        control: &RunControl,
+    ) -> Result<Conversation, String> {
+        let options = self.inner.turns;
+        let mut retry = Retry::up_to(self.inner.max_backoff);
+        loop {
+            match load_history(
+                &self.inner.pool,
+                turn,
+                options.history_messages,
+                options.history_bytes,
+            )
+            .await
+            {
+                Ok(stored) => {
+                    return Ok(Conversation {
+                        id: turn.conversation_id,
+                        messages: crate::conversation::cut_history(
+                            stored,
+                            options.history_messages,
+                            options.history_bytes,
+                        ),
+                    });
+                }
+                Err(error) if !control.lease_expired_locally() && !control.lease_lost() => {
+                    crate::measure::database_error("load_history");
+                    let delay = retry.failed();
+                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "loading the conversation failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(error) => return Err(format!("could not load the conversation: {error}")),
+            }
+        }
+    }
+
+    /// Writes a turn's final reply (retrying while the lease is valid). Returns the
+    /// outcome to record: a turn a newer message interrupted says so.
+    async fn finish_turn(
+        &self,
+        run_id: Uuid,
+        control: &RunControl,
+        (_, reply): &(Turn, ReplySink),
+        outcome: Outcome,
+    ) -> Outcome {
+        let last = reply::final_reply(run_id, &outcome, reply.text(), control.reason());
+        let mut retry = Retry::up_to(self.inner.max_backoff);
+        loop {
+            match crate::store::conversations::finish_reply(
+                &self.inner.pool,
+                &self.inner.worker_id,
+                &last,
+            )
+            .await
+            {
+                Ok(ReplyEnd::Ended { interrupted: true }) => {
+                    crate::measure::turn_finished("interrupted");
+                    return Outcome::Failed {
+                        error: "interrupted: a newer message arrived (conversations.multitask = \"interrupt\")".into(),
+                        output: match outcome {
+                            Outcome::Failed { output, .. } => output,
+                            Outcome::Completed { output } => Some(output),
+                        },
+                    };
+                }
+                Ok(ReplyEnd::Ended { interrupted: false }) => {
+                    crate::measure::turn_finished(last.status);
+                    return outcome;
+                }
+                Ok(ReplyEnd::LeaseLost) => return outcome,
+                Err(error) if !control.lease_expired_locally() && !control.lease_lost() => {
+                    crate::measure::database_error("finish_reply");
+                    let delay = retry.failed();
+                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "writing the final reply failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "writing the final reply failed; the reaper will end the turn");
+                    return outcome;
+                }
+            }
+        }
     }
 
     /// The run's target: the agent the claim already read, or the agent or team read now,
@@ -451,7 +609,13 @@ impl Runner {
         let tail_lines = log_tail.len();
         log_totals.lines += tail_lines as u64;
         log_totals.bytes += tail_bytes as u64;
-        match ended.outcome.filter(|_| !control.lease_lost()) {
+        let outcome = match (ended.outcome.filter(|_| !control.lease_lost()), &ended.turn) {
+            (Some(outcome), Some(turn)) => {
+                Some(self.finish_turn(run_id, control, turn, outcome).await)
+            }
+            (outcome, _) => outcome,
+        };
+        match outcome {
             Some(outcome) => {
                 let usage = UsageRecord {
                     executor_figures: ended.usage.take(),

@@ -1,6 +1,6 @@
 //! The runner's slots (`worker.concurrency`), shared between the sources of runs.
 //!
-//! Each source (requests, schedules) claims its own work in its own loop, and asks here for
+//! Each source (requests, schedules, conversation turns) claims its own work in its own loop, and asks here for
 //! room first: a reservation of free slots, which the runs it claims then occupy and which
 //! is given back for what it did not claim. A source that holds no slot may always start
 //! one run, beyond `worker.concurrency` if the other source holds every slot (unless
@@ -22,16 +22,19 @@ pub enum Source {
     Requests,
     /// Due schedules.
     Schedules,
+    /// Conversation turns.
+    Conversations,
 }
 
 impl Source {
     /// Every source, in the order single slots go round.
-    const ALL: [Source; 2] = [Source::Requests, Source::Schedules];
+    const ALL: [Source; 3] = [Source::Requests, Source::Schedules, Source::Conversations];
 
     fn index(self) -> usize {
         match self {
             Source::Requests => 0,
             Source::Schedules => 1,
+            Source::Conversations => 2,
         }
     }
 }

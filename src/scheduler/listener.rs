@@ -1,5 +1,5 @@
-//! LISTEN/NOTIFY: wakes the scheduler when the application changes schedules or asks for a
-//! run, and stops runs whose owner cancelled them, without waiting for a poll.
+//! LISTEN/NOTIFY: wakes the scheduler when the application changes schedules, asks for a
+//! run or writes a chat message, and stops runs whose owner cancelled them, without waiting for a poll.
 //!
 //! Notifications are a hint, never the only path: they are lost while the connection is
 //! down, so after every reconnect the loops are woken to look again, and cancellations
@@ -19,9 +19,10 @@ use crate::retry::Retry;
 use uuid::Uuid;
 
 /// Channels the migrations notify on.
-pub const CHANNELS: [&str; 4] = [
+pub const CHANNELS: [&str; 5] = [
     "agentd_schedules",
     "agentd_requests",
+    "agentd_messages",
     "agentd_cancel",
     "agentd_leases",
 ];
@@ -38,6 +39,8 @@ pub struct Listener {
     pub wake: Arc<Notify>,
     /// Notified when runs are requested (the request loop's cue).
     pub requests: Arc<Notify>,
+    /// Notified when user messages arrive (the conversation loop's cue).
+    pub messages: Arc<Notify>,
     /// Notified when a replica took leases (the reaper's cue).
     pub leases: Arc<Notify>,
     /// Notified when a run may have been cancelled (the lease keeper's cue to ask now).
@@ -79,6 +82,7 @@ impl Listener {
             // Whatever was notified while we were not listening: look again.
             self.wake.notify_one();
             self.requests.notify_one();
+            self.messages.notify_one();
             self.leases.notify_one();
             self.renew.notify_one();
             loop {
@@ -94,6 +98,7 @@ impl Listener {
                         tracing::warn!("notification connection lost; reconnecting");
                         self.wake.notify_one();
                         self.requests.notify_one();
+                        self.messages.notify_one();
                     }
                     Err(error) => {
                         tracing::warn!(error = %error, "notification connection failed");
@@ -108,6 +113,7 @@ impl Listener {
         match channel {
             "agentd_leases" => self.leases.notify_one(),
             "agentd_requests" => self.requests.notify_one(),
+            "agentd_messages" => self.messages.notify_one(),
             "agentd_cancel" => {
                 if Uuid::from_str(payload).is_ok() {
                     self.renew.notify_one();

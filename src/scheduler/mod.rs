@@ -8,6 +8,7 @@
 //! claim waits for, or fails with, the other, and the runner's slots are shared between
 //! them ([`crate::runner::slots`]).
 
+pub mod conversations;
 pub mod listener;
 pub mod plan;
 pub mod requests;
@@ -45,6 +46,9 @@ pub struct Scheduler {
     /// Notified when this loop's look finds requests waiting (the request loop's safety
     /// net when a notification was lost).
     pub requests: Arc<Notify>,
+    /// Notified when this loop's look finds user messages waiting for a turn (the
+    /// conversation loop's safety net).
+    pub messages: Arc<Notify>,
 }
 
 /// What the loop does after a look.
@@ -116,6 +120,9 @@ impl Scheduler {
         }
         if summary.requests_waiting {
             self.requests.notify_one();
+        }
+        if summary.messages_waiting {
+            self.messages.notify_one();
         }
         // Sleep until the earliest next_run, within the poll interval. The summary was
         // read before this tick's claims; a claim only moves next_run later, and an
@@ -205,6 +212,7 @@ impl Scheduler {
                             .ok()
                             .and_then(|index| agents.get(index).cloned().flatten()),
                         defect: None,
+                        turn: None,
                     },
                     sent_at,
                     reservation,

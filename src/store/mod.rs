@@ -17,6 +17,7 @@ use crate::retry::Retry;
 
 pub mod agents;
 pub mod bench;
+pub mod conversations;
 pub mod demo;
 pub mod maintenance;
 pub mod runs;

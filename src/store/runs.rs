@@ -94,6 +94,7 @@ pub async fn claim_requests(
                 schedule_id: None,
                 agent: None,
                 defect,
+                turn: None,
             })
         })
         .collect()

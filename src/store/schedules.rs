@@ -21,6 +21,8 @@ pub struct DueSummary {
     pub unplanned: bool,
     /// Requests are waiting.
     pub requests_waiting: bool,
+    /// User messages are waiting for a turn.
+    pub messages_waiting: bool,
 }
 
 impl DueSummary {
@@ -48,7 +50,8 @@ pub async fn due_summary(pool: &PgPool, heartbeat: Option<&str>) -> Result<DueSu
                  WHERE s.enabled AND s.next_run IS NOT NULL
                  ORDER BY s.next_run LIMIT 1) AS next_due,
                EXISTS (SELECT 1 FROM agentd.schedules_to_plan) AS unplanned,
-               EXISTS (SELECT 1 FROM agentd.requests) AS requests_waiting
+               EXISTS (SELECT 1 FROM agentd.requests) AS requests_waiting,
+               EXISTS (SELECT 1 FROM agentd.waiting_conversations) AS messages_waiting
         "#,
     )
     .bind(heartbeat)
@@ -59,6 +62,7 @@ pub async fn due_summary(pool: &PgPool, heartbeat: Option<&str>) -> Result<DueSu
         next_due: row.try_get("next_due")?,
         unplanned: row.try_get("unplanned")?,
         requests_waiting: row.try_get("requests_waiting")?,
+        messages_waiting: row.try_get("messages_waiting")?,
     })
 }
 
