@@ -39,6 +39,9 @@ pub enum Command {
     /// Try agentd: demo agents, teams and schedules, a team run at once, the worker printing
     /// every run's logs until Ctrl-C (on the embedded PostgreSQL unless DATABASE_URL is set).
     Demo,
+    /// Chat with an agent in the terminal, through the database as the web app does: each
+    /// line is a user message, each reply is printed as it streams.
+    Chat(ChatArgs),
     /// Schedules without a database.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
@@ -108,6 +111,20 @@ impl TriggerTarget {
             TriggerTarget::Team => RunKind::Team,
         }
     }
+}
+
+/// Options of `agentd chat`.
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// The agent to chat with (the conversation is its owner's).
+    pub agent: uuid::Uuid,
+    /// Continue this conversation (default: a new one).
+    #[arg(long, value_name = "ID")]
+    pub conversation: Option<uuid::Uuid>,
+    /// Answer in this process too (always so on the embedded database); otherwise the
+    /// running replicas answer.
+    #[arg(long)]
+    pub worker: bool,
 }
 
 /// Options of `agentd cancel`.

@@ -23,6 +23,11 @@ pub struct Database {
 }
 
 impl Database {
+    /// The database is the embedded server of this process (no other process reaches it).
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
+    }
+
     /// Connects to `database.url`, or starts the embedded server when it is empty. Retries
     /// with backoff until connected, `give_up_after` passes, or `shutdown` fires.
     pub async fn open(

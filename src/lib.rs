@@ -20,7 +20,7 @@
 //! Entry:
 //! - `main.rs` (the binary) and [`cli`]: the command line, the top floor (it imports the
 //!   option types of the modules below, none of them imports it); [`startup`]: one function per
-//!   command; [`bench`](mod@bench): `agentd bench`.
+//!   command; [`bench`](mod@bench): `agentd bench`; [`chat`]: `agentd chat`.
 //! - [`telemetry`]: agentd's own log lines; [`measure`]: its metrics; [`endpoints`] with
 //!   [`readiness`] and [`health`]: `/healthz`, `/readyz`, `/metrics`; [`status`]:
 //!   `agentd status`.
@@ -48,6 +48,7 @@
 
 pub mod artifact_store;
 pub mod bench;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod conversation;

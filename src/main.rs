@@ -39,6 +39,7 @@ fn main() -> ExitCode {
     let stream = match cli.command {
         Command::Run(_) => telemetry::LogStream::Stdout,
         Command::Demo
+        | Command::Chat(_)
         | Command::Migrate
         | Command::Trigger(_)
         | Command::Cancel(_)
@@ -53,7 +54,10 @@ fn main() -> ExitCode {
     }
     // Before any other thread exists: agentd's memory and environment become unreadable to
     // the programs it runs, and escaping processes come back to it (docs/security.md).
-    if matches!(cli.command, Command::Run(_) | Command::Demo) {
+    if matches!(
+        cli.command,
+        Command::Run(_) | Command::Demo | Command::Chat(_)
+    ) {
         let secrets: Vec<&str> = settings
             .secret_variables
             .iter()
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         | Command::Migrate
         | Command::Cancel(_)
         | Command::Demo
+        | Command::Chat(_)
         | Command::Bench(_)
         | Command::Status(_)
         | Command::Healthcheck(_)
@@ -108,6 +113,15 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| true),
             Command::Demo => startup::demo(&settings, &shutdown).await.map(|()| true),
+            Command::Chat(args) => startup::chat(
+                &settings,
+                args.agent,
+                args.conversation,
+                args.worker,
+                &shutdown,
+            )
+            .await
+            .map(|()| true),
             Command::Bench(options) => {
                 let report = agentd::bench::run(&settings, options, &shutdown).await?;
                 print!("{}", report.render(options.format)?);

@@ -248,6 +248,101 @@ pub async fn cancel(
     }
 }
 
+/// `agentd chat`: a terminal chat with `agent` (in `conversation`, or a new conversation
+/// of the agent's owner). Each line read from stdin is a user message; each reply is
+/// printed as it streams. A worker answers in this process when `worker` is set or the
+/// database is the embedded one (no other replica reaches it). Returns at the end of
+/// input, once the last reply is final, or on Ctrl-C.
+pub async fn chat(
+    settings: &Settings,
+    agent: uuid::Uuid,
+    conversation: Option<uuid::Uuid>,
+    worker: bool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    use store::conversations::{conversation_user, post_user_message, start_conversation};
+    use tokio::io::AsyncBufReadExt;
+    let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
+    let result = async {
+        store::migrate(&database.pool).await?;
+        let conversation = match conversation {
+            Some(id) => {
+                if conversation_user(&database.pool, id, agent)
+                    .await?
+                    .is_none()
+                {
+                    anyhow::bail!("--conversation: no conversation {id} with agent {agent}");
+                }
+                id
+            }
+            None => {
+                let title = format!(
+                    "agentd chat {}",
+                    chrono::Utc::now().format("%Y-%m-%d %H:%M")
+                );
+                let Some((id, _)) = start_conversation(&database.pool, agent, &title).await? else {
+                    anyhow::bail!("no agent {agent}");
+                };
+                id
+            }
+        };
+        eprintln!("conversation {conversation} (end with Ctrl-D)");
+        let answering = CancellationToken::new();
+        let local = (worker || database.is_embedded()).then(|| {
+            let (pool, settings, stop) =
+                (database.pool.clone(), settings.clone(), answering.clone());
+            tokio::spawn(async move {
+                let executors =
+                    crate::executor::from_settings(&settings).map_err(anyhow::Error::msg)?;
+                worker::serve(pool, &settings, executors, Health::new(), stop)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        });
+        let interactive = std::io::stdin().is_terminal();
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        let chatted = async {
+            loop {
+                if interactive {
+                    eprint!("> ");
+                }
+                let line = tokio::select! {
+                    line = lines.next_line() => line?,
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                let Some(line) = line else { return Ok(()) };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let message = post_user_message(&database.pool, conversation, &line).await?;
+                let mut out = std::io::stdout();
+                match crate::chat::follow_reply(&database.pool, message, &mut out, shutdown).await?
+                {
+                    None => return Ok(()),
+                    Some(end) if end.status == "completed" => {}
+                    Some(end) => eprintln!(
+                        "[{}{}]",
+                        end.status,
+                        end.error
+                            .map(|error| format!(": {error}"))
+                            .unwrap_or_default()
+                    ),
+                }
+            }
+        }
+        .await;
+        answering.cancel();
+        if let Some(local) = local {
+            local.await??;
+        }
+        chatted
+    }
+    .await;
+    database.close().await;
+    result
+}
+
 /// `agentd demo`: migrate, seed the demo data (once), queue a team run, and run a worker
 /// that prints every run's log lines until Ctrl-C.
 pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -256,7 +351,7 @@ pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::
         store::migrate(&database.pool).await?;
         let inserted = store::demo::seed(&database.pool).await?;
         if inserted > 0 {
-            println!("demo data created: a user, 3 agents, 3 teams (route, coordinate, collaborate), 2 schedules firing every minute");
+            println!("demo data created: a user, 3 agents, 3 teams (route, coordinate, collaborate), 2 schedules firing every minute, a conversation");
         } else {
             println!("demo data already present");
         }
@@ -282,6 +377,29 @@ pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::
         )
         .await?;
         println!("team run {run_id} queued; the worker runs it now (Ctrl-C stops)");
+        // A chat message to the Greeter; its reply is printed once final.
+        let question = "Hello! What can you do?";
+        let message = store::conversations::post_user_message(
+            &database.pool,
+            store::demo::CONVERSATION,
+            question,
+        )
+        .await?;
+        let chat = {
+            let (pool, shutdown) = (database.pool.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut reply = Vec::new();
+                match crate::chat::follow_reply(&pool, message, &mut reply, &shutdown).await {
+                    Ok(Some(end)) => println!(
+                        "chat with the Greeter ({}):\n  you: {question}\n  Greeter: {}",
+                        end.status,
+                        String::from_utf8_lossy(&reply).trim_end().replace('\n', "\n  ")
+                    ),
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(error = %error, "following the demo chat failed"),
+                }
+            })
+        };
         let printer = tokio::spawn(print_logs(database.pool.clone(), since, shutdown.clone()));
         let executors = crate::executor::from_settings(&settings).map_err(anyhow::Error::msg)?;
         let orphans_stop = CancellationToken::new();
@@ -295,6 +413,7 @@ pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::
         )
         .await;
         let _ = printer.await;
+        chat.abort();
         orphans_stop.cancel();
         let _ = orphans.await;
         served.map_err(anyhow::Error::from)

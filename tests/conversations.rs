@@ -727,3 +727,72 @@ async fn a_huge_message_and_hostile_attachments_leave_the_worker_answering_other
     final_replies(&db.pool, conversation, 2).await;
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agentd_chat_writes_lines_as_messages_and_prints_the_streamed_replies() {
+    use std::io::Write;
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let mut child = support::agentd()
+        .args(["chat", &agent.to_string(), "--worker"])
+        .env("DATABASE_URL", &db.url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello there\n\nsecond line\n")
+        .unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("You wrote: hello there"), "{stdout}");
+    assert!(stdout.contains("You wrote: second line"), "{stdout}");
+    assert!(stderr.contains("conversation "), "{stderr}");
+    let (conversations, user_messages, replies): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM conversations WHERE user_id = $1 AND agent_id = $2), \
+                (SELECT count(*) FROM messages WHERE sender_type = 'user'), \
+                (SELECT count(*) FROM messages WHERE sender_type = 'agent' \
+                    AND attachments->>'status' = 'completed')",
+    )
+    .bind(user)
+    .bind(agent)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((conversations, user_messages, replies), (1, 2, 2));
+
+    // An unknown agent, a conversation of another agent: one clear line each.
+    let other = create_agent(&db.pool, user).await;
+    let conversation: Uuid = sqlx::query_scalar("SELECT id FROM conversations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let refused = support::agentd()
+        .args([
+            "chat",
+            &other.to_string(),
+            "--conversation",
+            &conversation.to_string(),
+        ])
+        .env("DATABASE_URL", &db.url)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "--conversation: no conversation {conversation} with agent {other}"
+        )),
+        "{stderr}"
+    );
+}

@@ -1,4 +1,5 @@
-//! `agentd demo`: seeds once, runs a team at once, prints the logs, stops on Ctrl-C.
+//! `agentd demo`: seeds once, runs a team at once, chats with the Greeter, prints the logs,
+//! stops on Ctrl-C.
 
 mod support;
 
@@ -38,7 +39,9 @@ fn demo_until(url: &str, expected: &str) -> Vec<String> {
         run.is_some_and(|run| {
             seen.iter()
                 .any(|line| line.contains(&format!("run {run} ")) && line.contains(expected))
-        })
+        }) && seen
+            .iter()
+            .any(|line| line.starts_with("chat with the Greeter (completed):"))
     };
     while !ours(&seen) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -84,6 +87,16 @@ async fn the_demo_runs_a_team_prints_its_logs_and_does_not_duplicate_its_data() 
         )
     };
     assert_eq!(counts().await, (1, 3, 3, 2, 7));
+    // The chat's reply, printed once final: the Greeter's instructions and the question.
+    let chat = first
+        .iter()
+        .position(|line| line.starts_with("chat with the Greeter"))
+        .unwrap();
+    assert_eq!(first[chat + 1], "  you: Hello! What can you do?");
+    assert!(
+        first[chat + 2].starts_with("  Greeter: Hello world!"),
+        "{first:#?}"
+    );
     let url = db.url.clone();
     let second =
         tokio::task::spawn_blocking(move || demo_until(&url, "step 2: Summarizer completed"))
@@ -91,6 +104,15 @@ async fn the_demo_runs_a_team_prints_its_logs_and_does_not_duplicate_its_data() 
             .unwrap();
     assert_eq!(second[0], "demo data already present");
     assert_eq!(counts().await, (1, 3, 3, 2, 7));
+    // One conversation; each demo asked once and was answered once.
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM conversations").await,
+        1
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM messages WHERE sender_type = 'agent' AND attachments->>'status' = 'completed'").await,
+        2
+    );
     let statuses: Vec<(String, Option<String>)> =
         sqlx::query_as("SELECT status, error FROM runs WHERE type = 'team' ORDER BY start_time")
             .fetch_all(&db.pool)

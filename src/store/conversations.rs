@@ -510,3 +510,80 @@ pub async fn end_orphaned_turns(pool: &PgPool, limit: usize) -> Result<u64, Stor
     .await?;
     Ok(ended.max(0) as u64)
 }
+
+/// A conversation `agentd chat` may write to: its user, when it exists and talks to
+/// `agent_id`.
+pub async fn conversation_user(
+    pool: &PgPool,
+    conversation_id: Uuid,
+    agent_id: Uuid,
+) -> Result<Option<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT user_id FROM public.conversations WHERE id = $1 AND agent_id = $2",
+    )
+    .bind(conversation_id)
+    .bind(agent_id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// A new conversation of the agent's owner with the agent (`None`: no such agent).
+pub async fn start_conversation(
+    pool: &PgPool,
+    agent_id: Uuid,
+    title: &str,
+) -> Result<Option<(Uuid, Uuid)>, StoreError> {
+    let row = sqlx::query(
+        r#"
+        INSERT INTO public.conversations (user_id, agent_id, title)
+        SELECT a.user_id, a.id, $2 FROM public.agents a WHERE a.id = $1
+        RETURNING id, user_id
+        "#,
+    )
+    .bind(agent_id)
+    .bind(title)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| Ok((row.try_get("id")?, row.try_get("user_id")?)))
+        .transpose()
+        .map_err(|error: sqlx::Error| StoreError::from(error))
+}
+
+/// Writes a user message into a conversation, as the application does; returns its id.
+pub async fn post_user_message(
+    pool: &PgPool,
+    conversation_id: Uuid,
+    content: &str,
+) -> Result<Uuid, StoreError> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO public.messages (conversation_id, content, sender_type) \
+         VALUES ($1, $2, 'user') RETURNING id",
+    )
+    .bind(conversation_id)
+    .bind(content)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// The reply to a user message as it stands: its text and `attachments` (`None`: no turn
+/// has shown text for it yet).
+pub async fn reply_to(
+    pool: &PgPool,
+    message_id: Uuid,
+) -> Result<Option<(String, serde_json::Value)>, StoreError> {
+    let row = sqlx::query(
+        r#"
+        SELECT m.content, coalesce(m.attachments, '{}'::jsonb) AS attachments
+          FROM agentd.turn_messages tm
+          JOIN agentd.turns t ON t.run_id = tm.run_id
+          JOIN public.messages m ON m.id = t.reply_id
+         WHERE tm.message_id = $1
+        "#,
+    )
+    .bind(message_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| Ok((row.try_get("content")?, row.try_get("attachments")?)))
+        .transpose()
+        .map_err(|error: sqlx::Error| StoreError::from(error))
+}

@@ -1,5 +1,5 @@
-//! The demo's data: a user, agents, one team of each type and schedules firing every
-//! minute. Fixed ids and `ON CONFLICT DO NOTHING` make seeding twice a no-op.
+//! The demo's data: a user, agents, one team of each type, schedules firing every minute
+//! and a conversation. Fixed ids and `ON CONFLICT DO NOTHING` make seeding twice a no-op.
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -12,6 +12,9 @@ use super::StoreError;
 pub const USER: Uuid = Uuid::from_u128(0xa9e1_7d00_0000_4000_8000_0000_0000_0001);
 /// The coordinate team the demo runs at once.
 pub const COORDINATE_TEAM: Uuid = Uuid::from_u128(0xa9e1_7d00_0000_4000_8000_0000_0000_0c01);
+
+/// The demo's conversation, with the Greeter.
+pub const CONVERSATION: Uuid = Uuid::from_u128(0xa9e1_7d00_0000_4000_8000_0000_0000_0e01);
 
 /// Creates what is missing of the demo data; returns how many rows it inserted.
 pub async fn seed(pool: &PgPool) -> Result<u64, StoreError> {
@@ -45,6 +48,10 @@ pub async fn seed(pool: &PgPool) -> Result<u64, StoreError> {
           ('a9e17d00-0000-4000-8000-000000000c03', 'a9e17d00-0000-4000-8000-0000000000a1', 1),
           ('a9e17d00-0000-4000-8000-000000000c03', 'a9e17d00-0000-4000-8000-0000000000a2', 2),
           ('a9e17d00-0000-4000-8000-000000000c03', 'a9e17d00-0000-4000-8000-0000000000a3', 3)
+          ON CONFLICT DO NOTHING;
+        INSERT INTO public.conversations (id, user_id, agent_id, title) VALUES
+          ('a9e17d00-0000-4000-8000-000000000e01', 'a9e17d00-0000-4000-8000-000000000001',
+           'a9e17d00-0000-4000-8000-0000000000a1', 'Demo chat with the Greeter')
           ON CONFLICT DO NOTHING;
         INSERT INTO public.agent_schedules (id, agent_id, enabled, frequency, interval, time, timezone) VALUES
           ('a9e17d00-0000-4000-8000-0000000000d1', 'a9e17d00-0000-4000-8000-0000000000a1', true, 'minutely', 1, NULL, 'UTC'),
