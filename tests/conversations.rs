@@ -536,19 +536,20 @@ async fn users_write_only_user_messages_into_their_own_conversations() {
 }
 
 /// An OpenAI-compatible server on 127.0.0.1 that streams `chunks` pieces of text, one every
-/// `pause`, to every request; returns its base URL and the number of requests it got.
-async fn slow_model(chunks: usize, pause: Duration) -> (String, Arc<Mutex<usize>>) {
+/// `pause`, to every request; returns its base URL and the requests it got.
+async fn slow_model(chunks: usize, pause: Duration) -> (String, Arc<Mutex<Vec<Value>>>) {
     use axum::body::{Body, Bytes};
     use axum::routing::post;
     use futures_util::StreamExt;
-    let calls = Arc::new(Mutex::new(0usize));
+    let calls = Arc::new(Mutex::new(Vec::new()));
     let counted = calls.clone();
     let router = axum::Router::new().route(
         "/v1/chat/completions",
-        post(move |_body: Bytes| {
+        post(move |body: Bytes| {
             let counted = counted.clone();
             async move {
-                *counted.lock().unwrap() += 1;
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                counted.lock().unwrap().push(request);
                 let mut events: Vec<String> = (0..chunks)
                     .map(|i| {
                         format!(
@@ -656,7 +657,7 @@ async fn three_replicas_answer_each_message_once_even_when_one_is_killed_mid_str
     }
     assert!(lost >= 1, "the killed replica's turn was not reported");
     // No turn ran twice: one model call per conversation.
-    assert_eq!(*calls.lock().unwrap(), conversations.len());
+    assert_eq!(calls.lock().unwrap().len(), conversations.len());
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM agentd.turn_messages").await,
         conversations.len() as i64
@@ -794,5 +795,72 @@ async fn agentd_chat_writes_lines_as_messages_and_prints_the_streamed_replies() 
             "--conversation: no conversation {conversation} with agent {other}"
         )),
         "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openai_and_command_executors_receive_the_history() {
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    let (model, calls) = slow_model(3, Duration::from_millis(10)).await;
+    let worker = InProcessWorker::start_configured(
+        &db,
+        "w1",
+        &[
+            ("AGENTD__EXECUTION__DEFAULT", "openai"),
+            ("AGENTD__EXECUTORS__OPENAI__BASE_URL", model.as_str()),
+        ],
+    )
+    .await;
+    say(&db.pool, user, conversation, "first question").await;
+    final_replies(&db.pool, conversation, 1).await;
+    say(&db.pool, user, conversation, "second question").await;
+    let replies = final_replies(&db.pool, conversation, 2).await;
+    worker.stop().await;
+    assert_eq!(replies[1].0, "c0 c1 c2 ");
+    let calls = calls.lock().unwrap();
+    let messages = calls[1]["messages"].as_array().unwrap();
+    let sent: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("system", "Say hello"),
+            ("user", "first question"),
+            ("assistant", "c0 c1 c2 "),
+            ("user", "second question"),
+        ]
+    );
+
+    // The command executor: the history on stdin, the reply from the program's output.
+    let script = "import json, sys\n\
+doc = json.load(sys.stdin)\n\
+said = ' | '.join(m['role'] + ': ' + m['content'] for m in doc['messages'])\n\
+print(json.dumps({'output': {'reply': doc['conversation'] + ' ' + said}}))\n";
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("reply.py");
+    std::fs::write(&path, script).unwrap();
+    let program = format!(r#"["python3", "{}"]"#, path.display());
+    let worker = InProcessWorker::start_configured(
+        &db,
+        "w2",
+        &[
+            ("AGENTD__EXECUTION__DEFAULT", "command"),
+            ("AGENTD__EXECUTORS__COMMAND__PROGRAM", program.as_str()),
+        ],
+    )
+    .await;
+    say(&db.pool, user, conversation, "third").await;
+    let replies = final_replies(&db.pool, conversation, 3).await;
+    worker.stop().await;
+    assert_eq!(replies[2].1["status"], "completed", "{:?}", replies[2]);
+    assert_eq!(
+        replies[2].0,
+        format!(
+            "{conversation} user: first question | assistant: c0 c1 c2  | user: second question \
+             | assistant: c0 c1 c2  | user: third"
+        )
     );
 }
