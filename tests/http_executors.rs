@@ -205,6 +205,8 @@ async fn openai_streams_tokens_into_ordered_logs_and_records_usage() {
     );
     assert_eq!(run.usage["prompt_tokens"], 12);
     assert_eq!(run.usage["completion_tokens"], 3);
+    // Reported figures win: nothing is estimated.
+    assert!(run.usage.get("tokens_estimated").is_none(), "{}", run.usage);
     let calls = fake.calls.lock().unwrap();
     let (headers, request) = &calls[0];
     assert_eq!(headers["authorization"], "Bearer sk-test-key");
@@ -217,6 +219,45 @@ async fn openai_streams_tokens_into_ordered_logs_and_records_usage() {
     assert_eq!(
         request["messages"][1],
         json!({"role": "user", "content": "tomorrow"})
+    );
+}
+
+#[tokio::test]
+async fn without_reported_usage_tokens_are_estimated_and_marked_so() {
+    // GOOD_STREAM without its usage event.
+    let events: Vec<&str> = GOOD_STREAM
+        .iter()
+        .copied()
+        .filter(|event| !event.contains("usage"))
+        .collect();
+    let (base, _) = fake_model(vec![(200, sse(&events), false)]).await;
+    let settings = openai_settings(&base);
+    let run = run_once(
+        &borrowed(&settings),
+        "You forecast for {{CITY}}.",
+        json!("tomorrow"),
+    )
+    .await;
+    assert_eq!(run.status, "completed", "{:?}", run.error);
+    assert_eq!(run.usage["tokens_estimated"], true, "{}", run.usage);
+    // "fake-1" is no OpenAI model: counted with o200k_base.
+    assert_eq!(run.usage["tokenizer"], "o200k_base");
+    let bpe = tiktoken_rs::o200k_base_singleton();
+    assert_eq!(
+        run.usage["completion_tokens"],
+        bpe.count_ordinary("Hello\nWorld")
+    );
+    let prompt = 3
+        + bpe.count_ordinary("system")
+        + bpe.count_ordinary("You forecast for Oslo.")
+        + 3
+        + bpe.count_ordinary("user")
+        + bpe.count_ordinary("tomorrow")
+        + 3;
+    assert_eq!(run.usage["prompt_tokens"], prompt);
+    assert_eq!(
+        run.usage["total_tokens"],
+        prompt + bpe.count_ordinary("Hello\nWorld")
     );
 }
 

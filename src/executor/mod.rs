@@ -15,6 +15,7 @@ pub mod openai;
 pub mod redact;
 pub mod sandbox;
 pub mod team;
+pub mod tokens;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -362,6 +363,13 @@ impl Usage {
             };
             figures.insert(name, value);
         }
+    }
+
+    /// Whether a figure of this name was recorded.
+    pub fn contains(&self, name: &str) -> bool {
+        self.figures
+            .lock()
+            .is_ok_and(|figures| figures.contains_key(name))
     }
 
     /// Everything recorded.

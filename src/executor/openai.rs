@@ -5,7 +5,8 @@
 //! message the run's input (for a conversation turn: the conversation's history, each
 //! message with its role, and the streamed text is also the reply). Streamed text goes into the run's logs line by line as it
 //! arrives; the output is the text plus the model and the finish reason; token usage goes
-//! to `resource_usage`. Connection errors, 429 and 5xx answers are retried with backoff
+//! to `resource_usage` (estimated with the model family's tokenizer when the server reports
+//! none, see [`super::tokens`]). Connection errors, 429 and 5xx answers are retried with backoff
 //! before the first token; a stream cut after tokens arrived fails the run with a clear
 //! error and keeps the partial text in the logs and the output.
 //!
@@ -121,12 +122,19 @@ impl OpenAiExecutor {
             "model": model,
             "stream": true,
             "stream_options": { "include_usage": true },
-            "messages": messages,
+            "messages": &messages,
         });
+        let outcome = self.stream(run, &body, model).await;
+        estimate_tokens(run, &body, &outcome).await;
+        outcome
+    }
+
+    /// Sends the request and reads the streamed reply.
+    async fn stream(&self, run: &RunContext, body: &Value, model: String) -> Outcome {
         let url = format!("{}/chat/completions", self.settings.base_url);
         let mut retry = Retry::new(BEFORE_FIRST_TOKEN);
         let response = loop {
-            match self.send(&url, &body).await {
+            match self.send(&url, body).await {
                 Ok(response) => break response,
                 Err(AttemptError::Fatal(error)) => return failed(error, None),
                 Err(AttemptError::Retry(error)) if retry.failures() + 1 < ATTEMPTS => {
@@ -280,6 +288,49 @@ impl OpenAiExecutor {
             Err(AttemptError::Retry(message))
         } else {
             Err(AttemptError::Fatal(message))
+        }
+    }
+}
+
+/// Records estimated token counts when the server reported none (and a reply, even a
+/// partial one, arrived): see [`super::tokens`].
+async fn estimate_tokens(run: &RunContext, body: &Value, outcome: &Outcome) {
+    let output = match outcome {
+        Outcome::Completed { output } => Some(output),
+        Outcome::Failed { output, .. } => output.as_ref(),
+    };
+    let Some(reply) = output.and_then(|output| output["text"].as_str()) else {
+        return;
+    };
+    if ["prompt_tokens", "completion_tokens", "total_tokens"]
+        .iter()
+        .any(|name| run.usage.contains(name))
+    {
+        return;
+    }
+    let model = output
+        .and_then(|output| output["model"].as_str())
+        .or_else(|| body["model"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let messages: Vec<(String, String)> = body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|message| {
+            (
+                message["role"].as_str().unwrap_or_default().to_string(),
+                message["content"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let reply = reply.to_string();
+    let counted =
+        tokio::task::spawn_blocking(move || super::tokens::estimate(&model, &messages, &reply))
+            .await;
+    if let Ok(estimate) = counted {
+        for (name, value) in estimate.figures() {
+            run.usage.record(name, value);
         }
     }
 }
