@@ -818,8 +818,8 @@ async fn the_openai_and_command_executors_receive_the_history() {
     let replies = final_replies(&db.pool, conversation, 2).await;
     worker.stop().await;
     assert_eq!(replies[1].0, "c0 c1 c2 ");
-    let calls = calls.lock().unwrap();
-    let messages = calls[1]["messages"].as_array().unwrap();
+    let second_call = calls.lock().unwrap()[1].clone();
+    let messages = second_call["messages"].as_array().unwrap();
     let sent: Vec<(&str, &str)> = messages
         .iter()
         .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
