@@ -864,3 +864,62 @@ print(json.dumps({'output': {'reply': doc['conversation'] + ' ' + said}}))\n";
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_webhook_executor_receives_the_history_and_its_output_is_the_reply() {
+    use axum::body::Bytes;
+    use axum::routing::post;
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    let received = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let record = received.clone();
+    let router = axum::Router::new().route(
+        "/hook",
+        post(move |body: Bytes| {
+            let record = record.clone();
+            async move {
+                let run: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let said = run["messages"]
+                    .as_array()
+                    .map(|messages| messages.len())
+                    .unwrap_or_default();
+                record.lock().unwrap().push(run);
+                format!(
+                    "{}\n",
+                    json!({"type": "output", "output": {"reply": format!("{said} message(s) seen")}})
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let worker = InProcessWorker::start_configured(
+        &db,
+        "w1",
+        &[
+            ("AGENTD__EXECUTION__DEFAULT", "webhook"),
+            ("AGENTD__EXECUTORS__WEBHOOK__URL", url.as_str()),
+            ("AGENTD__EXECUTORS__WEBHOOK__SECRET_ENV", "TEST_HOOK_SECRET"),
+            ("TEST_HOOK_SECRET", "s3cret"),
+        ],
+    )
+    .await;
+    say(&db.pool, user, conversation, "one").await;
+    final_replies(&db.pool, conversation, 1).await;
+    say(&db.pool, user, conversation, "two").await;
+    let replies = final_replies(&db.pool, conversation, 2).await;
+    worker.stop().await;
+    assert_eq!(replies[0].0, "1 message(s) seen");
+    assert_eq!(replies[1].0, "3 message(s) seen");
+    let received = received.lock().unwrap();
+    assert_eq!(received[1]["conversation"], json!(conversation));
+    let roles: Vec<&str> = received[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "assistant", "user"]);
+    assert_eq!(received[1]["messages"][2]["content"], "two");
+}
