@@ -923,3 +923,36 @@ async fn the_webhook_executor_receives_the_history_and_its_output_is_the_reply()
     assert_eq!(roles, ["user", "assistant", "user"]);
     assert_eq!(received[1]["messages"][2]["content"], "two");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_takes_a_turns_record_with_its_run_and_keeps_what_answered_each_message() {
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    let (executor, _) = Chatty::new(&["ok"], Duration::ZERO);
+    let worker = InProcessWorker::start(&db, "w1", &[], executor).await;
+    say(&db.pool, user, conversation, "old question").await;
+    final_replies(&db.pool, conversation, 1).await;
+    worker.stop().await;
+    sqlx::query("DELETE FROM run_logs")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE runs SET end_time = now() - interval '2 days'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let deleted =
+        agentd::store::maintenance::delete_old_runs(&db.pool, Duration::from_secs(86400), 100)
+            .await
+            .unwrap();
+    assert_eq!(deleted, 1);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.turns").await,
+        0
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.turn_messages").await,
+        1
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM messages").await, 2);
+}

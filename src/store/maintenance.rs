@@ -190,7 +190,7 @@ pub async fn delete_artifact_rows(pool: &PgPool, ids: &[Uuid]) -> Result<u64, St
 }
 
 /// Deletes up to `limit` finished runs that ended more than `age` ago and have no logs or
-/// artifacts left, with their slot records; returns how many runs.
+/// artifacts left, with their slot records and turn records; returns how many runs.
 pub async fn delete_old_runs(pool: &PgPool, age: Duration, limit: u32) -> Result<u64, StoreError> {
     let deleted: i64 = sqlx::query_scalar(
         r#"
@@ -205,6 +205,10 @@ pub async fn delete_old_runs(pool: &PgPool, age: Duration, limit: u32) -> Result
           RETURNING id
         ), fires AS (
           DELETE FROM agentd.schedule_fires f USING gone WHERE f.run_id = gone.id
+        ), turns AS (
+          -- A turn's record goes with its run; which turn answered each message stays
+          -- (agentd.turn_messages), so no message is ever answered twice.
+          DELETE FROM agentd.turns t USING gone WHERE t.run_id = gone.id AND t.ended
         )
         SELECT count(*) FROM gone
         "#,
