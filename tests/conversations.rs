@@ -970,3 +970,39 @@ async fn retention_takes_a_turns_record_with_its_run_and_keeps_what_answered_eac
     );
     assert_eq!(count(&db.pool, "SELECT count(*) FROM messages").await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_messages_is_answered_in_bounded_turns_and_delays_no_one_else() {
+    let db = TestDb::migrated().await;
+    let (attacker, _, flooded) = new_conversation(&db.pool).await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    let flood: i64 = as_user(
+        &db.pool,
+        attacker,
+        &format!(
+            "WITH m AS (INSERT INTO messages (conversation_id, content, sender_type) \
+               SELECT '{flooded}', 'spam ' || g, 'user' FROM generate_series(1, 20000) g \
+               RETURNING 1) SELECT count(*) FROM m"
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(flood, 20000);
+    let (executor, seen) = Chatty::new(&["ok"], Duration::ZERO);
+    let worker = InProcessWorker::start(&db, "w1", &[], executor).await;
+    say(&db.pool, user, conversation, "am I delayed?").await;
+    let replies = final_replies(&db.pool, conversation, 1).await;
+    assert_eq!(replies[0].1["status"], "completed");
+    worker.stop().await;
+    // The attacker's turns each covered at most conversations.max_turn_messages (100),
+    // oldest first, and saw a bounded history.
+    let runs = turn_runs(&db.pool, flooded).await;
+    assert!(!runs.is_empty());
+    for (_, _, input) in &runs {
+        assert!(input["message_ids"].as_array().unwrap().len() <= 100);
+    }
+    assert_eq!(runs[0].2["message_ids"].as_array().unwrap().len(), 100);
+    for seen in seen.lock().unwrap().iter() {
+        assert!(seen["conversation"]["messages"].as_array().unwrap().len() <= 150);
+    }
+}

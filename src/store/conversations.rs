@@ -109,21 +109,26 @@ pub async fn claim_turns(
            ORDER BY w.rank, w.first_at
            LIMIT $1
            FOR UPDATE OF w SKIP LOCKED
-        ), numbered AS (
-          SELECT u.message_id, u.conversation_id, u.arrived_at,
-                 row_number() OVER (PARTITION BY u.conversation_id
-                                    ORDER BY u.arrived_at, u.message_id) AS n
-            FROM agentd.unanswered u JOIN picked p USING (conversation_id)
+        ), chosen AS (
+          -- The oldest $4 of each conversation, read by index: a conversation flooded
+          -- with messages costs the claim no more than any other.
+          SELECT x.message_id FROM picked p
+           CROSS JOIN LATERAL (SELECT u.message_id FROM agentd.unanswered u
+                                WHERE u.conversation_id = p.conversation_id
+                                ORDER BY u.arrived_at, u.message_id
+                                LIMIT $4) x
         ), taken AS (
-          DELETE FROM agentd.unanswered u USING numbered x
-           WHERE u.message_id = x.message_id AND x.n <= $4
+          DELETE FROM agentd.unanswered u USING chosen x
+           WHERE u.message_id = x.message_id
           RETURNING u.message_id, u.conversation_id, u.arrived_at
         ), unqueued AS (
           -- A conversation with messages left over keeps its place: its next turn follows.
           DELETE FROM agentd.waiting_conversations w USING picked p
            WHERE w.conversation_id = p.conversation_id
-             AND NOT EXISTS (SELECT 1 FROM numbered x
-                              WHERE x.conversation_id = p.conversation_id AND x.n > $4)
+             AND NOT EXISTS (SELECT 1 FROM agentd.unanswered u
+                              WHERE u.conversation_id = p.conversation_id
+                                AND NOT EXISTS (SELECT 1 FROM chosen x
+                                                 WHERE x.message_id = u.message_id))
         )
         SELECT t.conversation_id, c.user_id, c.agent_id, a.user_id AS agent_owner,
                array_agg(t.message_id ORDER BY t.arrived_at, t.message_id) AS message_ids,
@@ -247,10 +252,15 @@ pub async fn claim_turns(
     Ok(claim)
 }
 
+/// Rows of a conversation looked at beyond `history_messages` when reading its history:
+/// room for messages waiting for later turns (skipped) without reading a flood of them.
+pub const HISTORY_SCAN_SLACK: usize = 1000;
+
 /// A turn's history as stored, oldest first: the turn's own messages and up to
 /// `max_messages` others before them (not the messages waiting for a later turn, not the
-/// turn's own reply). A message over `max_bytes` by itself is not read, unless the turn
-/// covers it; then only its last `max_bytes` characters are.
+/// turn's own reply), among the newest `max_messages` + [`HISTORY_SCAN_SLACK`] rows. A
+/// message over `max_bytes` by itself is not read, unless the turn covers it; then only its
+/// last `max_bytes` characters are.
 pub async fn load_history(
     pool: &PgPool,
     turn: &Turn,
@@ -263,10 +273,15 @@ pub async fn load_history(
           SELECT m.* FROM public.messages m
            WHERE m.id = ANY($2) AND m.conversation_id = $1
         ), others AS (
-          SELECT m.* FROM public.messages m
-           WHERE m.conversation_id = $1 AND m.id <> $3 AND NOT (m.id = ANY($2))
-             AND NOT EXISTS (SELECT 1 FROM agentd.unanswered u WHERE u.message_id = m.id)
-           ORDER BY m.created_at DESC, m.id DESC
+          -- The newest messages but those waiting for a later turn; at most $7 rows are
+          -- looked at, so a flood of waiting messages cannot make this read long.
+          SELECT r.* FROM (SELECT m.* FROM public.messages m
+                            WHERE m.conversation_id = $1
+                            ORDER BY m.created_at DESC, m.id DESC
+                            LIMIT $7) r
+           WHERE r.id <> $3 AND NOT (r.id = ANY($2))
+             AND NOT EXISTS (SELECT 1 FROM agentd.unanswered u WHERE u.message_id = r.id)
+           ORDER BY r.created_at DESC, r.id DESC
            LIMIT $4
         ), history AS (
           SELECT true AS own, * FROM own UNION ALL SELECT false, * FROM others
@@ -289,6 +304,7 @@ pub async fn load_history(
     .bind(max_messages as i64)
     .bind(max_bytes.min(i32::MAX as usize) as i32)
     .bind(crate::conversation::MAX_ATTACHMENTS_BYTES as i32)
+    .bind((max_messages + HISTORY_SCAN_SLACK) as i64)
     .fetch_all(pool)
     .await?;
     rows.iter()
