@@ -73,6 +73,11 @@ pub fn to_json(snapshot: &StatusSnapshot, stale_after: Duration) -> Value {
             "waiting": snapshot.requests_waiting,
             "oldest": snapshot.oldest_request.map(time),
         },
+        "conversations": {
+            "waiting": snapshot.conversations_waiting,
+            "oldest_message": snapshot.oldest_message.map(time),
+            "turns_running": snapshot.turns_running,
+        },
         "invalid_schedules": snapshot.invalid.iter().map(|row| json!({
             "schedule_id": row.schedule_id,
             "agent_id": row.agent_id,
@@ -204,6 +209,18 @@ pub fn to_table(snapshot: &StatusSnapshot, stale_after: Duration) -> String {
             snapshot.invalid_total - snapshot.invalid.len() as i64
         ));
     }
+
+    out.push_str("\nConversations:\n");
+    match snapshot.oldest_message {
+        Some(oldest) => out.push_str(&format!(
+            "  waiting for a turn: {} (oldest message {}, {:.1}s ago)\n",
+            snapshot.conversations_waiting,
+            time(oldest),
+            seconds_between(oldest, now)
+        )),
+        None => out.push_str("  waiting for a turn: 0\n"),
+    }
+    out.push_str(&format!("  turns running: {}\n", snapshot.turns_running));
 
     out.push_str(&format!(
         "\nRuns:\n  running now: {}\n  last hour: {} completed, {} failed\n",

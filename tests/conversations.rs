@@ -1006,3 +1006,34 @@ async fn a_flood_of_messages_is_answered_in_bounded_turns_and_delays_no_one_else
         assert!(seen["conversation"]["messages"].as_array().unwrap().len() <= 150);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agentd_status_shows_conversations_waiting_and_turns_running() {
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    say(&db.pool, user, conversation, "anyone?").await;
+    say(&db.pool, user, conversation, "hello?").await;
+    let status = |format: &'static str| {
+        let url = db.url.clone();
+        move || {
+            support::agentd()
+                .args(["status", "--format", format])
+                .env("DATABASE_URL", url)
+                .output()
+                .unwrap()
+        }
+    };
+    let output = tokio::task::spawn_blocking(status("json")).await.unwrap();
+    assert!(output.status.success());
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["conversations"]["waiting"], 1, "{json:#}");
+    assert_eq!(json["conversations"]["turns_running"], 0);
+    assert!(json["conversations"]["oldest_message"].is_string());
+    let output = tokio::task::spawn_blocking(status("table")).await.unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("\nConversations:\n  waiting for a turn: 1 (oldest message "),
+        "{table}"
+    );
+    assert!(table.contains("  turns running: 0\n"), "{table}");
+}

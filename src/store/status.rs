@@ -51,6 +51,11 @@ pub struct StatusSnapshot {
     pub schedules_unplanned: i64,
     pub requests_waiting: i64,
     pub oldest_request: Option<DateTime<Utc>>,
+    /// Conversations with user messages waiting for a turn, and when the oldest arrived.
+    pub conversations_waiting: i64,
+    pub oldest_message: Option<DateTime<Utc>>,
+    /// Turns running now.
+    pub turns_running: i64,
     pub invalid_total: i64,
     /// The most recent invalid schedules (at most [`INVALID_LISTED`]).
     pub invalid: Vec<InvalidRow>,
@@ -109,6 +114,14 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
         sqlx::query_as("SELECT count(*), min(requested_at) FROM agentd.requests")
             .fetch_one(&mut *tx)
             .await?;
+    let (conversations_waiting, oldest_message, turns_running): (i64, Option<DateTime<Utc>>, i64) =
+        sqlx::query_as(
+            "SELECT count(*), min(first_at), \
+                    (SELECT count(*) FROM agentd.turns WHERE NOT ended) \
+               FROM agentd.waiting_conversations",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
     // Only invalid states that still describe the current definition (an edited schedule
     // is looked at again).
     let invalid_total: i64 = sqlx::query_scalar(
@@ -166,6 +179,9 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
         schedules_unplanned,
         requests_waiting,
         oldest_request,
+        conversations_waiting,
+        oldest_message,
+        turns_running,
         invalid_total,
         invalid: invalid
             .into_iter()
