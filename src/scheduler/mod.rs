@@ -11,6 +11,7 @@
 pub mod conversations;
 pub mod listener;
 pub mod plan;
+pub mod queue;
 pub mod requests;
 
 use std::sync::Arc;

@@ -11,11 +11,9 @@ use std::time::Duration;
 
 use sqlx::postgres::PgPool;
 use tokio::sync::Notify;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::listener::MIN_NOTIFIED_GAP;
-use crate::retry::Retry;
+use super::queue::{Claimed, QueueLoop};
 use crate::runner::Runner;
 use crate::runner::slots::Source;
 use crate::store::runs::claim_requests;
@@ -37,64 +35,28 @@ pub struct RequestClaimer {
 impl RequestClaimer {
     /// Claims until `shutdown` fires.
     pub async fn run(self, shutdown: CancellationToken) {
-        let slots = self.runner.slots();
-        let mut freed = slots.subscribe();
-        let mut retry = Retry::up_to(self.max_backoff);
-        let mut waiting_for_room = false;
-        let mut retry_in: Option<Duration> = None;
-        // Requests may be waiting already (left by a stopped replica, or asked for while no
-        // replica listened).
-        let mut look_now = true;
-        let mut last_look = Instant::now();
-        while !shutdown.is_cancelled() {
-            if !look_now {
-                tokio::select! {
-                    _ = self.wake.notified() => {
-                        tokio::time::sleep_until(last_look + MIN_NOTIFIED_GAP).await;
-                    }
-                    _ = freed.changed(), if waiting_for_room => {}
-                    _ = tokio::time::sleep(retry_in.unwrap_or_default()), if retry_in.is_some() => {}
-                    _ = shutdown.cancelled() => break,
+        let queue = QueueLoop {
+            name: "claim_requests",
+            source: Source::Requests,
+            runner: &self.runner,
+            batch_size: self.batch_size,
+            max_backoff: self.max_backoff,
+            wake: &self.wake,
+        };
+        let this = &self;
+        queue
+            .run(shutdown, |limit| async move {
+                let runs =
+                    claim_requests(&this.pool, limit, &this.worker_id, this.lease_ttl).await?;
+                for run in &runs {
+                    tracing::info!(run_id = %run.run_id, kind = run.kind.as_str(), target_id = %run.target_id, "request claimed");
                 }
-            }
-            look_now = false;
-            retry_in = None;
-            last_look = Instant::now();
-            freed.borrow_and_update();
-            let mut reservation = slots.reserve(Source::Requests, self.batch_size);
-            if reservation.is_empty() {
-                slots.set_waiting(Source::Requests, true);
-                waiting_for_room = true;
-                continue;
-            }
-            waiting_for_room = false;
-            let limit = reservation.len();
-            let sent_at = Instant::now();
-            match claim_requests(&self.pool, limit, &self.worker_id, self.lease_ttl).await {
-                Ok(runs) => {
-                    retry.succeeded();
-                    let claimed = runs.len();
-                    crate::measure::claim_batch(claimed);
-                    for run in runs {
-                        tracing::info!(run_id = %run.run_id, kind = run.kind.as_str(), target_id = %run.target_id, "request claimed");
-                        self.runner.start(run, sent_at, &mut reservation);
-                    }
-                    drop(reservation);
-                    // A full batch: more are likely waiting.
-                    let more = claimed == limit;
-                    slots.set_waiting(Source::Requests, more);
-                    look_now = more;
-                }
-                Err(error) => {
-                    drop(reservation);
-                    crate::measure::database_error("claim_requests");
-                    let delay = retry.failed();
-                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claiming requests failed; retrying");
-                    retry_in = Some(delay);
-                }
-            }
-        }
-        slots.set_waiting(Source::Requests, false);
+                Ok(Claimed {
+                    runs,
+                    look_in: None,
+                })
+            })
+            .await;
         tracing::info!("request loop stopped claiming");
     }
 }

@@ -386,6 +386,28 @@ pub async fn write_replies(
         .collect())
 }
 
+/// The conversation of a final reply (CTE `reply`: its `conversation_id`, `created_at`,
+/// `content`) moves on: `last_message` (cut to the characters in parameter `$n`) and
+/// `last_message_time` only forwards, `updated_at` to now.
+macro_rules! moved_conversations {
+    ($n:literal) => {
+        concat!(
+            r#"moved AS (
+          UPDATE public.conversations c
+             SET last_message = CASE WHEN c.last_message_time IS NULL OR c.last_message_time <= r.created_at
+                                     THEN left(r.content, "#,
+            $n,
+            r#") ELSE c.last_message END,
+                 last_message_time = CASE WHEN c.last_message_time IS NULL OR c.last_message_time <= r.created_at
+                                          THEN r.created_at ELSE c.last_message_time END,
+                 updated_at = now()
+            FROM reply r WHERE c.id = r.conversation_id
+          RETURNING c.id
+        )"#
+        )
+    };
+}
+
 /// A turn's reply, final.
 #[derive(Debug, Clone)]
 pub struct FinalReply {
@@ -413,7 +435,7 @@ pub async fn finish_reply(
     worker_id: &str,
     reply: &FinalReply,
 ) -> Result<ReplyEnd, StoreError> {
-    let row = sqlx::query(
+    let row = sqlx::query(concat!(
         r#"
         WITH lease AS (
           SELECT run_id FROM agentd.leases
@@ -440,17 +462,10 @@ pub async fn finish_reply(
             FROM turn t, artifacts
            WHERE EXISTS (SELECT 1 FROM public.conversations c WHERE c.id = t.conversation_id)
           ON CONFLICT (id) DO UPDATE SET content = EXCLUDED.content, attachments = EXCLUDED.attachments
-          RETURNING id, conversation_id, created_at
-        ), moved AS (
-          UPDATE public.conversations c
-             SET last_message = CASE WHEN c.last_message_time IS NULL OR c.last_message_time <= r.created_at
-                                     THEN left($3, $6) ELSE c.last_message END,
-                 last_message_time = CASE WHEN c.last_message_time IS NULL OR c.last_message_time <= r.created_at
-                                          THEN r.created_at ELSE c.last_message_time END,
-                 updated_at = now()
-            FROM reply r WHERE c.id = r.conversation_id
-          RETURNING c.id
-        ), woken AS (
+          RETURNING id, conversation_id, created_at, content
+        ), "#,
+            moved_conversations!("$6"),
+            r#", woken AS (
           SELECT pg_notify('agentd_messages', '') FROM turn t
            WHERE EXISTS (SELECT 1 FROM agentd.waiting_conversations w
                           WHERE w.conversation_id = t.conversation_id)
@@ -458,8 +473,8 @@ pub async fn finish_reply(
         SELECT t.interrupted, (SELECT count(*) FROM woken) AS woken,
                (SELECT count(*) FROM moved) AS moved
           FROM turn t
-        "#,
-    )
+        "#
+    ))
     .bind(reply.run_id)
     .bind(worker_id)
     .bind(&reply.content)
@@ -480,7 +495,7 @@ pub async fn finish_reply(
 /// worker died, or was cut off and reaped): each reply keeps the text it had and says
 /// `failed` with the run's error. Returns how many it ended.
 pub async fn end_orphaned_turns(pool: &PgPool, limit: usize) -> Result<u64, StoreError> {
-    let ended: i64 = sqlx::query_scalar(
+    let ended: i64 = sqlx::query_scalar(concat!(
         r#"
         WITH orphans AS (
           SELECT t.run_id FROM agentd.turns t
@@ -501,16 +516,9 @@ pub async fn end_orphaned_turns(pool: &PgPool, limit: usize) -> Result<u64, Stor
            WHERE EXISTS (SELECT 1 FROM public.conversations c WHERE c.id = e.conversation_id)
           ON CONFLICT (id) DO UPDATE SET attachments = EXCLUDED.attachments
           RETURNING id, conversation_id, created_at, content
-        ), moved AS (
-          UPDATE public.conversations c
-             SET last_message = CASE WHEN c.last_message_time IS NULL OR c.last_message_time <= r.created_at
-                                     THEN left(r.content, $2) ELSE c.last_message END,
-                 last_message_time = CASE WHEN c.last_message_time IS NULL OR c.last_message_time <= r.created_at
-                                          THEN r.created_at ELSE c.last_message_time END,
-                 updated_at = now()
-            FROM reply r WHERE c.id = r.conversation_id
-          RETURNING c.id
-        ), woken AS (
+        ), "#,
+            moved_conversations!("$2"),
+            r#", woken AS (
           SELECT pg_notify('agentd_messages', '') FROM ended e
            WHERE EXISTS (SELECT 1 FROM agentd.waiting_conversations w
                           WHERE w.conversation_id = e.conversation_id)
@@ -518,8 +526,8 @@ pub async fn end_orphaned_turns(pool: &PgPool, limit: usize) -> Result<u64, Stor
         )
         SELECT count(*) + 0 * (SELECT count(*) FROM woken) + 0 * (SELECT count(*) FROM moved)
           FROM ended
-        "#,
-    )
+        "#
+    ))
     .bind(limit as i64)
     .bind(crate::conversation::LAST_MESSAGE_CHARS as i32)
     .fetch_one(pool)
