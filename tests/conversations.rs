@@ -1037,3 +1037,35 @@ async fn agentd_status_shows_conversations_waiting_and_turns_running() {
     );
     assert!(table.contains("  turns running: 0\n"), "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn last_message_time_never_moves_backwards() {
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    // The application recorded a later message there already.
+    sqlx::query(
+        "UPDATE conversations SET last_message = 'newer', \
+                last_message_time = now() + interval '1 hour', \
+                updated_at = now() - interval '1 day' WHERE id = $1",
+    )
+    .bind(conversation)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (executor, _) = Chatty::new(&["a reply"], Duration::ZERO);
+    let worker = InProcessWorker::start(&db, "w1", &[], executor).await;
+    say(&db.pool, user, conversation, "hi").await;
+    final_replies(&db.pool, conversation, 1).await;
+    worker.stop().await;
+    let (last_message, moved_back, updated_recently): (String, bool, bool) = sqlx::query_as(
+        "SELECT last_message, last_message_time < now(), updated_at > now() - interval '1 minute' \
+           FROM conversations WHERE id = $1",
+    )
+    .bind(conversation)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(last_message, "newer");
+    assert!(!moved_back);
+    assert!(updated_recently);
+}
