@@ -1069,3 +1069,35 @@ async fn last_message_time_never_moves_backwards() {
     assert!(!moved_back);
     assert!(updated_recently);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_with_conversations_disabled_leaves_them_to_the_others() {
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    let (executor, seen) = Chatty::new(&["ok"], Duration::ZERO);
+    let off = InProcessWorker::start(
+        &db,
+        "off",
+        &[("AGENTD__CONVERSATIONS__ENABLED", "false")],
+        executor,
+    )
+    .await;
+    say(&db.pool, user, conversation, "hello?").await;
+    // The disabled replica runs its other loops (a requested run is done) …
+    let agent = create_agent(&db.pool, user).await;
+    let run = support::request_agent_run(&db.pool, agent).await;
+    support::finished_run(&db.pool, run, Duration::from_secs(10)).await;
+    // … but took no turn.
+    assert!(replies(&db.pool, conversation).await.is_empty());
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.turns").await,
+        0
+    );
+    let (executor, _) = Chatty::new(&["answered"], Duration::ZERO);
+    let on = InProcessWorker::start(&db, "on", &[], executor).await;
+    let replies = final_replies(&db.pool, conversation, 1).await;
+    assert_eq!(replies[0].0, "answered");
+    on.stop().await;
+    off.stop().await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "only the requested run");
+}
