@@ -1101,3 +1101,53 @@ async fn a_replica_with_conversations_disabled_leaves_them_to_the_others() {
     off.stop().await;
     assert_eq!(seen.lock().unwrap().len(), 1, "only the requested run");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_conversation_deleted_during_its_turn_ends_the_turn_quietly() {
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    let chunks: Vec<String> = (0..20).map(|i| format!("d{i} ")).collect();
+    let chunks: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (executor, _) = Chatty::new(&chunks, Duration::from_millis(50));
+    let worker = InProcessWorker::start(&db, "w1", &[], executor).await;
+    say(&db.pool, user, conversation, "forget me").await;
+    eventually(Duration::from_secs(10), "the reply streams", || async {
+        !replies(&db.pool, conversation).await.is_empty()
+    })
+    .await;
+    as_user::<i64>(
+        &db.pool,
+        user,
+        &format!(
+            "WITH m AS (DELETE FROM messages WHERE conversation_id = '{conversation}' RETURNING 1), \
+                  c AS (DELETE FROM conversations WHERE id = '{conversation}' RETURNING 1) \
+             SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM c)"
+        ),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "the turn's run ends", || async {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM runs WHERE status = 'running'",
+        )
+        .await
+            == 0
+    })
+    .await;
+    worker.stop().await;
+    let status: String = sqlx::query_scalar("SELECT status FROM runs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "completed");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM messages").await, 0);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM agentd.turns WHERE NOT ended"
+        )
+        .await,
+        0
+    );
+}
