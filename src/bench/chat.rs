@@ -19,8 +19,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::fleet::Fleet;
 use super::model::{FakeModel, answer};
-use super::{Bench, ms, percentile, round2};
+use super::{Bench, Scratch, ms, percentile, round2};
 use crate::store;
 
 /// How often the replies are looked at for their first text: a reply's first text is
@@ -127,6 +128,7 @@ pub(super) async fn run(bench: &mut Bench<'_>) -> anyhow::Result<ChatReport> {
         .collect();
     let mut fleet = bench.fleet_with(&scratch, replicas, 1, settings)?;
     bench.registered(&scratch, &mut fleet, replicas).await?;
+    listening(bench, &scratch, &mut fleet, replicas).await?;
 
     let stop = CancellationToken::new();
     let (asked_tx, asked_rx) = mpsc::unbounded_channel();
@@ -216,6 +218,29 @@ pub(super) async fn run(bench: &mut Bench<'_>) -> anyhow::Result<ChatReport> {
             .filter(|_| counts.replies > 0)
             .map(|writes| round2(writes as f64 / counts.replies as f64)),
     })
+}
+
+/// Waits until `replicas` replicas listen for chat messages. A replica registers before
+/// its listener connects: a question written in between waits for the listener's first
+/// look, which is a start-up's cost, not a turn's.
+async fn listening(
+    bench: &Bench<'_>,
+    scratch: &Scratch,
+    fleet: &mut Fleet,
+    replicas: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store::bench::message_listeners(&bench.database.pool, &scratch.name).await?
+        < replicas as i64
+    {
+        fleet.check_alive()?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "chat: the replicas did not listen for messages within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// Writes each conversation's question, evenly over `spread`, one statement each; tells

@@ -513,3 +513,18 @@ pub async fn message_row_writes(pool: &PgPool) -> Result<(i64, i64), StoreError>
     tx.commit().await?;
     Ok(counts.unwrap_or((0, 0)))
 }
+
+/// Backends on database `name` that have finished listening for chat messages: the
+/// replicas' notification connections, idle after their `LISTEN` (read from another
+/// database).
+pub async fn message_listeners(admin: &PgPool, name: &str) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        r#"
+        SELECT count(*) FROM pg_stat_activity
+         WHERE datname = $1 AND state = 'idle' AND query LIKE '%LISTEN "agentd_messages"%'
+        "#,
+    )
+    .bind(name)
+    .fetch_one(admin)
+    .await?)
+}
