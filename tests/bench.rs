@@ -2,6 +2,8 @@
 //! with real replica processes, the report carries its figures and the ceiling, the chart
 //! is written, and no scratch database is left behind. (The figures themselves are for
 //! docs/benchmarks.md, measured on a quiet machine; here only their presence and sense.)
+//! One invocation runs them all: scratch databases are counted server-wide, so a second
+//! bench running beside it would be counted too.
 
 mod support;
 
@@ -50,6 +52,10 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
             "3s",
             "--scale-sizes",
             "1000,3000",
+            "--conversations",
+            "20",
+            "--message-spread",
+            "1s",
             "--format",
             "json",
             "--svg",
@@ -97,6 +103,8 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
     assert!(number(&report, &["idle", "server_transactions"]) >= statements);
     assert!(number(&report, &["idle", "rss_mib"]) > 1.0);
 
+    chat_figures_are_sane(&report);
+
     let scale = report["scale"].as_array().unwrap();
     assert_eq!(scale.len(), 2);
     assert_eq!(scale[1]["schedules"], 3000);
@@ -106,7 +114,7 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
     assert!(["on", "off"].contains(&autovacuum), "{report:#}");
 
     let targets = report["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 10, "{report:#}");
+    assert_eq!(targets.len(), 12, "{report:#}");
 
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("burst") && svg.contains("<polyline"));
@@ -120,4 +128,77 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
         0,
         "scratch databases left behind"
     );
+}
+
+/// The `chat` section of a run with 20 conversations, 2 replicas and the model's default
+/// pace (50 chunks, 100 ms apart: each reply streams for 5 s, over many stream intervals).
+fn chat_figures_are_sane(report: &Value) {
+    let chat = &report["chat"];
+    // Every conversation answered once: one model call, turn and completed reply each.
+    for field in [
+        "conversations",
+        "model_requests",
+        "turns",
+        "replies",
+        "conversations_answered",
+        "replies_completed",
+        "start_lag_samples",
+        "first_text_samples",
+    ] {
+        assert_eq!(chat[field], 20, "{field}: {report:#}");
+    }
+    assert_eq!(chat["chunks_per_reply"], 50, "{report:#}");
+
+    // A lag is measured on the database's clock from the insert to the claim's start; a
+    // claim that began a moment before the message's commit can read it, hence the small
+    // allowance below zero.
+    let p50 = number(report, &["chat", "start_lag_p50_ms"]);
+    let p99 = number(report, &["chat", "start_lag_p99_ms"]);
+    let max = number(report, &["chat", "start_lag_max_ms"]);
+    assert!(-5.0 <= p50 && p50 <= p99 && p99 <= max, "{report:#}");
+    assert!(max < 5_000.0, "{report:#}");
+
+    // From the model's first chunk to the first look that saw text: the reply's first
+    // write does not wait for the stream interval, and comes long before the answer's end.
+    let p50 = number(report, &["chat", "first_text_p50_ms"]);
+    let p99 = number(report, &["chat", "first_text_p99_ms"]);
+    let max = number(report, &["chat", "first_text_max_ms"]);
+    assert!(0.0 <= p50 && p50 <= p99 && p99 <= max, "{report:#}");
+    assert!(max < 2_000.0, "{report:#}");
+
+    // A reply is inserted, rewritten at most once per stream interval (200 ms) while the
+    // 5 s of text stream, and written once more at its end.
+    let writes = number(report, &["chat", "writes_per_reply"]);
+    assert!((3.0..=52.0).contains(&writes), "{report:#}");
+    let total = number(report, &["chat", "reply_row_writes"]);
+    assert!((total / 20.0 - writes).abs() < 0.01, "{report:#}");
+
+    let cpu = chat["replica_cpu_seconds"].as_array().unwrap();
+    assert_eq!(cpu.len(), 2, "{report:#}");
+    assert!(cpu.iter().all(|seconds| seconds.as_f64().unwrap() > 0.0));
+    let rss = chat["replica_peak_rss_mib"].as_array().unwrap();
+    assert!(rss.iter().all(|mib| mib.as_f64().unwrap() > 1.0));
+
+    let targets = report["targets"].as_array().unwrap();
+    let judged = targets
+        .iter()
+        .filter(|target| target["scenario"] == "chat")
+        .count();
+    assert_eq!(judged, 2, "{report:#}");
+}
+
+#[test]
+fn chat_refuses_sizes_it_cannot_run() {
+    for (option, value) in [("--conversations", "0"), ("--chunks", "0")] {
+        let output = agentd()
+            .args(["bench", "--scenario", "chat", option, value])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{option} {value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.starts_with(&format!("error: invalid value '0' for '{option} <")),
+            "{stderr}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! `agentd bench`: measures the real worker (separate `agentd run` processes with the
-//! builtin executor in its no-op mode) on a scratch database of the configured server (or
-//! the embedded one), and, in the same invocation, the ceiling of that server: the same rows
+//! builtin executor in its no-op mode, or, for chat, the openai executor against a model
+//! served by the bench itself) on a scratch database of the configured server (or the
+//! embedded one), and, in the same invocation, the ceiling of that server: the same rows
 //! written by plain SQL in batches.
 //!
 //! This file is the runner: the options, the helpers the scenarios share, the list of
@@ -12,16 +13,21 @@
 //! - [`throughput`]: a backlog of due schedules, against the ceiling.
 //! - [`logs`]: runs that each emit L lines, against the ceiling.
 //! - [`idle`]: 100,000 schedules none due for an hour.
+//! - [`chat`]: conversations answered by a streaming model: how soon turns start and
+//!   replies show text, and what a reply costs.
 //! - [`scale`]: the claim's time with 10k, 100k and 1M schedules in the table.
 //!
-//! [`fleet`] starts the replicas and reads what they cost; [`chart`] draws the lag chart.
+//! [`fleet`] starts the replicas and reads what they cost; [`chart`] draws the lag chart;
+//! [`model`] is the chat scenario's streaming model.
 //! docs/benchmarks.md has the figures and how to read them.
 
 pub mod burst;
 pub mod chart;
+pub mod chat;
 pub mod fleet;
 pub mod idle;
 pub mod logs;
+pub mod model;
 pub mod scale;
 pub mod steady;
 pub mod throughput;
@@ -31,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use clap::Args;
-use clap::builder::PossibleValue;
+use clap::builder::{PossibleValue, RangedU64ValueParser};
 use serde::{Serialize, Serializer};
 use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +47,7 @@ use crate::database::{Database, MIGRATE_CONNECT_PATIENCE};
 use crate::store;
 use crate::store::bench::RunSpan;
 use burst::BurstReport;
+use chat::ChatReport;
 use fleet::{Fleet, FleetOptions};
 use idle::IdleReport;
 use logs::LogsReport;
@@ -62,18 +69,21 @@ pub enum Scenario {
     Logs,
     /// See [`idle`].
     Idle,
+    /// See [`chat`].
+    Chat,
     /// See [`scale`].
     Scale,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run and print.
-    pub const EVERY: [Scenario; 6] = [
+    pub const EVERY: [Scenario; 7] = [
         Scenario::Burst,
         Scenario::Steady,
         Scenario::Throughput,
         Scenario::Logs,
         Scenario::Idle,
+        Scenario::Chat,
         Scenario::Scale,
     ];
 
@@ -85,6 +95,7 @@ impl Scenario {
             Scenario::Throughput => "throughput",
             Scenario::Logs => "logs",
             Scenario::Idle => "idle",
+            Scenario::Chat => "chat",
             Scenario::Scale => "scale",
         }
     }
@@ -106,8 +117,8 @@ pub enum Selection {
 }
 
 /// `all`, then every scenario: the values `--scenario` accepts, from the one list.
-const SELECTIONS: [Selection; 7] = {
-    let mut selections = [Selection::All; 7];
+const SELECTIONS: [Selection; Scenario::EVERY.len() + 1] = {
+    let mut selections = [Selection::All; Scenario::EVERY.len() + 1];
     let mut index = 0;
     while index < Scenario::EVERY.len() {
         selections[index + 1] = Selection::One(Scenario::EVERY[index]);
@@ -145,10 +156,11 @@ fn duration_arg(text: &str) -> Result<Duration, String> {
 /// Options of `agentd bench`: the scenarios to run, their sizes, and the output.
 #[derive(Debug, Clone, Args)]
 pub struct BenchOptions {
-    /// Scenarios, comma-separated: burst, steady, throughput, logs, idle, scale, or all.
+    /// Scenarios, comma-separated: burst, steady, throughput, logs, idle, chat, scale, or
+    /// all.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
     pub scenario: Vec<Selection>,
-    /// Replicas (separate processes) for burst, steady, throughput and logs.
+    /// Replicas (separate processes) for burst, steady, throughput, logs and chat.
     #[arg(long, default_value_t = 2)]
     pub replicas: usize,
     /// worker.concurrency of each replica. The no-op runs take microseconds, so the
@@ -182,6 +194,18 @@ pub struct BenchOptions {
     /// scale: table sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
     pub scale_sizes: Vec<i64>,
+    /// chat: conversations, one question each.
+    #[arg(long, default_value_t = 1_000, value_parser = RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub conversations: usize,
+    /// chat: the questions are written evenly over this long, one statement each.
+    #[arg(long, default_value = "5s", value_parser = duration_arg)]
+    pub message_spread: Duration,
+    /// chat: chunks of text the model streams per answer.
+    #[arg(long, default_value_t = 50, value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    pub chunks: usize,
+    /// chat: time between two chunks (the first comes this long after the request).
+    #[arg(long, default_value = "100ms", value_parser = duration_arg)]
+    pub chunk_interval: Duration,
     /// Write the lag chart (SVG) here.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
@@ -264,17 +288,22 @@ impl Bench<'_> {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         store::bench::create_database(&self.database.pool, &name).await?;
-        let options = self.database.options_of(self.settings, &name)?;
-        let pool = store::pool_options(&options)
-            .max_connections(connections)
-            .connect_with(options)
-            .await?;
+        let pool = self.connect(&name, connections).await?;
         store::migrate(&pool).await?;
         Ok(Scratch {
             url: self.database.url_of(self.settings, &name),
             name,
             pool,
         })
+    }
+
+    /// A pool of up to `connections` on database `name` of the server.
+    async fn connect(&self, name: &str, connections: u32) -> anyhow::Result<PgPool> {
+        let options = self.database.options_of(self.settings, name)?;
+        Ok(store::pool_options(&options)
+            .max_connections(connections)
+            .connect_with(options)
+            .await?)
     }
 
     async fn drop_scratch(&self, scratch: Scratch) -> anyhow::Result<()> {
@@ -404,6 +433,9 @@ pub struct Report {
     /// `scale`, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scale: Option<ScaleReport>,
+    /// `chat`, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatReport>,
     /// The targets of the scenarios that ran.
     #[cfg_attr(test, serde(skip_deserializing))]
     pub targets: Vec<TargetCheck>,
@@ -497,6 +529,7 @@ async fn run_scenarios(bench: &mut Bench<'_>) -> anyhow::Result<Report> {
         logs: None,
         idle: None,
         scale: None,
+        chat: None,
         targets: Vec::new(),
         chart: None,
     };
@@ -510,6 +543,7 @@ async fn run_scenarios(bench: &mut Bench<'_>) -> anyhow::Result<Report> {
             Scenario::Throughput => report.throughput = Some(throughput::run(bench).await?),
             Scenario::Logs => report.logs = Some(logs::run(bench).await?),
             Scenario::Idle => report.idle = Some(idle::run(bench).await?),
+            Scenario::Chat => report.chat = Some(chat::run(bench).await?),
             Scenario::Scale => report.scale = Some(scale::run(bench).await?),
         }
     }
@@ -613,6 +647,23 @@ fn targets(report: &Report) -> Vec<TargetCheck> {
                     ));
                 }
             }
+            Scenario::Chat => {
+                if let Some(chat) = &report.chat {
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "p99 turn start <= 50 ms after the message",
+                        chat.start_lag_p99_ms,
+                        |v| v <= 50.0,
+                    ));
+                    let limit = chat.stream_interval_ms + 50.0;
+                    checks.push(TargetCheck::new(
+                        scenario,
+                        "p99 first text <= stream_interval + 50 ms after the model's",
+                        chat.first_text_p99_ms,
+                        move |v| v <= limit,
+                    ));
+                }
+            }
         }
     }
     checks
@@ -655,6 +706,7 @@ impl Report {
                 Scenario::Throughput => self.throughput.as_ref().map(fields),
                 Scenario::Logs => self.logs.as_ref().map(fields),
                 Scenario::Idle => self.idle.as_ref().map(fields),
+                Scenario::Chat => self.chat.as_ref().map(fields),
                 // A table of its own, below.
                 Scenario::Scale => None,
             };
@@ -772,6 +824,53 @@ mod tests {
             .find(|check| check.scenario == Scenario::Throughput)
             .unwrap();
         assert_eq!((check.value, check.met), (None, None));
+    }
+
+    /// A `chat` section with these first-text figures.
+    fn chat(stream_interval_ms: f64, first_text_p99_ms: f64) -> ChatReport {
+        serde_json::from_value(serde_json::json!({
+            "conversations": 1000, "replicas": 2, "chunks_per_reply": 50,
+            "chunk_interval_ms": 100.0, "message_spread_seconds": 5.0,
+            "stream_interval_ms": stream_interval_ms, "seconds": 10.5,
+            "model_requests": 1000, "turns": 1000, "replies": 1000,
+            "conversations_answered": 1000, "replies_completed": 1000,
+            "start_lag_samples": 1000, "start_lag_p50_ms": 4.0, "start_lag_p99_ms": 40.0,
+            "start_lag_max_ms": 60.0, "first_text_samples": 1000, "first_text_p50_ms": 12.0,
+            "first_text_p99_ms": first_text_p99_ms, "first_text_max_ms": 400.0,
+            "replica_cpu_seconds": [1.5, 1.5], "replica_peak_rss_mib": [40.0, 40.0],
+            "reply_row_writes": 26000, "writes_per_reply": 26.0,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_first_text_target_follows_the_stream_interval() {
+        let judged = |report: &Report| -> Vec<(&str, Option<bool>)> {
+            targets(report)
+                .into_iter()
+                .filter(|check| check.scenario == Scenario::Chat)
+                .map(|check| (check.target, check.met))
+                .collect()
+        };
+        let mut report = example();
+        assert_eq!(judged(&report), []);
+        report.chat = Some(chat(200.0, 240.0));
+        assert_eq!(
+            judged(&report),
+            [
+                ("p99 turn start <= 50 ms after the message", Some(true)),
+                (
+                    "p99 first text <= stream_interval + 50 ms after the model's",
+                    Some(true)
+                ),
+            ]
+        );
+        report.chat = Some(chat(100.0, 240.0));
+        assert_eq!(judged(&report)[1].1, Some(false));
+        // The section prints in the table, before `scale`'s.
+        let table = report.table();
+        assert!(table.contains("\nchat\n  chunk_interval_ms            100.0\n"));
+        assert!(table.find("\nchat\n") < table.find("\nscale\n"));
     }
 
     #[test]

@@ -371,3 +371,160 @@ pub async fn ceiling_log_lines(
     .await?;
     Ok(())
 }
+
+/// `count` conversations, each of a new user with a new agent of theirs (so that no user
+/// waits behind another's conversations); returns their ids.
+pub async fn seed_conversations(pool: &PgPool, count: i64) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        r#"
+        WITH new_users AS (
+          INSERT INTO public.users (email, name)
+          SELECT 'bench-' || gen_random_uuid() || '@agentd.invalid', 'bench'
+            FROM generate_series(1, $1)
+          RETURNING id
+        ), new_agents AS (
+          INSERT INTO public.agents (user_id, name, description, icon, category, instructions)
+          SELECT id, 'bench', 'agentd bench', 'bot', 'bench', 'Answer briefly.' FROM new_users
+          RETURNING id, user_id
+        )
+        INSERT INTO public.conversations (user_id, agent_id, title)
+        SELECT user_id, id, 'bench' FROM new_agents
+        RETURNING id
+        "#,
+    )
+    .bind(count)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Writes a user message as the application does (one statement, committed at once);
+/// returns its id and the database's clock at the end of the insert, just before the
+/// commit that queues it for a turn.
+pub async fn post_message(
+    pool: &PgPool,
+    conversation: Uuid,
+    content: &str,
+) -> Result<(Uuid, DateTime<Utc>), StoreError> {
+    Ok(sqlx::query_as(
+        "INSERT INTO public.messages (conversation_id, content, sender_type) \
+         VALUES ($1, $2, 'user') RETURNING id, clock_timestamp()",
+    )
+    .bind(conversation)
+    .bind(content)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Those of `conversations` whose reply shows text.
+pub async fn replies_with_text(
+    pool: &PgPool,
+    conversations: &[Uuid],
+) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT conversation_id FROM public.messages \
+          WHERE conversation_id = ANY($1) AND sender_type = 'agent' AND content <> ''",
+    )
+    .bind(conversations)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// For each of `messages` (written at `written_at`, the database's clock) that a turn
+/// answered, the seconds from then to the start of its turn's run (`start_time`, the
+/// claim transaction's `now()`), sorted.
+pub async fn turn_start_lags(
+    pool: &PgPool,
+    messages: &[Uuid],
+    written_at: &[DateTime<Utc>],
+) -> Result<Vec<f64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        r#"
+        SELECT extract(epoch FROM r.start_time - x.written_at)::float8 AS lag
+          FROM unnest($1::uuid[], $2::timestamptz[]) AS x(message_id, written_at)
+          JOIN agentd.turn_messages tm ON tm.message_id = x.message_id
+          JOIN public.runs r ON r.id = tm.run_id
+         ORDER BY lag
+        "#,
+    )
+    .bind(messages)
+    .bind(written_at)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The replies (agent messages) as they ended.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyCounts {
+    /// Agent messages.
+    pub replies: i64,
+    /// Conversations with at least one.
+    pub conversations_answered: i64,
+    /// Replies whose status is `completed` and whose text is the whole answer.
+    pub completed: i64,
+    /// Turns (each one run).
+    pub turns: i64,
+}
+
+/// Counts the replies; `answer` is the text a completed reply must hold.
+pub async fn reply_counts(pool: &PgPool, answer: &str) -> Result<ReplyCounts, StoreError> {
+    let (replies, conversations_answered, completed, turns) = sqlx::query_as(
+        r#"
+        SELECT count(*), count(DISTINCT conversation_id),
+               count(*) FILTER (WHERE attachments->>'status' = 'completed' AND content = $1),
+               (SELECT count(*) FROM agentd.turns)
+          FROM public.messages WHERE sender_type = 'agent'
+        "#,
+    )
+    .bind(answer)
+    .fetch_one(pool)
+    .await?;
+    Ok(ReplyCounts {
+        replies,
+        conversations_answered,
+        completed,
+        turns,
+    })
+}
+
+/// Backends connected to database `name` (read from another database).
+pub async fn backends(admin: &PgPool, name: &str) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+            .bind(name)
+            .fetch_one(admin)
+            .await?,
+    )
+}
+
+/// Rows inserted and rows updated in `public.messages` since the database was created, as
+/// the server's statistics have them (each backend reports its counts at the latest when
+/// it exits).
+pub async fn message_row_writes(pool: &PgPool) -> Result<(i64, i64), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *tx)
+        .await?;
+    let counts: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT n_tup_ins, n_tup_upd FROM pg_stat_user_tables \
+          WHERE relid = 'public.messages'::regclass",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(counts.unwrap_or((0, 0)))
+}
+
+/// Backends on database `name` that have finished listening for chat messages: the
+/// replicas' notification connections, idle after their `LISTEN` (read from another
+/// database).
+pub async fn message_listeners(admin: &PgPool, name: &str) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        r#"
+        SELECT count(*) FROM pg_stat_activity
+         WHERE datname = $1 AND state = 'idle' AND query LIKE '%LISTEN "agentd_messages"%'
+        "#,
+    )
+    .bind(name)
+    .fetch_one(admin)
+    .await?)
+}
