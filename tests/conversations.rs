@@ -1151,3 +1151,58 @@ async fn a_conversation_deleted_during_its_turn_ends_the_turn_quietly() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn infinite_timestamps_in_a_users_rows_leave_turns_working() {
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    for at in ["infinity", "-infinity", "20000-01-01"] {
+        as_user::<Uuid>(
+            &db.pool,
+            user,
+            &format!(
+                "INSERT INTO messages (conversation_id, content, sender_type, created_at) \
+                 VALUES ('{conversation}', 'at {at}', 'user', '{at}') RETURNING id"
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    as_user::<i64>(
+        &db.pool,
+        user,
+        &format!(
+            "WITH c AS (UPDATE conversations SET last_message_time = '-infinity', \
+               updated_at = 'infinity' WHERE id = '{conversation}' RETURNING 1) \
+             SELECT count(*) FROM c"
+        ),
+    )
+    .await
+    .unwrap();
+    let (executor, seen) = Chatty::new(&["fine"], Duration::ZERO);
+    let worker = InProcessWorker::start(&db, "w1", &[], executor).await;
+    let replies = final_replies(&db.pool, conversation, 1).await;
+    say(&db.pool, user, conversation, "still fine?").await;
+    let more = final_replies(&db.pool, conversation, 2).await;
+    worker.stop().await;
+    assert_eq!(replies[0].1["status"], "completed");
+    assert_eq!(more[1].1["status"], "completed");
+    // Times no arithmetic can use reach the executor as null, in the stored order.
+    let history = seen.lock().unwrap()[0]["conversation"]["messages"].clone();
+    let times: Vec<&Value> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["created_at"])
+        .collect();
+    assert_eq!(times, [&Value::Null, &Value::Null, &Value::Null]);
+    // The reply moved last_message_time forward from -infinity.
+    let moved: bool = sqlx::query_scalar(
+        "SELECT last_message_time > now() - interval '1 minute' FROM conversations WHERE id = $1",
+    )
+    .bind(conversation)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(moved);
+}
