@@ -5,7 +5,7 @@
 mod support;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentd::executor::{BoxFuture, Executor, Outcome, RunContext};
 use serde_json::{Value, json};
@@ -634,8 +634,51 @@ async fn three_replicas_answer_each_message_once_even_when_one_is_killed_mid_str
     replicas[victim].signal(Signal::SIGKILL);
     replicas[victim].wait_exit(Duration::from_secs(10));
 
-    for (_, conversation, _) in &conversations {
-        final_replies(&db.pool, *conversation, 1).await;
+    // Every conversation's reply final; on a timeout, say what the database and the
+    // replicas saw (this failed once in CI and never here).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut waiting = Vec::new();
+        for (_, conversation, _) in &conversations {
+            let replies = replies(&db.pool, *conversation).await;
+            if replies.is_empty() || replies.iter().any(|(_, a)| a["status"] == "streaming") {
+                waiting.push(*conversation);
+            }
+        }
+        if waiting.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let state: Vec<(String,)> = sqlx::query_as(
+                "SELECT format('turn %s conv %s ended %s interrupted %s lease %s run %s/%s reply %s', \
+                        t.run_id, t.conversation_id, t.ended, t.interrupted, \
+                        (SELECT l.worker_id || ' until ' || l.expires_at || ' now ' || now() \
+                           FROM agentd.leases l WHERE l.run_id = t.run_id), \
+                        r.status, r.error, \
+                        (SELECT m.attachments::text FROM messages m WHERE m.id = t.reply_id)) \
+                   FROM agentd.turns t LEFT JOIN runs r ON r.id = t.run_id \
+                  WHERE t.conversation_id = ANY($1) \
+                 UNION ALL SELECT format('waiting %s', w.conversation_id) \
+                   FROM agentd.waiting_conversations w WHERE w.conversation_id = ANY($1)",
+            )
+            .bind(&waiting)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+            let logs: Vec<Vec<String>> = replicas
+                .iter_mut()
+                .map(|replica| {
+                    replica
+                        .drain()
+                        .iter()
+                        .filter(|line| !line.contains("\"level\":\"info\""))
+                        .cloned()
+                        .collect()
+                })
+                .collect();
+            panic!("replies not final after 40 s: {waiting:?}\n{state:#?}\n{logs:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut lost = 0;
     for (_, conversation, asked) in &conversations {

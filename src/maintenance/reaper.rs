@@ -55,11 +55,15 @@ impl Reaper {
                     _ = stop.cancelled() => return,
                 },
             }
-            self.reap().await;
-            self.end_orphaned_turns().await;
+            // A failed look is retried soon even when no lease is left to follow: the
+            // runs or turns it missed would otherwise wait for the next lease anywhere.
+            let reaped = self.reap().await;
+            let looked = self.end_orphaned_turns().await && reaped;
             next = match next_lease_expiry(&self.pool).await {
-                Ok(Some(until)) => Some(until + EXPIRY_MARGIN),
-                Ok(None) => None,
+                Ok(Some(until)) if looked => Some(until + EXPIRY_MARGIN),
+                Ok(Some(until)) => Some((until + EXPIRY_MARGIN).min(self.retry)),
+                Ok(None) if looked => None,
+                Ok(None) => Some(self.retry),
                 Err(error) => {
                     crate::measure::database_error("reap");
                     tracing::warn!(error = %error, "reading lease expiries failed");
@@ -71,8 +75,8 @@ impl Reaper {
 
     /// Ends the conversation turns whose lease is gone without a final reply (their worker
     /// was lost, or failed to write it): each reply says so, and the conversation's next
-    /// turn may start.
-    async fn end_orphaned_turns(&self) {
+    /// turn may start. False when a statement failed.
+    async fn end_orphaned_turns(&self) -> bool {
         loop {
             match end_orphaned_turns(&self.pool, REAP_BATCH).await {
                 Ok(ended) => {
@@ -83,19 +87,20 @@ impl Reaper {
                         );
                     }
                     if ended < REAP_BATCH as u64 {
-                        return;
+                        return true;
                     }
                 }
                 Err(error) => {
                     crate::measure::database_error("end_orphaned_turns");
                     tracing::warn!(error = %error, "ending orphaned turns failed");
-                    return;
+                    return false;
                 }
             }
         }
     }
 
-    async fn reap(&self) {
+    /// Reaps every expired lease; false when a statement failed.
+    async fn reap(&self) -> bool {
         loop {
             match reap_expired_leases(&self.pool, REAP_BATCH).await {
                 Ok(reaped) => {
@@ -109,13 +114,13 @@ impl Reaper {
                         );
                     }
                     if reaped.len() < REAP_BATCH {
-                        return;
+                        return true;
                     }
                 }
                 Err(error) => {
                     crate::measure::database_error("reap");
                     tracing::warn!(error = %error, "reaping expired leases failed");
-                    return;
+                    return false;
                 }
             }
         }
