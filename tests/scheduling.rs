@@ -774,3 +774,62 @@ async fn a_worker_that_lost_its_lease_cannot_write_to_the_run_any_more() {
         "no line may be written after the lease was lost"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runs_slot_is_free_while_its_outcome_is_still_being_written() {
+    // One slot. Run A's outcome cannot be written (its row is locked by the test): with the
+    // slot given back when A's executor ended, run B is claimed and runs meanwhile.
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let worker = InProcessWorker::start(
+        &db,
+        "w1",
+        &[("AGENTD__WORKER__CONCURRENCY", "1")],
+        slow(Duration::from_millis(500)),
+    )
+    .await;
+    let a = support::request_agent_run(&db.pool, agent).await;
+    support::eventually(Duration::from_secs(10), "run A runs", || async {
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM runs WHERE id = '{a}' AND status = 'running'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
+        .bind(a)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let b = support::request_agent_run(&db.pool, agent).await;
+    // B is claimed and executes (its first log line stored) while A's outcome waits for
+    // the lock.
+    support::eventually(Duration::from_secs(10), "run B runs", || async {
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM run_logs WHERE run_id = '{b}' AND message = 'working'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM runs WHERE id = '{a}' AND status = 'running'"),
+        )
+        .await,
+        1,
+        "A's outcome was written through the lock"
+    );
+    lock.rollback().await.unwrap();
+    let a_run = support::finished_run(&db.pool, a, Duration::from_secs(20)).await;
+    let b_run = support::finished_run(&db.pool, b, Duration::from_secs(20)).await;
+    worker.stop().await;
+    assert_eq!(a_run.status, "completed");
+    assert_eq!(b_run.status, "completed");
+}

@@ -49,6 +49,8 @@ struct ControlInner {
     executed: AtomicBool,
     /// Where the run came from: its slot is given back to that source.
     source: Source,
+    /// The slot was given back (once, when the executor ended).
+    slot_freed: AtomicBool,
 }
 
 impl RunControl {
@@ -63,6 +65,7 @@ impl RunControl {
                 lost: AtomicBool::new(false),
                 executed: AtomicBool::new(false),
                 source,
+                slot_freed: AtomicBool::new(false),
             }),
         }
     }
@@ -95,6 +98,11 @@ impl RunControl {
     /// The executor has ended: from now on the lease is not renewed.
     pub fn end_execution(&self) {
         self.inner.executed.store(true, Ordering::SeqCst);
+    }
+
+    /// True the first time only: the caller gives the run's slot back.
+    pub fn free_slot_once(&self) -> bool {
+        !self.inner.slot_freed.swap(true, Ordering::SeqCst)
     }
 
     /// Whether the executor is still executing (its lease is renewed).

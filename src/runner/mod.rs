@@ -384,6 +384,7 @@ impl Runner {
             Ok(target) => target,
             Err(error) => {
                 control.end_execution();
+                self.free_slot(&control);
                 drop((sink, artifact_sink));
                 let artifacts = store.await.unwrap_or_default();
                 let log = pipe.await.unwrap_or_default();
@@ -435,6 +436,7 @@ impl Runner {
             _ = control.stopped() => None,
         };
         control.end_execution();
+        self.free_slot(&control);
         streamed.cancel();
         if let Some(streamer) = streamer {
             let _ = streamer.await;
@@ -600,8 +602,8 @@ impl Runner {
         }
     }
 
-    /// Records the outcome with the run's last log lines (unless the lease was lost) and
-    /// frees the run's slot.
+    /// Records the outcome with the run's last log lines (unless the lease was lost); the
+    /// run's slot is free by then (see [`Runner::free_slot`]).
     async fn finish(&self, run_id: Uuid, kind: &'static str, control: &RunControl, ended: Ended) {
         let (mut log_totals, log_tail) = ended.log;
         // The last lines are written with the outcome: count them as stored.
@@ -654,6 +656,15 @@ impl Runner {
         }
         if self.active().remove(&run_id).is_some() {
             crate::measure::run_ended();
+            self.free_slot(control);
+        }
+    }
+
+    /// Gives the run's slot back, once: called when its executor ends, so what is left
+    /// (the last log lines, artifacts, a turn's reply, the outcome) is written without
+    /// holding room another run could use. Those writes stay fenced by the lease.
+    fn free_slot(&self, control: &RunControl) {
+        if control.free_slot_once() {
             self.inner.slots.release_running(control.source());
         }
     }

@@ -139,7 +139,7 @@ impl Slots {
         self.state().running[source.index()] += 1;
     }
 
-    /// A run of `source` ended: its slot is free.
+    /// A run of `source` needs its slot no more (its executor ended): the slot is free.
     pub fn release_running(&self, source: Source) {
         {
             let mut state = self.state();
