@@ -77,6 +77,14 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
     let p99 = number(&report, &["burst", "lag_p99_ms"]);
     assert!(0.0 <= p50 && p50 <= p99, "{report:#}");
     assert!(number(&report, &["burst", "all_completed_after_ms"]) >= p99);
+    // Every run held its slot for a while, never longer than the whole burst.
+    let slot_p50 = number(&report, &["burst", "slot_p50_ms"]);
+    let slot_p99 = number(&report, &["burst", "slot_p99_ms"]);
+    assert!(0.0 < slot_p50 && slot_p50 <= slot_p99, "{report:#}");
+    assert!(
+        slot_p99 <= number(&report, &["burst", "all_completed_after_ms"]),
+        "{report:#}"
+    );
 
     // 20 fires a second for 3 s: about 60 (the window's edges may move one slot group).
     let fired = number(&report, &["steady", "fired"]);

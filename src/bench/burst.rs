@@ -1,5 +1,6 @@
 //! `burst`: N schedules due at the same instant; the time until all started and completed,
-//! and the scheduling lag (start_time − scheduled_for) of each run.
+//! the scheduling lag (start_time − scheduled_for) of each run, and how long each run held
+//! its slot.
 
 use std::time::Duration;
 
@@ -35,6 +36,12 @@ pub struct BurstReport {
     pub replica_cpu_seconds: Vec<f64>,
     /// Peak resident memory of each replica, MiB.
     pub replica_peak_rss_mib: Vec<f64>,
+    /// How long a run held its slot (`resource_usage.slot_ms`: start to executor end), ms,
+    /// median and 99th percentile (absent in reports from before it was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_p99_ms: Option<f64>,
 }
 
 /// Runs `burst` on a scratch database; its lags join the chart.
@@ -63,6 +70,7 @@ pub(super) async fn run(bench: &mut Bench<'_>) -> anyhow::Result<BurstReport> {
     let span = store::bench::run_span(&scratch.pool).await?;
     let lags =
         store::bench::scheduling_lags(&scratch.pool, at, at + chrono::Duration::seconds(1)).await?;
+    let slots = store::bench::slot_times(&scratch.pool).await?;
     bench.drop_scratch(scratch).await?;
     let report = BurstReport {
         schedules: n,
@@ -76,6 +84,8 @@ pub(super) async fn run(bench: &mut Bench<'_>) -> anyhow::Result<BurstReport> {
         lag_max_ms: ms(lags.last().copied()),
         replica_cpu_seconds: costs.iter().map(|c| round2(c.cpu_seconds)).collect(),
         replica_peak_rss_mib: costs.iter().map(|c| round2(c.peak_rss_mib)).collect(),
+        slot_p50_ms: ms(percentile(&slots, 50.0)),
+        slot_p99_ms: ms(percentile(&slots, 99.0)),
     };
     bench.series.push((format!("burst ({n} at once)"), lags));
     Ok(report)

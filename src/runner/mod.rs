@@ -114,6 +114,8 @@ struct Ended {
     /// `None`: the lease was lost, nothing is recorded.
     outcome: Option<Outcome>,
     started: Instant,
+    /// How long the run held its slot (`None`: it was given back only at the end).
+    slot: Option<Duration>,
     usage: Usage,
     executor: &'static str,
     redactor: Redactor,
@@ -133,6 +135,7 @@ impl Ended {
                 output: None,
             }),
             started: Instant::now(),
+            slot: None,
             usage: Usage::default(),
             executor: "none",
             redactor: Redactor::default(),
@@ -385,11 +388,13 @@ impl Runner {
             Err(error) => {
                 control.end_execution();
                 self.free_slot(&control);
+                let slot = Some(started.elapsed());
                 drop((sink, artifact_sink));
                 let artifacts = store.await.unwrap_or_default();
                 let log = pipe.await.unwrap_or_default();
                 let ended = Ended {
                     started,
+                    slot,
                     log,
                     artifacts,
                     turn,
@@ -437,6 +442,7 @@ impl Runner {
         };
         control.end_execution();
         self.free_slot(&control);
+        let slot = Some(started.elapsed());
         streamed.cancel();
         if let Some(streamer) = streamer {
             let _ = streamer.await;
@@ -467,6 +473,7 @@ impl Runner {
         let ended = Ended {
             outcome,
             started,
+            slot,
             usage,
             executor: executor.name(),
             redactor,
@@ -622,6 +629,11 @@ impl Runner {
                 let usage = UsageRecord {
                     executor_figures: ended.usage.take(),
                     duration_ms: ended.started.elapsed().as_millis() as u64,
+                    slot_ms: ended
+                        .slot
+                        .unwrap_or_else(|| ended.started.elapsed())
+                        .as_micros() as f64
+                        / 1000.0,
                     log_lines: log_totals.lines,
                     log_bytes: log_totals.bytes,
                     log_lines_dropped: log_totals.dropped_lines,

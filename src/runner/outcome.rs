@@ -27,6 +27,9 @@ pub struct UsageRecord<'a> {
     #[serde(flatten)]
     pub executor_figures: serde_json::Map<String, serde_json::Value>,
     pub duration_ms: u64,
+    /// How long the run held its slot: from its start to its executor's end (the writes
+    /// after that do not hold one), to the microsecond.
+    pub slot_ms: f64,
     pub log_lines: u64,
     pub log_bytes: u64,
     pub log_lines_dropped: u64,
@@ -39,8 +42,9 @@ pub struct UsageRecord<'a> {
 
 impl UsageRecord<'_> {
     /// The runner's figures, by name.
-    const RUNNER_FIGURES: [&'static str; 9] = [
+    const RUNNER_FIGURES: [&'static str; 10] = [
         "duration_ms",
+        "slot_ms",
         "log_lines",
         "log_bytes",
         "log_lines_dropped",
@@ -202,6 +206,7 @@ mod tests {
         let text = UsageRecord {
             executor_figures,
             duration_ms: 7,
+            slot_ms: 6.5,
             log_lines: 1,
             log_bytes: 2,
             log_lines_dropped: 3,
@@ -230,7 +235,7 @@ mod tests {
         assert_eq!(
             value,
             serde_json::json!({
-                "tokens": 42, "duration_ms": 7, "log_lines": 1, "log_bytes": 2,
+                "tokens": 42, "duration_ms": 7, "slot_ms": 6.5, "log_lines": 1, "log_bytes": 2,
                 "log_lines_dropped": 3, "log_bytes_dropped": 4, "artifacts": 5,
                 "artifact_bytes": 6, "artifacts_rejected": 8, "executor": "builtin",
             })

@@ -209,6 +209,20 @@ pub async fn scheduling_lags(
     .await?)
 }
 
+/// How long each recorded run held its slot (`resource_usage.slot_ms`), in seconds, sorted.
+pub async fn slot_times(pool: &PgPool) -> Result<Vec<f64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        r#"
+        SELECT (resource_usage->>'slot_ms')::float8 / 1000.0 AS slot
+          FROM public.runs
+         WHERE resource_usage ? 'slot_ms'
+         ORDER BY slot
+        "#,
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Log lines stored, and the span of their timestamps.
 pub async fn log_span(
     pool: &PgPool,
