@@ -51,6 +51,8 @@ struct ControlInner {
     source: Source,
     /// The slot was given back (once, when the executor ended).
     slot_freed: AtomicBool,
+    /// When the run took its slot.
+    occupied_at: Instant,
 }
 
 impl RunControl {
@@ -66,6 +68,7 @@ impl RunControl {
                 executed: AtomicBool::new(false),
                 source,
                 slot_freed: AtomicBool::new(false),
+                occupied_at: Instant::now(),
             }),
         }
     }
@@ -98,6 +101,11 @@ impl RunControl {
     /// The executor has ended: from now on the lease is not renewed.
     pub fn end_execution(&self) {
         self.inner.executed.store(true, Ordering::SeqCst);
+    }
+
+    /// How long since the run took its slot (when it was started).
+    pub fn in_slot_for(&self) -> std::time::Duration {
+        self.inner.occupied_at.elapsed()
     }
 
     /// True the first time only: the caller gives the run's slot back.

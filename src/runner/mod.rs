@@ -114,7 +114,7 @@ struct Ended {
     /// `None`: the lease was lost, nothing is recorded.
     outcome: Option<Outcome>,
     started: Instant,
-    /// How long the run held its slot (`None`: it was given back only at the end).
+    /// How long the run held its slot, from its start (`None`: given back only at the end).
     slot: Option<Duration>,
     usage: Usage,
     executor: &'static str,
@@ -388,7 +388,7 @@ impl Runner {
             Err(error) => {
                 control.end_execution();
                 self.free_slot(&control);
-                let slot = Some(started.elapsed());
+                let slot = Some(control.in_slot_for());
                 drop((sink, artifact_sink));
                 let artifacts = store.await.unwrap_or_default();
                 let log = pipe.await.unwrap_or_default();
@@ -442,7 +442,7 @@ impl Runner {
         };
         control.end_execution();
         self.free_slot(&control);
-        let slot = Some(started.elapsed());
+        let slot = Some(control.in_slot_for());
         streamed.cancel();
         if let Some(streamer) = streamer {
             let _ = streamer.await;
@@ -631,7 +631,7 @@ impl Runner {
                     duration_ms: ended.started.elapsed().as_millis() as u64,
                     slot_ms: ended
                         .slot
-                        .unwrap_or_else(|| ended.started.elapsed())
+                        .unwrap_or_else(|| control.in_slot_for())
                         .as_micros() as f64
                         / 1000.0,
                     log_lines: log_totals.lines,
