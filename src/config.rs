@@ -276,8 +276,13 @@ pub struct WorkerSettings {
     /// Never empty: defaults to host name and process id.
     #[serde(deserialize_with = "value::worker_id")]
     pub id: String,
-    /// Runs executed at once, at least 1.
-    #[serde(deserialize_with = "value::whole::<_, _, 1, 10_000>")]
+    /// Most runs this replica holds at once, whatever their executor (each executor also
+    /// has a limit of its own: `executors.<name>.concurrency`).
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 100_000>")]
+    pub max_runs: usize,
+    /// The single limit of earlier versions; 0: not set. When set, it is `max_runs` and
+    /// every executor's limit, as before (see [`Settings::load`]).
+    #[serde(deserialize_with = "value::whole::<_, _, 0, 100_000>")]
     pub concurrency: usize,
 }
 
@@ -373,6 +378,9 @@ pub struct OpenAiExecutorSettings {
     /// could stream forever).
     #[serde(deserialize_with = "value::whole::<_, _, 1, 4_294_967_295>")]
     pub max_reply_bytes: usize,
+    /// Most runs executing with this executor at once.
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 100_000>")]
+    pub concurrency: usize,
 }
 
 impl fmt::Debug for OpenAiExecutorSettings {
@@ -384,6 +392,7 @@ impl fmt::Debug for OpenAiExecutorSettings {
             .field("model_by_category", &self.model_by_category)
             .field("api_key_env", &self.api_key_env)
             .field("max_reply_bytes", &self.max_reply_bytes)
+            .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -400,6 +409,9 @@ pub struct WebhookExecutorSettings {
     pub secret: Option<String>,
     #[serde(deserialize_with = "value::env_name_or_empty")]
     pub secret_env: String,
+    /// Most runs executing with this executor at once.
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 100_000>")]
+    pub concurrency: usize,
 }
 
 impl fmt::Debug for WebhookExecutorSettings {
@@ -407,6 +419,7 @@ impl fmt::Debug for WebhookExecutorSettings {
         f.debug_struct("WebhookExecutorSettings")
             .field("url", &self.url)
             .field("secret_env", &self.secret_env)
+            .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -482,6 +495,10 @@ pub struct CommandExecutorSettings {
     /// As root: most processes a run's user may have at once.
     #[serde(deserialize_with = "value::whole::<_, _, 1, 1_000_000>")]
     pub max_processes: u64,
+    /// Most programs running at once; 0 in the settings: the number of CPUs (resolved when
+    /// the settings are loaded, so never 0 here).
+    #[serde(deserialize_with = "value::whole::<_, _, 0, 100_000>")]
+    pub concurrency: usize,
 }
 
 impl fmt::Debug for ArtifactSettings {
@@ -542,6 +559,9 @@ pub struct BuiltinExecutorSettings {
     /// 0: normal; N: a no-op logging N lines (benchmarks).
     #[serde(deserialize_with = "value::whole::<_, _, 0, 10_000_000>")]
     pub noop_lines: u64,
+    /// Most runs executing with this executor at once.
+    #[serde(deserialize_with = "value::whole::<_, _, 1, 100_000>")]
+    pub concurrency: usize,
 }
 
 /// Keys named by the rules that span sections (each is also a field above; a test checks
@@ -584,7 +604,37 @@ impl Settings {
             .map_err(|error| report.explain(error))?;
         settings.complete(env, &report)?;
         settings.deprecations = deprecations;
+        if let Some(note) = settings.resolve_limits() {
+            settings.deprecations.push(note);
+        }
         Ok(settings)
+    }
+
+    /// The runs limits: `executors.command.concurrency = 0` becomes the number of CPUs, and
+    /// the former single limit `worker.concurrency`, when set, keeps its meaning (that many
+    /// runs at once, whatever the executor): it becomes `worker.max_runs` and every
+    /// executor's limit. Returns the warning that says so.
+    fn resolve_limits(&mut self) -> Option<String> {
+        let executors = &mut self.executors;
+        if executors.command.concurrency == 0 {
+            executors.command.concurrency = std::thread::available_parallelism()
+                .map(std::num::NonZeroUsize::get)
+                .unwrap_or(1);
+        }
+        let old = self.worker.concurrency;
+        if old == 0 {
+            return None;
+        }
+        self.worker.max_runs = old;
+        executors.builtin.concurrency = old;
+        executors.command.concurrency = old;
+        executors.openai.concurrency = old;
+        executors.webhook.concurrency = old;
+        Some(format!(
+            "config: worker.concurrency = {old} is deprecated: it sets worker.max_runs and every \
+             executor's concurrency (executors.<name>.concurrency) to {old}, as before; set those \
+             instead"
+        ))
     }
 
     /// What the sections cannot say alone: rules across sections, and values read from the
@@ -724,6 +774,60 @@ fn flatten(table: &toml::Table, defaults: &toml::Table) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_limits_default_per_executor_and_the_former_single_limit_sets_them_all() {
+        let settings = Settings::load(None, &env(&[])).unwrap();
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(settings.worker.max_runs, 1000);
+        assert_eq!(
+            settings.executors.command.concurrency, cpus,
+            "0 is the CPUs"
+        );
+        assert_eq!(settings.executors.builtin.concurrency, 500);
+        assert_eq!(settings.executors.openai.concurrency, 500);
+        assert_eq!(settings.executors.webhook.concurrency, 500);
+        assert!(
+            settings.deprecations.is_empty(),
+            "{:?}",
+            settings.deprecations
+        );
+
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("AGENTD__WORKER__CONCURRENCY", "16"),
+                ("AGENTD__EXECUTORS__BUILTIN__CONCURRENCY", "300"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.worker.max_runs, 16);
+        for limit in [
+            settings.executors.builtin.concurrency,
+            settings.executors.command.concurrency,
+            settings.executors.openai.concurrency,
+            settings.executors.webhook.concurrency,
+        ] {
+            assert_eq!(limit, 16, "the old limit applies to every executor");
+        }
+        assert_eq!(settings.deprecations.len(), 1);
+        assert!(
+            settings.deprecations[0].contains("worker.concurrency = 16 is deprecated"),
+            "{:?}",
+            settings.deprecations
+        );
+
+        let error = Settings::load(
+            None,
+            &env(&[("AGENTD__EXECUTORS__OPENAI__CONCURRENCY", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("executors.openai.concurrency"),
+            "the error names the key: {error}"
+        );
+    }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

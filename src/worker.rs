@@ -63,7 +63,7 @@ pub async fn serve(
             worker_id: worker_id.clone(),
             lease_ttl: settings.lease.ttl,
             max_backoff: settings.database.max_backoff,
-            concurrency: settings.worker.concurrency,
+            concurrency: settings.worker.max_runs,
             run_timeout: settings.executor.timeout,
             log_limits: LogLimits {
                 max_lines: settings.logs.max_lines_per_run,
@@ -219,7 +219,7 @@ pub async fn serve(
     }
     claimers.close();
     health.set_serving(true);
-    tracing::info!(concurrency = settings.worker.concurrency, "worker started");
+    tracing::info!(max_runs = runner.capacity(), "worker started");
 
     tokio::select! {
         _ = shutdown.cancelled() => {}

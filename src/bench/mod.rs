@@ -163,8 +163,8 @@ pub struct BenchOptions {
     /// Replicas (separate processes) for burst, steady, throughput, logs and chat.
     #[arg(long, default_value_t = 2)]
     pub replicas: usize,
-    /// worker.concurrency of each replica. The no-op runs take microseconds, so the
-    /// default is far above the daemon's (16), which is sized for real agents.
+    /// Most runs at once in each replica (its worker.max_runs and the builtin and openai
+    /// executors' concurrency); the daemon's defaults are 1000, 500 and 500.
     #[arg(long, default_value_t = 1000)]
     pub concurrency: usize,
     /// burst: schedules due at the same instant.
@@ -324,16 +324,18 @@ impl Bench<'_> {
         noop_lines: i64,
         more: Vec<(String, String)>,
     ) -> anyhow::Result<Fleet> {
-        let mut settings = vec![
-            (
-                "AGENTD__EXECUTORS__BUILTIN__NOOP_LINES".to_string(),
-                noop_lines.to_string(),
-            ),
-            (
-                "AGENTD__WORKER__CONCURRENCY".to_string(),
-                self.options.concurrency.to_string(),
-            ),
-        ];
+        let mut settings = vec![(
+            "AGENTD__EXECUTORS__BUILTIN__NOOP_LINES".to_string(),
+            noop_lines.to_string(),
+        )];
+        // --concurrency is each replica's limit, in all and for the executors benched.
+        for name in [
+            "AGENTD__WORKER__MAX_RUNS",
+            "AGENTD__EXECUTORS__BUILTIN__CONCURRENCY",
+            "AGENTD__EXECUTORS__OPENAI__CONCURRENCY",
+        ] {
+            settings.push((name.to_string(), self.options.concurrency.to_string()));
+        }
         settings.extend(more);
         Fleet::start(&FleetOptions {
             url: &scratch.url,
@@ -413,7 +415,7 @@ pub struct Report {
     pub agentd: String,
     /// Where it ran.
     pub machine: Machine,
-    /// worker.concurrency of each replica.
+    /// Most runs at once in each replica (`--concurrency`).
     pub replica_concurrency: usize,
     /// `burst`, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -37,10 +37,14 @@ pub use crate::domain::{AgentDefinition, ClaimedRun, Conversation, RunKind, Targ
 /// Fails when the command executor's runs cannot be given places of their own.
 pub fn from_settings(settings: &crate::config::Settings) -> Result<Executors, String> {
     use crate::config::ExecutorKind;
-    let builtin: Arc<dyn Executor> = Arc::new(
-        builtin::BuiltinExecutor::new(settings.executors.builtin.step_delay)
-            .with_noop_lines(settings.executors.builtin.noop_lines),
-    );
+    let limits = &settings.executors;
+    let builtin: Arc<dyn Executor> = Arc::new(Limited::new(
+        Arc::new(
+            builtin::BuiltinExecutor::new(limits.builtin.step_delay)
+                .with_noop_lines(limits.builtin.noop_lines),
+        ),
+        limits.builtin.concurrency,
+    ));
     let command: Option<Arc<dyn Executor>> = if settings.executors.command.program.is_empty() {
         None
     } else {
@@ -48,20 +52,29 @@ pub fn from_settings(settings: &crate::config::Settings) -> Result<Executors, St
         if let Some(limitations) = command.limitations() {
             tracing::warn!("{limitations}");
         }
-        Some(Arc::new(command) as Arc<dyn Executor>)
+        Some(
+            Arc::new(Limited::new(Arc::new(command), limits.command.concurrency))
+                as Arc<dyn Executor>,
+        )
     };
     let client = http::client(settings.executors.http);
     let openai: Option<Arc<dyn Executor>> = client.as_ref().ok().map(|client| {
-        Arc::new(openai::OpenAiExecutor::new(
-            settings.executors.openai.clone(),
-            client.clone(),
+        Arc::new(Limited::new(
+            Arc::new(openai::OpenAiExecutor::new(
+                settings.executors.openai.clone(),
+                client.clone(),
+            )),
+            limits.openai.concurrency,
         )) as Arc<dyn Executor>
     });
     let webhook: Option<Arc<dyn Executor>> = client.as_ref().ok().map(|client| {
-        Arc::new(webhook::WebhookExecutor::new(
-            settings.executors.webhook.clone(),
-            client.clone(),
-            settings.artifacts.max_bytes,
+        Arc::new(Limited::new(
+            Arc::new(webhook::WebhookExecutor::new(
+                settings.executors.webhook.clone(),
+                client.clone(),
+                settings.artifacts.max_bytes,
+            )),
+            limits.webhook.concurrency,
         )) as Arc<dyn Executor>
     });
     if let Err(error) = &client {
@@ -107,6 +120,59 @@ pub trait Executor: Send + Sync + 'static {
     /// `execution.timeout` applies.
     fn timeout(&self) -> Option<Duration> {
         None
+    }
+
+    /// Most runs this executor executes at once, when it is limited ([`Limited`]).
+    fn limit(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// An executor that executes at most `limit` runs at once (`executors.<name>.concurrency`);
+/// a run beyond waits for room, holding its slot and lease (its timeout runs meanwhile).
+/// Team members go through the same limit as runs of their own.
+pub struct Limited {
+    inner: Arc<dyn Executor>,
+    limit: usize,
+    room: tokio::sync::Semaphore,
+}
+
+impl Limited {
+    /// `inner`, at most `limit` runs (at least 1) at once.
+    pub fn new(inner: Arc<dyn Executor>, limit: usize) -> Limited {
+        let limit = limit.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Limited {
+            inner,
+            limit,
+            room: tokio::sync::Semaphore::new(limit),
+        }
+    }
+}
+
+impl Executor for Limited {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn execute<'a>(&'a self, run: &'a RunContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let Ok(_room) = self.room.acquire().await else {
+                return Outcome::Failed {
+                    error: format!("the {} executor is closed", self.inner.name()),
+                    output: None,
+                };
+            };
+            self.inner.execute(run).await
+        })
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.inner.timeout()
+    }
+
+    fn limit(&self) -> Option<usize> {
+        Some(self.limit)
     }
 }
 
@@ -170,6 +236,21 @@ impl Executors {
             run_timeout,
         )));
         self
+    }
+
+    /// Most agent runs these executors execute at once: the sum of the limits of the
+    /// executors agents may go to (each counted once); `None` when one has no limit.
+    pub fn capacity(&self) -> Option<usize> {
+        let mut counted: Vec<*const ()> = Vec::new();
+        let mut total = 0usize;
+        for executor in std::iter::once(&self.default).chain(self.by_category.values()) {
+            let key = Arc::as_ptr(executor) as *const ();
+            if !counted.contains(&key) {
+                counted.push(key);
+                total = total.saturating_add(executor.limit()?);
+            }
+        }
+        Some(total)
     }
 
     /// The executor for an agent of `category` (unknown categories get the default).

@@ -93,6 +93,7 @@ pub struct RunnerOptions {
     pub worker_id: String,
     pub lease_ttl: Duration,
     pub max_backoff: Duration,
+    /// `worker.max_runs`: most runs at once (fewer when the executors allow fewer).
     pub concurrency: usize,
     /// `execution.timeout`: longest a run may execute unless its executor has its own limit.
     pub run_timeout: Duration,
@@ -149,7 +150,12 @@ impl Ended {
 impl Runner {
     /// A runner executing with `executors` (teams included: see [`Executors::with_teams`]).
     pub fn new(pool: PgPool, options: RunnerOptions, executors: Executors) -> Runner {
-        let concurrency = options.concurrency.max(1);
+        // The claim takes no more than the executors can start: with every agent on one
+        // executor, the smaller of its limit and the replica's.
+        let concurrency = options
+            .concurrency
+            .min(executors.capacity().unwrap_or(usize::MAX))
+            .max(1);
         let log_writer = logs::log_writer(pool.clone(), options.worker_id.clone());
         let agent_loader = {
             let pool = pool.clone();
@@ -204,6 +210,11 @@ impl Runner {
     /// Runs in flight.
     pub fn in_flight(&self) -> usize {
         self.active().len()
+    }
+
+    /// Most runs at once (`worker.max_runs`, or fewer when the executors allow fewer).
+    pub fn capacity(&self) -> usize {
+        self.inner.slots.capacity()
     }
 
     /// Room for more runs.

@@ -1,12 +1,12 @@
-//! The runner's slots (`worker.concurrency`), shared between the sources of runs.
+//! The runner's slots (`worker.max_runs`, or fewer when the executors allow fewer), shared
+//! between the sources of runs.
 //!
 //! Each source (requests, schedules, conversation turns) claims its own work in its own loop, and asks here for
 //! room first: a reservation of free slots, which the runs it claims then occupy and which
 //! is given back for what it did not claim. A source that holds no slot may always start
-//! one run, beyond `worker.concurrency` if the other source holds every slot (unless
-//! `worker.concurrency` is 1): so the first
+//! one run, beyond capacity if the other source holds every slot (unless capacity is 1): so the first
 //! run of one source never waits for the other's runs to end, and a replica whose runs all
-//! come from one source still runs `worker.concurrency` of them. When several sources have
+//! come from one source still runs capacity of them. When several sources have
 //! work waiting, free slots are split between them, and a single free slot goes to each in
 //! turn, so no source can starve another: a flood of requests cannot hold back a schedule
 //! that is due, nor the other way round.
@@ -83,6 +83,11 @@ impl Slots {
         self.state().waiting[source.index()] = waiting;
     }
 
+    /// Slots in all.
+    pub fn capacity(&self) -> usize {
+        self.state().capacity
+    }
+
     /// Slots neither running nor reserved.
     pub fn available(&self) -> usize {
         self.state().free()
@@ -105,7 +110,7 @@ impl Slots {
             .iter()
             .filter(|other| **other != source && state.waiting[other.index()])
             .count();
-        // With a single slot, `worker.concurrency = 1` means one run: no run beyond it.
+        // With a single slot (a limit of 1) one run means one: no run beyond it.
         let first = state.held(source) == 0 && state.capacity > 1;
         let share = if free == 0 {
             usize::from(first)
