@@ -296,6 +296,9 @@ pub struct SchedulerSettings {
     pub batch_size: usize,
     #[serde(deserialize_with = "value::duration")]
     pub misfire_grace: Duration,
+    /// How far ahead of their instant schedules are claimed (0 to [`MAX_FIRE_AHEAD`]).
+    #[serde(deserialize_with = "value::duration")]
+    pub fire_ahead: Duration,
     pub misfire_policy: MisfirePolicy,
     pub overlap_policy: OverlapPolicy,
 }
@@ -570,6 +573,11 @@ const PROGRAM_KEY: &str = "executors.command.program";
 const WEBHOOK_URL_KEY: &str = "executors.webhook.url";
 const WEBHOOK_SECRET_KEY: &str = "executors.webhook.secret_env";
 const HTTP_TOKEN_KEY: &str = "http.token_env";
+const FIRE_AHEAD_KEY: &str = "scheduler.fire_ahead";
+
+/// Longest `scheduler.fire_ahead`: slots claimed ahead hold their runs' slots idle until
+/// their instant.
+pub const MAX_FIRE_AHEAD: Duration = Duration::from_secs(60);
 
 impl Settings {
     /// Loads the settings from the defaults, an optional file, and the given environment
@@ -649,6 +657,12 @@ impl Settings {
                 .filter(|value| !value.is_empty())
                 .cloned()
         };
+        if self.scheduler.fire_ahead > MAX_FIRE_AHEAD {
+            return Err(report.invalid(
+                FIRE_AHEAD_KEY,
+                "longer than 60s; expected a duration from 0s (claim at the instant) to 60s",
+            ));
+        }
         let command = &mut self.executors.command;
         if command.timeout.is_zero() {
             command.timeout = self.executor.timeout;

@@ -118,7 +118,8 @@ async fn a_replica_killed_with_runs_in_flight_is_reaped_within_the_lease_ttl() {
         || async {
             count(
                 &db.pool,
-                "SELECT count(*) FROM agentd.leases WHERE worker_id = 'victim'",
+                "SELECT count(*) FROM agentd.leases l JOIN runs r ON r.id = l.run_id \
+                  WHERE l.worker_id = 'victim'",
             )
             .await
                 >= 5
@@ -127,11 +128,15 @@ async fn a_replica_killed_with_runs_in_flight_is_reaped_within_the_lease_ttl() {
     .await;
     let mut survivor = replica(&db.url, "survivor", &settings);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let in_flight: Vec<Uuid> =
-        sqlx::query_scalar("SELECT run_id FROM agentd.leases WHERE worker_id = 'victim'")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    // Its runs: leases with a runs row (a slot it claimed ahead of its instant has none
+    // yet; the survivor fires those once their lease ends).
+    let in_flight: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT l.run_id FROM agentd.leases l JOIN runs r ON r.id = l.run_id \
+          WHERE l.worker_id = 'victim'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
     kill(victim.pid(), Signal::SIGKILL).unwrap();
     let killed_at = Instant::now();
     let _ = victim.wait_exit(Duration::from_secs(5));

@@ -465,7 +465,9 @@ async fn the_claim_is_an_index_scan_on_100k_schedules_with_few_due() {
         .unwrap();
     let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "EXPLAIN {}",
-        agentd::store::schedules::LOCK_SCHEDULES_SQL.replace("$1", "100")
+        agentd::store::schedules::LOCK_SCHEDULES_SQL
+            .replace("$1", "100")
+            .replace("$2", "2000")
     )))
     .fetch_all(&db.pool)
     .await
@@ -514,7 +516,10 @@ async fn the_claim_reads_days_of_every_shape() {
     let mut claim = agentd::store::schedules::ClaimTransaction::begin(&db.pool)
         .await
         .unwrap();
-    let (_, rows) = claim.lock_schedules(100).await.unwrap();
+    let (_, rows) = claim
+        .lock_schedules(100, std::time::Duration::ZERO)
+        .await
+        .unwrap();
     claim.rollback().await.unwrap();
     assert_eq!(rows.len(), cases.len());
     for ((days, expected, has_null), id) in cases.iter().zip(&ids) {

@@ -1,7 +1,7 @@
 //! `scale`: the claim's time with ever more schedules in the table (a few due among many
 //! that are not), to show it stays flat.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{SubsecRound, Timelike, Utc};
 use serde::Serialize;
@@ -59,7 +59,7 @@ pub(super) async fn run(bench: &mut Bench<'_>) -> anyhow::Result<ScaleReport> {
         for _ in 0..SAMPLES {
             let started = Instant::now();
             let mut claim = store::schedules::ClaimTransaction::begin(&scratch.pool).await?;
-            let (_, rows) = claim.lock_schedules(batch).await?;
+            let (_, rows) = claim.lock_schedules(batch, Duration::ZERO).await?;
             claim.rollback().await?;
             times.push(started.elapsed().as_secs_f64());
             anyhow::ensure!(

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::conversations::end_orphaned_turns;
-use crate::store::workers::{next_lease_expiry, reap_expired_leases};
+use crate::store::workers::{next_lease_expiry, reap_expired_leases, return_expired_ahead};
 
 /// Most leases reaped per statement; more are taken at once in further statements.
 const REAP_BATCH: usize = 500;
@@ -57,7 +57,8 @@ impl Reaper {
             }
             // A failed look is retried soon even when no lease is left to follow: the
             // runs or turns it missed would otherwise wait for the next lease anywhere.
-            let reaped = self.reap().await;
+            let returned = self.return_ahead().await;
+            let reaped = self.reap().await && returned;
             let looked = self.end_orphaned_turns().await && reaped;
             next = match next_lease_expiry(&self.pool).await {
                 Ok(Some(until)) if looked => Some(until + EXPIRY_MARGIN),
@@ -93,6 +94,31 @@ impl Reaper {
                 Err(error) => {
                     crate::measure::database_error("end_orphaned_turns");
                     tracing::warn!(error = %error, "ending orphaned turns failed");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Gives back the slots claimed ahead whose lease expired before their instant's run
+    /// was created; false when a statement failed.
+    async fn return_ahead(&self) -> bool {
+        loop {
+            match return_expired_ahead(&self.pool, REAP_BATCH).await {
+                Ok(returned) => {
+                    if returned > 0 {
+                        tracing::warn!(
+                            slots = returned,
+                            "slots claimed ahead by a lost worker given back; they fire late"
+                        );
+                    }
+                    if returned < REAP_BATCH as u64 {
+                        return true;
+                    }
+                }
+                Err(error) => {
+                    crate::measure::database_error("reap");
+                    tracing::warn!(error = %error, "giving back slots claimed ahead failed");
                     return false;
                 }
             }

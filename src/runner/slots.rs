@@ -182,7 +182,7 @@ pub struct Reservation<'a> {
     left: usize,
 }
 
-impl Reservation<'_> {
+impl<'a> Reservation<'a> {
     /// The source the slots are reserved for.
     pub fn source(&self) -> Source {
         self.source
@@ -196,6 +196,24 @@ impl Reservation<'_> {
     /// Whether nothing is reserved.
     pub fn is_empty(&self) -> bool {
         self.left == 0
+    }
+
+    /// Moves up to `count` of these slots into a reservation of their own (for runs that
+    /// start later: slots claimed ahead of their instant).
+    pub fn split_off(&mut self, count: usize) -> Reservation<'a> {
+        let moved = count.min(self.left);
+        self.left -= moved;
+        Reservation {
+            slots: self.slots,
+            source: self.source,
+            left: moved,
+        }
+    }
+
+    /// Takes over the slots of `other` (of the same source).
+    pub fn absorb(&mut self, mut other: Reservation<'a>) {
+        self.left += other.left;
+        other.left = 0;
     }
 
     /// Turns one reserved slot into a running run; false when none is left.

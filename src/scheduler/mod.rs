@@ -29,7 +29,9 @@ use crate::runner::Runner;
 use crate::runner::slots::{Reservation, Source};
 use crate::store::StoreError;
 use crate::store::runs::{ClaimedRun, RunKind};
-use crate::store::schedules::{ClaimTransaction, due_summary};
+use crate::store::schedules::{
+    ClaimTransaction, NewScheduledRun, due_summary, return_ahead, start_ahead,
+};
 use listener::MIN_NOTIFIED_GAP;
 use plan::{PlanEvent, RuleCache, plan_claim};
 
@@ -52,6 +54,23 @@ pub struct Scheduler {
     pub messages: Arc<Notify>,
 }
 
+/// Runs of slots claimed ahead of their instant, waiting for it in the slots reserved for
+/// them.
+struct Ahead<'a> {
+    /// The instant, on this process's clock.
+    at: Instant,
+    /// The instant, on the database's clock (for the lag).
+    scheduled_for: chrono::DateTime<chrono::Utc>,
+    runs: Vec<ClaimedRun>,
+    /// The slot records' runs as the claim planned them.
+    planned: Vec<NewScheduledRun>,
+    reservation: Reservation<'a>,
+}
+
+/// Attempts to create the runs of slots claimed ahead when the database fails; then the
+/// slots are left to the reaper, which gives them back once their lease ends.
+const AHEAD_START_ATTEMPTS: u32 = 4;
+
 /// What the loop does after a look.
 enum Next {
     /// Work may remain: look again at once.
@@ -71,10 +90,14 @@ impl Scheduler {
         let mut freed = self.runner.slots().subscribe();
         // Parsed rules of the definitions seen so far.
         let mut rules = RuleCache::default();
+        // Slots claimed ahead, earliest instant first.
+        let mut ahead: Vec<Ahead<'_>> = Vec::new();
         while !shutdown.is_cancelled() {
             freed.borrow_and_update();
             let last_look = Instant::now();
-            let (sleep_for, room) = match self.tick(&mut last_heartbeat, &mut rules).await {
+            let ticked = self.tick(&mut last_heartbeat, &mut rules, &mut ahead).await;
+            ahead.sort_by_key(|batch| batch.at);
+            let (sleep_for, room) = match ticked {
                 Ok(Next::Again) => {
                     retry.succeeded();
                     continue;
@@ -94,24 +117,107 @@ impl Scheduler {
                     (delay, false)
                 }
             };
+            let next_instant = ahead.first().map(|batch| batch.at);
             tokio::select! {
                 _ = tokio::time::sleep(sleep_for) => {}
                 _ = self.wake.notified() => {
                     tokio::time::sleep_until(last_look + MIN_NOTIFIED_GAP).await;
                 }
                 _ = freed.changed(), if room => {}
+                _ = tokio::time::sleep_until(next_instant.unwrap_or_else(Instant::now)), if next_instant.is_some() => {}
                 _ = shutdown.cancelled() => {}
             }
+            // Start what has reached its instant.
+            let mut early = Vec::new();
+            while ahead
+                .first()
+                .is_some_and(|batch| batch.at <= Instant::now())
+            {
+                let batch = ahead.remove(0);
+                early.extend(self.start_ahead(batch).await);
+            }
+            ahead.extend(early);
+            ahead.sort_by_key(|batch| batch.at);
         }
+        // Slots claimed ahead and not started go back to the fleet at once.
+        let unstarted: Vec<Uuid> = ahead
+            .iter()
+            .flat_map(|batch| batch.runs.iter().map(|run| run.run_id))
+            .collect();
+        if !unstarted.is_empty() {
+            match return_ahead(&self.pool, &unstarted).await {
+                Ok(returned) => tracing::info!(
+                    slots = returned,
+                    "slots claimed ahead given back: another replica fires them"
+                ),
+                Err(error) => tracing::warn!(
+                    error = %error,
+                    slots = unstarted.len(),
+                    "could not give back the slots claimed ahead; they fire once their lease ends"
+                ),
+            }
+        }
+        drop(ahead);
         self.runner.slots().set_waiting(Source::Schedules, false);
         tracing::info!("scheduler stopped claiming");
     }
 
-    /// One look at the database, and a claim when schedules are due and a slot is free.
-    async fn tick(
-        &self,
+    /// Creates the runs of slots claimed ahead, at their instant, and starts them in the
+    /// slots reserved for them. A batch this process's clock woke a little before the
+    /// database's instant comes back, to wait for the rest.
+    async fn start_ahead<'a>(&self, mut batch: Ahead<'a>) -> Option<Ahead<'a>> {
+        let mut retry = Retry::up_to(self.max_backoff);
+        let mut attempts = 0;
+        loop {
+            let sent_at = Instant::now();
+            match start_ahead(&self.pool, &self.worker_id, self.lease.ttl, &batch.planned).await {
+                Ok((now, created)) if created.is_empty() && now < batch.scheduled_for => {
+                    let early = (batch.scheduled_for - now).to_std().unwrap_or_default();
+                    batch.at = Instant::now() + early;
+                    return Some(batch);
+                }
+                Ok((_, created)) => {
+                    let created: std::collections::HashSet<Uuid> = created.into_iter().collect();
+                    // The instant was mapped to this process's clock at the claim.
+                    let lag = sent_at.saturating_duration_since(batch.at);
+                    let dropped = batch.runs.len() - created.len();
+                    if dropped > 0 {
+                        tracing::info!(
+                            slots = dropped,
+                            scheduled_for = %batch.scheduled_for,
+                            "slots claimed ahead not started: their schedule changed before the instant, or the lease ended"
+                        );
+                    }
+                    for run in batch.runs {
+                        if created.contains(&run.run_id) {
+                            crate::measure::scheduling_lag(lag);
+                            self.runner.start(run, sent_at, &mut batch.reservation);
+                        }
+                    }
+                    return None;
+                }
+                Err(error) => {
+                    crate::measure::database_error("start_ahead");
+                    attempts += 1;
+                    if attempts >= AHEAD_START_ATTEMPTS {
+                        tracing::warn!(error = %error, slots = batch.runs.len(), "could not start the slots claimed ahead; they fire once their lease ends");
+                        return None;
+                    }
+                    let delay = retry.failed();
+                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "starting the slots claimed ahead failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// One look at the database, and a claim when schedules are due (or due within
+    /// `scheduler.fire_ahead`) and a slot is free.
+    async fn tick<'a>(
+        &'a self,
         last_heartbeat: &mut Option<Instant>,
         rules: &mut RuleCache,
+        ahead: &mut Vec<Ahead<'a>>,
     ) -> Result<Next, StoreError> {
         // The summary doubles as the replica's heartbeat (every lease.ttl / 3 at most).
         let heartbeat = last_heartbeat.is_none_or(|at| at.elapsed() >= self.lease.renew_interval());
@@ -128,15 +234,17 @@ impl Scheduler {
         // Sleep until the earliest next_run, within the poll interval. The summary was
         // read before this tick's claims; a claim only moves next_run later, and an
         // earlier one arrives with a notification.
+        let fire_ahead = self.settings.fire_ahead;
         let until_due = summary
             .next_due
             .filter(|due| *due > summary.now)
-            .and_then(|due| (due - summary.now).to_std().ok());
+            .and_then(|due| (due - summary.now).to_std().ok())
+            .map(|until| until.saturating_sub(fire_ahead));
         let sleep_for = until_due.map_or(self.settings.poll_interval, |d| {
             d.min(self.settings.poll_interval)
         });
         let slots = self.runner.slots();
-        if !summary.schedules_due() {
+        if !summary.schedules_due(fire_ahead) {
             slots.set_waiting(Source::Schedules, false);
             return Ok(Next::Sleep(sleep_for));
         }
@@ -146,25 +254,37 @@ impl Scheduler {
             return Ok(Next::Room(self.settings.poll_interval));
         }
         let limit = reservation.len();
-        if self.claim_schedules(&mut reservation, rules).await? >= limit {
+        if self.claim_schedules(&mut reservation, rules, ahead).await? >= limit {
             return Ok(Next::Again);
         }
         slots.set_waiting(Source::Schedules, false);
-        // Due rows were locked by other replicas or just claimed: look again soon.
-        Ok(Next::Sleep(sleep_for.min(Duration::from_millis(50))))
+        // Due rows were locked by other replicas or just claimed: look again soon. Rows not
+        // due yet that the claim left alone (their previous run still runs: they are
+        // claimed at their instant) wait for it.
+        let soon = Duration::from_millis(50);
+        Ok(Next::Sleep(match summary.next_due {
+            Some(due) if due > summary.now => (due - summary.now)
+                .to_std()
+                .unwrap_or(soon)
+                .clamp(soon, self.settings.poll_interval.max(soon)),
+            _ => sleep_for.min(soon),
+        }))
     }
 
     /// One claim transaction of at most `reservation.len()` schedules of each kind (due, to
     /// plan); returns how many schedules it locked.
-    async fn claim_schedules(
+    async fn claim_schedules<'a>(
         &self,
-        reservation: &mut Reservation<'_>,
+        reservation: &mut Reservation<'a>,
         rules: &mut RuleCache,
+        ahead: &mut Vec<Ahead<'a>>,
     ) -> Result<usize, StoreError> {
         let limit = reservation.len();
         let sent_at = Instant::now();
         let mut transaction = ClaimTransaction::begin(&self.pool).await?;
-        let (now, rows) = transaction.lock_schedules(limit).await?;
+        let (now, rows) = transaction
+            .lock_schedules(limit, self.settings.fire_ahead)
+            .await?;
         if rows.is_empty() {
             transaction.commit().await?;
             return Ok(0);
@@ -193,33 +313,55 @@ impl Scheduler {
         }
         // Everything the runs need is in hand: no query between the commit and the start,
         // so a connection lost right after the commit cannot strand committed runs.
+        // Slots claimed ahead wait for their instant in slots of their own, by instant.
+        let mut waiting: Vec<Ahead<'a>> = Vec::new();
         for new in writes.fires {
-            if fired.contains(&new.run_id) {
-                // start_time is the claim transaction's now().
-                crate::measure::scheduling_lag(
-                    (now - new.scheduled_for).to_std().unwrap_or_default(),
-                );
-                self.runner.start(
-                    ClaimedRun {
-                        run_id: new.run_id,
-                        kind: RunKind::Agent,
-                        target_id: new.agent_id,
-                        owner_id: new.owner_id,
-                        input: Some(new.input),
-                        schedule_id: Some(new.schedule_id),
-                        // Absent: the agent was deleted; the runner's own read says so.
-                        agent: agent_ids
-                            .binary_search(&new.agent_id)
-                            .ok()
-                            .and_then(|index| agents.get(index).cloned().flatten()),
-                        defect: None,
-                        turn: None,
-                    },
-                    sent_at,
-                    reservation,
-                );
+            if !fired.contains(&new.run_id) {
+                continue;
             }
+            let run = ClaimedRun {
+                run_id: new.run_id,
+                kind: RunKind::Agent,
+                target_id: new.agent_id,
+                owner_id: new.owner_id,
+                input: Some(new.input.clone()),
+                schedule_id: Some(new.schedule_id),
+                // Absent: the agent was deleted; the runner's own read says so.
+                agent: agent_ids
+                    .binary_search(&new.agent_id)
+                    .ok()
+                    .and_then(|index| agents.get(index).cloned().flatten()),
+                defect: None,
+                turn: None,
+            };
+            if new.ahead {
+                let batch = match waiting
+                    .iter_mut()
+                    .position(|batch| batch.scheduled_for == new.scheduled_for)
+                {
+                    Some(index) => &mut waiting[index],
+                    None => {
+                        let until = (new.scheduled_for - now).to_std().unwrap_or_default();
+                        waiting.push(Ahead {
+                            at: sent_at + until,
+                            scheduled_for: new.scheduled_for,
+                            runs: Vec::new(),
+                            planned: Vec::new(),
+                            reservation: reservation.split_off(0),
+                        });
+                        waiting.last_mut().expect("just pushed")
+                    }
+                };
+                batch.reservation.absorb(reservation.split_off(1));
+                batch.runs.push(run);
+                batch.planned.push(new);
+                continue;
+            }
+            // start_time is the claim transaction's now().
+            crate::measure::scheduling_lag((now - new.scheduled_for).to_std().unwrap_or_default());
+            self.runner.start(run, sent_at, reservation);
         }
+        ahead.extend(waiting);
         Ok(rows.len())
     }
 }

@@ -183,10 +183,13 @@ pub fn plan_claim(
             continue;
         };
 
+        // A slot claimed ahead of its instant (scheduler.fire_ahead) is planned as of that
+        // instant, when its run starts: on time, nothing missed.
+        let at = now.max(due);
         let firing = *firings
             .entry((&row.spec, due))
-            .or_insert_with(|| plan_firing(rule, due, now, MISSED_CAP));
-        let late = now - firing.scheduled_for;
+            .or_insert_with(|| plan_firing(rule, due, at, MISSED_CAP));
+        let late = at - firing.scheduled_for;
         let skip = if late > misfire_grace && policy.misfire_policy == MisfirePolicy::Skip {
             Some(SkipReason::Misfire)
         } else if row.running && policy.overlap_policy == OverlapPolicy::Skip {
@@ -214,6 +217,7 @@ pub fn plan_claim(
                     run_id,
                     schedule_id: row.id,
                     scheduled_for: firing.scheduled_for,
+                    ahead: firing.scheduled_for > now,
                     agent_id: row.agent_id,
                     owner_id: row.owner_id,
                     input: json!({
@@ -279,6 +283,46 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_claimed_ahead_is_planned_as_of_its_instant() {
+        let now: DateTime<Utc> = "2026-11-26T08:59:58Z".parse().unwrap();
+        let policy = SchedulerSettings {
+            poll_interval: std::time::Duration::from_secs(60),
+            batch_size: 500,
+            misfire_grace: std::time::Duration::from_secs(60),
+            misfire_policy: MisfirePolicy::Skip,
+            overlap_policy: OverlapPolicy::Skip,
+            fire_ahead: std::time::Duration::from_secs(2),
+        };
+        let mut ahead = row("UTC");
+        ahead.next_run = Some("2026-11-26T09:00:00Z".parse().unwrap());
+        let mut due_now = row("UTC");
+        due_now.next_run = Some("2026-11-25T09:00:00Z".parse().unwrap());
+        let mut rules = RuleCache::default();
+        let (writes, events) =
+            plan_claim(&[ahead, due_now], now, &policy, &mut rules, Uuid::now_v7);
+        assert_eq!(writes.fires.len(), 1, "{events:?}");
+        let fire = &writes.fires[0];
+        assert!(fire.ahead);
+        assert_eq!(
+            fire.scheduled_for,
+            "2026-11-26T09:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        assert_eq!(fire.input["missed"], 0, "on time at its instant");
+        assert_eq!(
+            writes.updates[0].next_run,
+            Some("2026-11-27T09:00:00Z".parse().unwrap())
+        );
+        // The other row is a day late: a misfire, skipped as of now (not of any instant).
+        assert!(matches!(
+            events[1],
+            PlanEvent::Skipped {
+                reason: SkipReason::Misfire,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn firings_worked_out_once_per_definition_and_instant_match_each_rows_own() {
         let now: DateTime<Utc> = "2026-11-26T12:00:30Z".parse().unwrap();
         let policy = SchedulerSettings {
@@ -287,6 +331,7 @@ mod tests {
             misfire_grace: std::time::Duration::from_secs(3600 * 24 * 365),
             misfire_policy: MisfirePolicy::Coalesce,
             overlap_policy: OverlapPolicy::Allow,
+            fire_ahead: std::time::Duration::ZERO,
         };
         let due = |at: &str, timezone: &str| {
             let mut row = row(timezone);

@@ -26,9 +26,11 @@ pub struct DueSummary {
 }
 
 impl DueSummary {
-    /// Whether a claim transaction would find schedules to work on.
-    pub fn schedules_due(&self) -> bool {
-        self.unplanned || self.next_due.is_some_and(|due| due <= self.now)
+    /// Whether a claim transaction would find schedules to work on, claiming those due
+    /// within `fire_ahead` too.
+    pub fn schedules_due(&self, fire_ahead: std::time::Duration) -> bool {
+        let horizon = chrono::Duration::from_std(fire_ahead).unwrap_or(chrono::Duration::zero());
+        self.unplanned || self.next_due.is_some_and(|due| due <= self.now + horizon)
     }
 }
 
@@ -93,7 +95,10 @@ pub const MAX_SCHEDULE_TEXT_CHARS: usize = 200;
 pub const MAX_SCHEDULE_DAYS: usize = 64;
 
 /// The claim's locking query (public so a test can check its plan on a large table).
-/// `$1`: the most rows of each kind (due, to plan) to lock.
+/// `$1`: the most rows of each kind (due, to plan) to lock; `$2`: how far ahead of their
+/// instant schedules are claimed, in milliseconds (`scheduler.fire_ahead`). A schedule
+/// whose previous run still holds a lease is claimed only once due, so the overlap policy
+/// judges it at its instant.
 ///
 /// Every value is read so that no row can fail the claim: texts cut one character past
 /// [`MAX_SCHEDULE_TEXT_CHARS`], `days` only up to [`MAX_SCHEDULE_DAYS`] elements and
@@ -101,7 +106,10 @@ pub const MAX_SCHEDULE_DAYS: usize = 64;
 pub const LOCK_SCHEDULES_SQL: &str = r#"
     WITH due AS (
       SELECT s FROM public.agent_schedules s
-       WHERE s.enabled AND s.next_run IS NOT NULL AND s.next_run <= now()
+       WHERE s.enabled AND s.next_run IS NOT NULL
+         AND s.next_run <= now() + $2 * interval '1 millisecond'
+         AND (s.next_run <= now()
+              OR NOT EXISTS (SELECT 1 FROM agentd.leases l WHERE l.schedule_id = s.id))
        ORDER BY s.next_run
        LIMIT $1
        FOR UPDATE SKIP LOCKED
@@ -173,6 +181,9 @@ pub struct NewScheduledRun {
     pub run_id: Uuid,
     pub schedule_id: Uuid,
     pub scheduled_for: DateTime<Utc>,
+    /// Claimed ahead of its instant: the claim records and leases the slot, and the run
+    /// is created at the instant ([`start_ahead`]).
+    pub ahead: bool,
     pub agent_id: Uuid,
     pub owner_id: Uuid,
     pub input: Value,
@@ -224,14 +235,17 @@ impl ClaimTransaction {
         })
     }
 
-    /// Locks up to `limit` due schedules (oldest `next_run` first) and up to `limit`
-    /// unplanned ones, skipping rows other replicas hold. Returns the database's `now`.
+    /// Locks up to `limit` due schedules (oldest `next_run` first; due within `fire_ahead`)
+    /// and up to `limit` unplanned ones, skipping rows other replicas hold. Returns the
+    /// database's `now`.
     pub async fn lock_schedules(
         &mut self,
         limit: usize,
+        fire_ahead: std::time::Duration,
     ) -> Result<(DateTime<Utc>, Vec<LockedSchedule>), StoreError> {
         let rows = sqlx::query(LOCK_SCHEDULES_SQL)
             .bind(limit as i64)
+            .bind(fire_ahead.as_millis() as f64)
             .fetch_all(&mut *self.tx)
             .await?;
         let now = match rows.first() {
@@ -307,16 +321,29 @@ impl ClaimTransaction {
               SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[])
               ON CONFLICT DO NOTHING
               RETURNING schedule_id, run_id
+            ), x AS (
+              SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::jsonb[], $2::timestamptz[],
+                                   $20::boolean[])
+                     AS x(run_id, agent_id, owner_id, input, scheduled_for, ahead)
             ), new_runs AS (
+              -- A slot claimed ahead gets its run at its instant (start_ahead).
               INSERT INTO public.runs (id, type, target_id, status, start_time, triggered_by_id, input)
               SELECT x.run_id, 'agent', x.agent_id, 'running', now(), x.owner_id, x.input
-                FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::jsonb[])
-                     AS x(run_id, agent_id, owner_id, input)
-                JOIN fires f ON f.run_id = x.run_id
+                FROM x JOIN fires f ON f.run_id = x.run_id
+               WHERE NOT x.ahead
               RETURNING id
+            ), new_ahead AS (
+              INSERT INTO agentd.ahead_fires (run_id, schedule_id, scheduled_for)
+              SELECT f.run_id, f.schedule_id, x.scheduled_for
+                FROM x JOIN fires f ON f.run_id = x.run_id
+               WHERE x.ahead
             ), new_leases AS (
+              -- Ahead: held until the instant, and a lease's length after it.
               INSERT INTO agentd.leases (run_id, worker_id, schedule_id, expires_at)
-              SELECT f.run_id, $7, f.schedule_id, now() + $8 * interval '1 millisecond' FROM fires f
+              SELECT f.run_id, $7, f.schedule_id,
+                     CASE WHEN x.ahead THEN greatest(x.scheduled_for, now()) ELSE now() END
+                       + $8 * interval '1 millisecond'
+                FROM x JOIN fires f ON f.run_id = x.run_id
             ), advanced AS (
               UPDATE public.agent_schedules s
                  SET next_run = u.next_run, last_run = coalesce(u.last_run, s.last_run)
@@ -363,6 +390,7 @@ impl ClaimTransaction {
         .bind(report_owners)
         .bind(report_inputs)
         .bind(report_errors)
+        .bind(fires.iter().map(|f| f.ahead).collect::<Vec<_>>())
         .fetch_all(&mut *self.tx)
         .await?;
         rows.iter()
@@ -387,6 +415,61 @@ impl ClaimTransaction {
         self.tx.rollback().await?;
         Ok(())
     }
+}
+
+/// Creates the runs of slots this worker claimed ahead whose instant has come (`start_time`
+/// is now; a slot not yet due by the database's clock is left for a later call), in one
+/// statement fenced by their leases (renewed here for a lease's length). A slot whose
+/// schedule was edited, disabled or deleted meanwhile (the schedule's trigger took it
+/// back), or whose lease ended, gets no run. Returns the database's `now` and the runs
+/// created.
+pub async fn start_ahead(
+    pool: &PgPool,
+    worker_id: &str,
+    lease_ttl: std::time::Duration,
+    runs: &[NewScheduledRun],
+) -> Result<(DateTime<Utc>, Vec<Uuid>), StoreError> {
+    let row = sqlx::query(
+        r#"
+        WITH started AS (
+          DELETE FROM agentd.ahead_fires a
+           USING agentd.leases l
+           WHERE a.run_id = ANY($1) AND a.scheduled_for <= now()
+             AND l.run_id = a.run_id AND l.worker_id = $5 AND l.expires_at > now()
+          RETURNING a.run_id
+        ), renewed AS (
+          UPDATE agentd.leases l SET expires_at = now() + $6 * interval '1 millisecond'
+            FROM started s WHERE l.run_id = s.run_id
+        ), created AS (
+          INSERT INTO public.runs (id, type, target_id, status, start_time, triggered_by_id, input)
+          SELECT x.run_id, 'agent', x.agent_id, 'running', now(), x.owner_id, x.input
+            FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::jsonb[])
+                 AS x(run_id, agent_id, owner_id, input)
+            JOIN started s ON s.run_id = x.run_id
+          RETURNING id
+        )
+        SELECT now() AS now, ARRAY(SELECT id FROM created) AS created
+        "#,
+    )
+    .bind(runs.iter().map(|r| r.run_id).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.agent_id).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.owner_id).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.input.clone()).collect::<Vec<_>>())
+    .bind(worker_id)
+    .bind(lease_ttl.as_millis() as f64)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get("now")?, row.try_get("created")?))
+}
+
+/// Gives back slots this worker claimed ahead and will not start (it is stopping): another
+/// replica fires them (see `agentd.return_ahead_fires`). Returns how many were given back.
+pub async fn return_ahead(pool: &PgPool, run_ids: &[Uuid]) -> Result<u64, StoreError> {
+    let returned: i32 = sqlx::query_scalar("SELECT agentd.return_ahead_fires($1)")
+        .bind(run_ids)
+        .fetch_one(pool)
+        .await?;
+    Ok(returned.max(0) as u64)
 }
 
 fn locked_schedule(row: &PgRow) -> Result<LockedSchedule, sqlx::Error> {

@@ -82,7 +82,9 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
         SELECT w.id, w.host, w.pid, w.version, w.started_at, w.last_seen_at,
                count(l.run_id) FILTER (WHERE l.expires_at > now()) AS runs_in_flight
           FROM agentd.workers w
+          -- Slots claimed ahead of their instant are not runs yet.
           LEFT JOIN agentd.leases l ON l.worker_id = w.id
+               AND NOT EXISTS (SELECT 1 FROM agentd.ahead_fires a WHERE a.run_id = l.run_id)
          GROUP BY w.id
          ORDER BY w.id
         "#,
@@ -92,7 +94,8 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
     let in_flight: Vec<(String, i64, i64)> = sqlx::query_as(
         r#"
         SELECT worker_id, count(*), count(*) FILTER (WHERE expires_at <= now())
-          FROM agentd.leases
+          FROM agentd.leases l
+         WHERE NOT EXISTS (SELECT 1 FROM agentd.ahead_fires a WHERE a.run_id = l.run_id)
          GROUP BY worker_id
          ORDER BY worker_id
         "#,

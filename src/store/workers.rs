@@ -160,6 +160,26 @@ pub async fn reap_expired_leases(
         .map_err(StoreError::from)
 }
 
+/// Gives back up to `limit` slots claimed ahead whose lease expired before their run was
+/// started (the replica that claimed them died or stopped): another replica fires them,
+/// late (see `agentd.return_ahead_fires`). Returns how many.
+pub async fn return_expired_ahead(pool: &PgPool, limit: usize) -> Result<u64, StoreError> {
+    let returned: i32 = sqlx::query_scalar(
+        r#"
+        SELECT agentd.return_ahead_fires(ARRAY(
+          SELECT l.run_id FROM agentd.leases l
+           WHERE l.expires_at <= now()
+             AND EXISTS (SELECT 1 FROM agentd.ahead_fires a WHERE a.run_id = l.run_id)
+           LIMIT $1
+           FOR UPDATE OF l SKIP LOCKED))
+        "#,
+    )
+    .bind(limit as i64)
+    .fetch_one(pool)
+    .await?;
+    Ok(returned.max(0) as u64)
+}
+
 /// When the earliest lease expires, relative to the database's clock (`None`: no leases).
 pub async fn next_lease_expiry(pool: &PgPool) -> Result<Option<std::time::Duration>, StoreError> {
     let seconds: Option<f64> = sqlx::query_scalar(

@@ -1,0 +1,391 @@
+//! Fire-ahead claiming (`scheduler.fire_ahead`): slots are claimed before their instant and
+//! their runs created at it, and every guarantee of a claim at the instant still holds: one
+//! run per slot across replicas, a real start time, nothing fired for a schedule edited,
+//! disabled or deleted before the instant, nothing lost when the claiming replica dies or
+//! stops, and no run from a replica whose lease was lost.
+
+mod support;
+
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, Timelike, Utc};
+use nix::sys::signal::Signal;
+use support::{InProcessWorker, TestDb, as_user, count, create_agent, create_user, eventually};
+use uuid::Uuid;
+
+/// A whole second `lead` or a little more from now, as the database sees it.
+async fn instant_in(db: &TestDb, lead: Duration) -> DateTime<Utc> {
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    (now + chrono::Duration::from_std(lead).unwrap()).trunc_subsecs(0)
+        + chrono::Duration::seconds(1)
+}
+
+/// `n` schedules of `agent` firing every day at `at`'s time of day (UTC, to the second),
+/// with `next_run` at `at`.
+async fn schedules_at(db: &TestDb, agent: Uuid, n: i64, at: DateTime<Utc>) -> Vec<Uuid> {
+    let cron = format!("{} {} {} * * *", at.second(), at.minute(), at.hour());
+    sqlx::query_scalar(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone, next_run) \
+         SELECT $1, true, 'cron', 1, $2, 'UTC', $3 FROM generate_series(1, $4) RETURNING id",
+    )
+    .bind(agent)
+    .bind(cron)
+    .bind(at)
+    .bind(n)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn now(db: &TestDb) -> DateTime<Utc> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Runs of the slot `at`: (schedule_id, run id, start_time, status).
+async fn runs_for(db: &TestDb, at: DateTime<Utc>) -> Vec<(Uuid, Uuid, DateTime<Utc>, String)> {
+    sqlx::query_as(
+        "SELECT (input->>'schedule_id')::uuid, id, start_time, status FROM runs \
+          WHERE input->>'trigger' = 'schedule' AND (input->>'scheduled_for')::timestamptz = $1 \
+          ORDER BY 1",
+    )
+    .bind(at)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn wait_claimed_ahead(db: &TestDb, n: i64, at: DateTime<Utc>) {
+    eventually(
+        Duration::from_secs(10),
+        "the slots claimed ahead",
+        || async { count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await == n },
+    )
+    .await;
+    assert!(
+        now(db).await < at,
+        "the slots were claimed only at their instant"
+    );
+    assert_eq!(
+        runs_for(db, at).await.len(),
+        0,
+        "no runs row before the instant"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slots_claimed_ahead_start_at_their_instant_once_across_three_replicas() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let settings = [("AGENTD__SCHEDULER__FIRE_AHEAD", "4s")];
+    let mut workers = Vec::new();
+    for id in ["w1", "w2", "w3"] {
+        workers.push(InProcessWorker::start_configured(&db, id, &settings).await);
+    }
+    let at = instant_in(&db, Duration::from_secs(3)).await;
+    let schedules = schedules_at(&db, agent, 60, at).await;
+    wait_claimed_ahead(&db, 60, at).await;
+    // Every slot is recorded once and leased to the replica that claimed it.
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM agentd.schedule_fires f \
+               JOIN agentd.leases l ON l.run_id = f.run_id"
+        )
+        .await,
+        60
+    );
+    eventually(Duration::from_secs(20), "every run completed", || async {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM runs WHERE status = 'completed'",
+        )
+        .await
+            == 60
+    })
+    .await;
+    let runs = runs_for(&db, at).await;
+    assert_eq!(runs.len(), 60, "one run per slot");
+    let mut fired: Vec<Uuid> = runs.iter().map(|run| run.0).collect();
+    fired.dedup();
+    assert_eq!(fired.len(), 60, "no slot fired twice");
+    let mut expected = schedules.clone();
+    expected.sort();
+    assert_eq!(fired, expected);
+    for (_, _, start_time, _) in &runs {
+        assert!(
+            *start_time >= at,
+            "a run's start_time is its real start, at or after the instant: {start_time} < {at}"
+        );
+    }
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
+        0
+    );
+    // The schedules moved on to tomorrow's slot, and the runs' ids are the slots' records.
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!(
+                "SELECT count(*) FROM agent_schedules \
+                  WHERE next_run = '{}'::timestamptz + interval '1 day'",
+                at.to_rfc3339()
+            )
+        )
+        .await,
+        60
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM agentd.schedule_fires f JOIN runs r ON r.id = f.run_id"
+        )
+        .await,
+        60
+    );
+    for worker in workers {
+        worker.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schedule_disabled_edited_or_deleted_before_its_instant_does_not_fire_it() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let worker =
+        InProcessWorker::start_configured(&db, "w1", &[("AGENTD__SCHEDULER__FIRE_AHEAD", "6s")])
+            .await;
+    let at = instant_in(&db, Duration::from_secs(4)).await;
+    let schedules = schedules_at(&db, agent, 4, at).await;
+    wait_claimed_ahead(&db, 4, at).await;
+    // The owner changes three of them, as the application does: signed in, through RLS.
+    let (disabled, edited, deleted, kept) =
+        (schedules[0], schedules[1], schedules[2], schedules[3]);
+    as_user::<i32>(
+        &db.pool,
+        user,
+        &format!("UPDATE agent_schedules SET enabled = false WHERE id = '{disabled}' RETURNING 1"),
+    )
+    .await
+    .unwrap();
+    as_user::<i32>(
+        &db.pool,
+        user,
+        &format!(
+            "UPDATE agent_schedules SET frequency = 'daily', time = '03:00' \
+              WHERE id = '{edited}' RETURNING 1"
+        ),
+    )
+    .await
+    .unwrap();
+    as_user::<i32>(
+        &db.pool,
+        user,
+        &format!("DELETE FROM agent_schedules WHERE id = '{deleted}' RETURNING 1"),
+    )
+    .await
+    .unwrap();
+    assert!(now(&db).await < at, "the changes came after the instant");
+    // Only the slot left alone was still claimed ahead.
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
+        1
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the kept schedule's run",
+        || async {
+            count(
+                &db.pool,
+                "SELECT count(*) FROM runs WHERE status = 'completed'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    // Past the instant, and a little more for a late start.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runs = runs_for(&db, at).await;
+    assert_eq!(
+        runs.iter().map(|run| run.0).collect::<Vec<_>>(),
+        [kept],
+        "only the unchanged schedule fired: {runs:?}"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
+        0
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.leases").await,
+        0,
+        "no lease left behind"
+    );
+    // The edited schedule is planned from its new definition (03:00 UTC daily).
+    let next_run: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT next_run FROM agent_schedules WHERE id = $1")
+            .bind(edited)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let next_run = next_run.expect("the edited schedule is planned again");
+    assert_eq!((next_run.hour(), next_run.minute()), (3, 0), "{next_run}");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_before_the_instant_loses_no_slot() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let settings = [
+        ("AGENTD__SCHEDULER__FIRE_AHEAD", "6s"),
+        ("AGENTD__LEASE__TTL", "2s"),
+        ("AGENTD__LOGGING__LEVEL", "info"),
+    ];
+    let mut victim = support::replica(&db.url, "r1", &settings);
+    victim.wait_for("worker started", Duration::from_secs(30));
+    let at = instant_in(&db, Duration::from_secs(4)).await;
+    schedules_at(&db, agent, 10, at).await;
+    wait_claimed_ahead(&db, 10, at).await;
+    victim.signal(Signal::SIGKILL);
+    victim.wait_exit(Duration::from_secs(10));
+    // Another replica takes the slots once their lease ends (2 s after the instant).
+    let mut heir = support::replica(&db.url, "r2", &settings);
+    heir.wait_for("worker started", Duration::from_secs(30));
+    eventually(
+        Duration::from_secs(20),
+        "every slot fired, late",
+        || async {
+            count(
+                &db.pool,
+                "SELECT count(*) FROM runs WHERE status = 'completed'",
+            )
+            .await
+                == 10
+        },
+    )
+    .await;
+    let runs = runs_for(&db, at).await;
+    assert_eq!(runs.len(), 10, "one run per slot: {runs:?}");
+    for (_, _, start_time, _) in &runs {
+        assert!(
+            *start_time >= at + chrono::Duration::seconds(2),
+            "fired once the lease ended (counted as lag): {start_time}"
+        );
+    }
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
+        0
+    );
+    heir.signal(Signal::SIGTERM);
+    assert!(heir.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_stopping_before_the_instant_gives_its_slots_back() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let settings = [("AGENTD__SCHEDULER__FIRE_AHEAD", "6s")];
+    let first = InProcessWorker::start_configured(&db, "w1", &settings).await;
+    let at = instant_in(&db, Duration::from_secs(4)).await;
+    schedules_at(&db, agent, 5, at).await;
+    wait_claimed_ahead(&db, 5, at).await;
+    first.stop().await;
+    assert!(now(&db).await < at, "stopped after the instant");
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!(
+                "SELECT count(*) FROM agent_schedules WHERE next_run = '{}'",
+                at.to_rfc3339()
+            )
+        )
+        .await,
+        5,
+        "the schedules wait for their slot again"
+    );
+    // The replica that takes over fires them at their instant, not late.
+    let second = InProcessWorker::start_configured(&db, "w2", &[]).await;
+    eventually(Duration::from_secs(15), "every slot fired", || async {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM runs WHERE status = 'completed'",
+        )
+        .await
+            == 5
+    })
+    .await;
+    let runs = runs_for(&db, at).await;
+    assert_eq!(runs.len(), 5, "{runs:?}");
+    for (_, _, start_time, _) in &runs {
+        assert!(
+            *start_time < at + chrono::Duration::seconds(2),
+            "fired at its instant: {start_time}"
+        );
+    }
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_whose_lease_on_a_slot_ended_creates_no_run_for_it() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let worker = InProcessWorker::start_configured(
+        &db,
+        "w1",
+        &[
+            ("AGENTD__SCHEDULER__FIRE_AHEAD", "6s"),
+            ("AGENTD__LEASE__TTL", "3s"),
+        ],
+    )
+    .await;
+    let at = instant_in(&db, Duration::from_secs(4)).await;
+    let schedules = schedules_at(&db, agent, 2, at).await;
+    wait_claimed_ahead(&db, 2, at).await;
+    // One slot's lease ends before the instant (as when the replica stalled past it).
+    let fenced: Uuid = sqlx::query_scalar(
+        "UPDATE agentd.leases SET expires_at = now() - interval '1 second' \
+          WHERE schedule_id = $1 RETURNING run_id",
+    )
+    .bind(schedules[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(15), "both slots fired", || async {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM runs WHERE status = 'completed'",
+        )
+        .await
+            == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = runs_for(&db, at).await;
+    assert_eq!(runs.len(), 2, "one run per slot: {runs:?}");
+    // The fenced slot was given back and fired by a claim of its own, under a new id.
+    let refired = runs.iter().find(|run| run.0 == schedules[0]).unwrap();
+    assert_ne!(
+        refired.1, fenced,
+        "the run of a slot whose lease ended was created"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
+        0
+    );
+    worker.stop().await;
+}
