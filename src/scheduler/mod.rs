@@ -361,7 +361,21 @@ impl Scheduler {
             crate::measure::scheduling_lag((now - new.scheduled_for).to_std().unwrap_or_default());
             self.runner.start(run, sent_at, reservation);
         }
-        ahead.extend(waiting);
+        // One batch per instant, however many claims it took: its runs are created in one
+        // statement at the instant.
+        for batch in waiting {
+            match ahead
+                .iter_mut()
+                .find(|known| known.scheduled_for == batch.scheduled_for)
+            {
+                Some(known) => {
+                    known.runs.extend(batch.runs);
+                    known.planned.extend(batch.planned);
+                    known.reservation.absorb(batch.reservation);
+                }
+                None => ahead.push(batch),
+            }
+        }
         Ok(rows.len())
     }
 }
