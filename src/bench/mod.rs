@@ -563,9 +563,9 @@ fn targets(report: &Report) -> Vec<TargetCheck> {
                 if let Some(burst) = &report.burst {
                     checks.push(TargetCheck::new(
                         scenario,
-                        "p99 lag <= 500 ms",
+                        "p99 lag <= 250 ms",
                         burst.lag_p99_ms,
-                        |v| v <= 500.0,
+                        |v| v <= 250.0,
                     ));
                     checks.push(TargetCheck::new(
                         scenario,
