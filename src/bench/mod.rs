@@ -1,8 +1,8 @@
 //! `agentd bench`: measures the real worker (separate `agentd run` processes with the
 //! builtin executor in its no-op mode, or at the daemon's defaults, or, for chat, the
-//! openai executor against a model served by the bench itself) on a scratch database of the configured server (or the
-//! embedded one), and, in the same invocation, the ceiling of that server: the same rows
-//! written by plain SQL in batches.
+//! openai executor against a model served by the bench itself) on a scratch database of
+//! the configured server (or the embedded one), and, in the same invocation, the ceiling
+//! of that server: the same rows written by plain SQL in batches.
 //!
 //! This file is the runner: the options, the helpers the scenarios share, the list of
 //! scenarios, the report and the check against the targets. Each scenario is a file of its
