@@ -49,8 +49,8 @@ pub enum Command {
     /// and the last hour's runs.
     Status(StatusArgs),
     /// Measure agentd on a scratch database of the configured server (or the embedded
-    /// one): burst, steady, throughput, logs, idle, chat, scale; with the server's own
-    /// ceiling.
+    /// one): burst, defaults, steady, throughput, logs, idle, chat, waiting, scale; with
+    /// the server's own ceiling.
     Bench(BenchOptions),
     /// Exit 0 when GET /healthz of the local agentd answers 200 (container health checks;
     /// no curl needed).

@@ -56,6 +56,8 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
             "20",
             "--message-spread",
             "1s",
+            "--waiting-runs",
+            "50",
             "--format",
             "json",
             "--svg",
@@ -86,6 +88,8 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
         "{report:#}"
     );
 
+    defaults_figures_are_sane(&report);
+
     // 20 fires a second for 3 s: about 60 (the window's edges may move one slot group).
     let fired = number(&report, &["steady", "fired"]);
     assert!((40.0..=80.0).contains(&fired), "{report:#}");
@@ -112,6 +116,7 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
     assert!(number(&report, &["idle", "rss_mib"]) > 1.0);
 
     chat_figures_are_sane(&report);
+    waiting_figures_are_sane(&report);
 
     let scale = report["scale"].as_array().unwrap();
     assert_eq!(scale.len(), 2);
@@ -122,7 +127,7 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
     assert!(["on", "off"].contains(&autovacuum), "{report:#}");
 
     let targets = report["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 12, "{report:#}");
+    assert_eq!(targets.len(), 14, "{report:#}");
 
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("burst") && svg.contains("<polyline"));
@@ -136,6 +141,58 @@ async fn every_scenario_runs_small_and_reports_its_figures() {
         0,
         "scratch databases left behind"
     );
+}
+
+/// The `defaults` section of a run with 200 schedules due at one instant, 2 plain
+/// replicas, the builtin executor doing its normal work.
+fn defaults_figures_are_sane(report: &Value) {
+    let defaults = &report["defaults"];
+    // Every schedule fired once, and every run completed and stored its artifact.
+    for field in ["schedules", "runs", "completed", "artifacts"] {
+        assert_eq!(defaults[field], 200, "{field}: {report:#}");
+    }
+    let p50 = number(report, &["defaults", "lag_p50_ms"]);
+    let p99 = number(report, &["defaults", "lag_p99_ms"]);
+    let max = number(report, &["defaults", "lag_max_ms"]);
+    assert!(0.0 <= p50 && p50 <= p99 && p99 <= max, "{report:#}");
+    // The last run started after every lag and ended after it started.
+    let started = number(report, &["defaults", "all_started_after_ms"]);
+    let completed = number(report, &["defaults", "all_completed_after_ms"]);
+    assert!(max <= started && started <= completed, "{report:#}");
+    let slot_p50 = number(report, &["defaults", "slot_p50_ms"]);
+    let slot_p99 = number(report, &["defaults", "slot_p99_ms"]);
+    assert!(0.0 < slot_p50 && slot_p50 <= slot_p99, "{report:#}");
+    let rss = defaults["replica_peak_rss_mib"].as_array().unwrap();
+    assert_eq!(rss.len(), 2, "{report:#}");
+    assert!(rss.iter().all(|mib| mib.as_f64().unwrap() > 1.0));
+    let judged = report["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|target| target["scenario"] == "defaults")
+        .count();
+    assert_eq!(judged, 2, "{report:#}");
+}
+
+/// The `waiting` section of a run with 50 runs waiting at once per executor.
+fn waiting_figures_are_sane(report: &Value) {
+    assert_eq!(report["waiting"]["runs"], 50, "{report:#}");
+    for executor in ["openai", "builtin"] {
+        let figures = &report["waiting"][executor];
+        assert_eq!(figures["runs_waiting"], 50, "{executor}: {report:#}");
+        let idle = number(report, &["waiting", executor, "idle_rss_mib"]);
+        let busy = number(report, &["waiting", executor, "waiting_rss_mib"]);
+        let per_run = number(report, &["waiting", executor, "kib_per_waiting_run"]);
+        assert!(1.0 < idle && idle < busy, "{executor}: {report:#}");
+        assert!(
+            per_run.is_finite() && per_run > 0.0,
+            "{executor}: {report:#}"
+        );
+        // The growth per run, from the rounded figures: within their rounding (0.005 MiB
+        // each, over 50 runs) of the reported one.
+        let growth = (busy - idle) * 1024.0 / 50.0;
+        assert!((growth - per_run).abs() <= 0.25, "{executor}: {report:#}");
+    }
 }
 
 /// The `chat` section of a run with 20 conversations, 2 replicas and the model's default

@@ -7,10 +7,11 @@ use std::time::Duration;
 use chrono::{SubsecRound, Timelike, Utc};
 use serde::Serialize;
 
-use super::{Bench, ms, percentile, round2, since_ms};
+use super::fleet::Fleet;
+use super::{Bench, Scratch, ms, percentile, round2, since_ms};
 use crate::store;
 
-/// What `burst` measured.
+/// What `burst` measured (and `defaults`, the same burst at the daemon's defaults).
 #[derive(Debug, Clone, Serialize)]
 #[cfg_attr(test, derive(serde::Deserialize))]
 pub struct BurstReport {
@@ -46,11 +47,27 @@ pub struct BurstReport {
 
 /// Runs `burst` on a scratch database; its lags join the chart.
 pub(super) async fn run(bench: &mut Bench<'_>) -> anyhow::Result<BurstReport> {
+    let (report, scratch) = at_one_instant(bench, "burst", |bench, scratch, replicas| {
+        bench.fleet(scratch, replicas, 1)
+    })
+    .await?;
+    bench.drop_scratch(scratch).await?;
+    Ok(report)
+}
+
+/// `--schedules` schedules of one agent due at one instant, run by `--replicas` replicas
+/// that `start` starts: the figures of [`BurstReport`], the lags joining the chart as
+/// `label`'s. Returns the scratch database too, for the caller to read more from and drop.
+pub(super) async fn at_one_instant(
+    bench: &mut Bench<'_>,
+    label: &str,
+    start: impl FnOnce(&Bench<'_>, &Scratch, usize) -> anyhow::Result<Fleet>,
+) -> anyhow::Result<(BurstReport, Scratch)> {
     let n = bench.options.schedules;
     let replicas = bench.options.replicas;
-    let scratch = bench.scratch("burst", 4).await?;
+    let scratch = bench.scratch(label, 4).await?;
     let (_, agent) = store::bench::seed_agent(&scratch.pool).await?;
-    let mut fleet = bench.fleet(&scratch, replicas, 1)?;
+    let mut fleet = start(bench, &scratch, replicas)?;
     bench.registered(&scratch, &mut fleet, replicas).await?;
     // One instant a little ahead, a whole second, that is a slot of the rule.
     let lead = Duration::from_secs(2) + Duration::from_millis((n / 20).max(0) as u64);
@@ -71,7 +88,6 @@ pub(super) async fn run(bench: &mut Bench<'_>) -> anyhow::Result<BurstReport> {
     let lags =
         store::bench::scheduling_lags(&scratch.pool, at, at + chrono::Duration::seconds(1)).await?;
     let slots = store::bench::slot_times(&scratch.pool).await?;
-    bench.drop_scratch(scratch).await?;
     let report = BurstReport {
         schedules: n,
         replicas,
@@ -87,6 +103,6 @@ pub(super) async fn run(bench: &mut Bench<'_>) -> anyhow::Result<BurstReport> {
         slot_p50_ms: ms(percentile(&slots, 50.0)),
         slot_p99_ms: ms(percentile(&slots, 99.0)),
     };
-    bench.series.push((format!("burst ({n} at once)"), lags));
-    Ok(report)
+    bench.series.push((format!("{label} ({n} at once)"), lags));
+    Ok((report, scratch))
 }

@@ -28,10 +28,6 @@ use crate::store;
 /// seen at most one look (this and the look's own time) after it became visible.
 const LOOK_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The variable the replicas read the model's key from: a fixed name of the bench's own,
-/// so that a real key in the bench's environment is never sent to the fake model.
-const MODEL_KEY_VARIABLE: &str = "AGENTD_BENCH_MODEL_KEY";
-
 /// What `chat` measured.
 #[derive(Debug, Clone, Serialize)]
 #[cfg_attr(test, derive(serde::Deserialize))]
@@ -106,26 +102,11 @@ pub(super) async fn run(bench: &mut Bench<'_>) -> anyhow::Result<ChatReport> {
     let mut scratch = bench.scratch("chat", 4).await?;
     let conversations = store::bench::seed_conversations(&scratch.pool, n as i64).await?;
     store::bench::analyze(&scratch.pool).await?;
-    let settings = [
-        ("AGENTD__EXECUTION__DEFAULT", "openai".to_string()),
-        (
-            "AGENTD__EXECUTORS__OPENAI__BASE_URL",
-            model.base_url().into(),
-        ),
-        (
-            "AGENTD__EXECUTORS__OPENAI__API_KEY_ENV",
-            MODEL_KEY_VARIABLE.into(),
-        ),
-        (MODEL_KEY_VARIABLE, "bench".into()),
-        (
-            "AGENTD__CONVERSATIONS__STREAM_INTERVAL",
-            humantime::format_duration(stream_interval).to_string(),
-        ),
-    ];
-    let settings = settings
-        .into_iter()
-        .map(|(name, value)| (name.to_string(), value))
-        .collect();
+    let mut settings = model.replica_settings();
+    settings.push((
+        "AGENTD__CONVERSATIONS__STREAM_INTERVAL".to_string(),
+        humantime::format_duration(stream_interval).to_string(),
+    ));
     let mut fleet = bench.fleet_with(&scratch, replicas, 1, settings)?;
     bench.registered(&scratch, &mut fleet, replicas).await?;
     listening(bench, &scratch, &mut fleet, replicas).await?;

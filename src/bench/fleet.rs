@@ -1,5 +1,7 @@
 //! The replicas of a benchmark: real `agentd run` processes of this very binary, and what
-//! the kernel says they cost (CPU time, resident memory).
+//! the kernel says they cost (CPU time, resident memory). They start either as the bench's
+//! replicas (named, logging at `warn` as JSON, their artifacts in the bench's folder) or
+//! plain, as a user starts `agentd run` with nothing but the database set.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,10 +38,29 @@ pub struct FleetOptions<'a> {
     pub settings: Vec<(String, String)>,
     /// Where their logs and artifacts go.
     pub folder: &'a Path,
+    /// Started as a user starts `agentd run`: the database and nothing else set (see
+    /// [`Fleet::start`]), rather than as the bench's replicas.
+    pub plain: bool,
+}
+
+/// Whether the bench's own environment variable `name` says something to agentd: plain
+/// replicas must not inherit it, or they would not run at the defaults.
+fn speaks_to_agentd(name: &str) -> bool {
+    name.starts_with("AGENTD") || name == "DATABASE_URL" || name == "RUST_LOG"
 }
 
 impl Fleet {
-    /// Starts the replicas (`bench-1`, `bench-2`, …).
+    /// Starts the replicas. The bench's are named `bench-1`, `bench-2`, …, serve no
+    /// endpoints, log at `warn` as JSON and keep their artifacts in the folder.
+    ///
+    /// Plain ones get `DATABASE_URL` and, of agentd's settings, only what replicas on one
+    /// host cannot share: each its own port for the endpoints (`127.0.0.1:0`, a free one
+    /// the kernel picks and the replica logs, where the default 127.0.0.1:9464 would let
+    /// only the first start; the endpoints stay on, as they are by default). They inherit
+    /// no `AGENTD…`, `DATABASE_URL` or `RUST_LOG` variable of the bench's environment, and
+    /// run in the folder, so that the default relative `artifacts.dir` lands there. Their
+    /// name is the default (host name and process id), their logs are `info` lines in the
+    /// default format (JSON, as the log is a file).
     pub fn start(options: &FleetOptions<'_>) -> anyhow::Result<Fleet> {
         let program = std::env::current_exe()?;
         let mut children = Vec::new();
@@ -48,17 +69,30 @@ impl Fleet {
             let log = options.folder.join(format!("replica-{index}.log"));
             let file = std::fs::File::create(&log)?;
             let mut command = Command::new(&program);
+            command.arg("run");
+            if options.plain {
+                for (name, _) in std::env::vars_os() {
+                    if name.to_str().is_some_and(speaks_to_agentd) {
+                        command.env_remove(name);
+                    }
+                }
+                command
+                    .env("DATABASE_URL", options.url)
+                    .env("AGENTD__HTTP__LISTEN", "127.0.0.1:0")
+                    .current_dir(options.folder);
+            } else {
+                command
+                    .env("DATABASE_URL", options.url)
+                    .env("AGENTD__WORKER__ID", format!("bench-{index}"))
+                    .env("AGENTD__HTTP__LISTEN", "")
+                    .env("AGENTD__LOGGING__FORMAT", "json")
+                    .env("AGENTD__LOGGING__LEVEL", "warn")
+                    .env(
+                        "AGENTD__ARTIFACTS__DIR",
+                        options.folder.join("artifacts").as_os_str(),
+                    );
+            }
             command
-                .arg("run")
-                .env("DATABASE_URL", options.url)
-                .env("AGENTD__WORKER__ID", format!("bench-{index}"))
-                .env("AGENTD__HTTP__LISTEN", "")
-                .env("AGENTD__LOGGING__FORMAT", "json")
-                .env("AGENTD__LOGGING__LEVEL", "warn")
-                .env(
-                    "AGENTD__ARTIFACTS__DIR",
-                    options.folder.join("artifacts").as_os_str(),
-                )
                 .stdin(Stdio::null())
                 .stdout(file.try_clone()?)
                 .stderr(file);

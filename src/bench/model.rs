@@ -20,6 +20,10 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+/// The variable the replicas read the model's key from: a fixed name of the bench's own,
+/// so that a real key in the bench's environment is never sent to the fake model.
+const KEY_VARIABLE: &str = "AGENTD_BENCH_MODEL_KEY";
+
 /// What the server streams and what it saw.
 struct Shared {
     chunks: usize,
@@ -70,6 +74,20 @@ impl FakeModel {
     /// The base URL for `executors.openai.base_url`.
     pub fn base_url(&self) -> &str {
         &self.base_url
+    }
+
+    /// The settings (`AGENTD__…` variables, and the key's variable) that make a replica
+    /// run every agent with the openai executor on this server.
+    pub fn replica_settings(&self) -> Vec<(String, String)> {
+        [
+            ("AGENTD__EXECUTION__DEFAULT", "openai"),
+            ("AGENTD__EXECUTORS__OPENAI__BASE_URL", self.base_url()),
+            ("AGENTD__EXECUTORS__OPENAI__API_KEY_ENV", KEY_VARIABLE),
+            (KEY_VARIABLE, "bench"),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect()
     }
 
     /// Requests received so far.

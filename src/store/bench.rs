@@ -223,6 +223,15 @@ pub async fn slot_times(pool: &PgPool) -> Result<Vec<f64>, StoreError> {
     .await?)
 }
 
+/// Artifacts stored (rows of `run_artifacts`).
+pub async fn artifacts_stored(pool: &PgPool) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM public.run_artifacts")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
 /// Log lines stored, and the span of their timestamps.
 pub async fn log_span(
     pool: &PgPool,
