@@ -236,6 +236,21 @@ impl ArtifactBackend {
         name: &str,
         content: ArtifactContent,
     ) -> Result<String, String> {
+        let content = match (self, content) {
+            (ArtifactBackend::Local(dir), ArtifactContent::Bytes(data)) => {
+                // Bytes in memory (builtin, webhook): the folders and the file in one trip to
+                // a blocking thread, not one per call.
+                let folder = dir.join(run_id.to_string());
+                let path = folder.join(name);
+                let dir = dir.clone();
+                return tokio::task::spawn_blocking(move || {
+                    write_bytes(&dir, &folder, &path, &data)
+                })
+                .await
+                .map_err(|error| error.to_string())?;
+            }
+            (_, content) => content,
+        };
         let (mut reader, size) = bounded_reader(content);
         match self {
             ArtifactBackend::Local(dir) => {
@@ -394,6 +409,38 @@ pub fn unique_name(name: &str, used: &mut Vec<String>) -> String {
 }
 
 /// `file://` URL of an absolute path, with the characters URLs cannot hold escaped.
+/// Writes `data` as `path` in the run's `folder` of `dir` (folders created as
+/// [`private_folder`] does); returns its URL. A partial file is removed.
+fn write_bytes(dir: &Path, folder: &Path, path: &Path, data: &[u8]) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let written = (|| {
+        if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        for path in [dir, folder] {
+            match std::fs::DirBuilder::new().mode(0o700).create(path) {
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+                other => other?,
+            }
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?
+            .write_all(data)
+    })();
+    match written {
+        Ok(()) => Ok(file_url(path)),
+        Err(error) => {
+            let _ = std::fs::remove_file(path);
+            Err(error.to_string())
+        }
+    }
+}
+
 fn file_url(path: &Path) -> String {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     url::Url::from_file_path(&absolute)
