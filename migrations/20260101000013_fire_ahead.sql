@@ -35,10 +35,16 @@ CREATE OR REPLACE FUNCTION agentd.return_ahead_fires(run_ids uuid[]) RETURNS int
     ), unleased AS (
       DELETE FROM agentd.leases l USING gone g WHERE l.run_id = g.run_id
     ), rewound AS (
-      UPDATE public.agent_schedules s SET next_run = g.scheduled_for
+      -- last_run named the slot when it was claimed: it names the slot fired before again.
+      UPDATE public.agent_schedules s
+         SET next_run = CASE WHEN s.enabled AND s.next_run > g.scheduled_for
+                             THEN g.scheduled_for ELSE s.next_run END,
+             last_run = CASE WHEN s.last_run = g.scheduled_for
+                             THEN (SELECT max(f.scheduled_for) FROM agentd.schedule_fires f
+                                    WHERE f.schedule_id = s.id AND f.scheduled_for < g.scheduled_for)
+                             ELSE s.last_run END
         FROM gone g
-       WHERE s.id = g.schedule_id AND s.enabled
-         AND s.next_run IS NOT NULL AND s.next_run > g.scheduled_for
+       WHERE s.id = g.schedule_id
     )
     SELECT count(*) INTO returned FROM gone;
     -- The replicas sleep until the next slot they know of: wake them for these.
@@ -52,15 +58,19 @@ REVOKE ALL ON FUNCTION agentd.return_ahead_fires(uuid[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION agentd.return_ahead_fires(uuid[]) TO agentd_worker;
 
 -- A schedule edited, disabled or deleted before the instant of a slot claimed ahead: the
--- slot is not fired with the old definition. Its note, record and lease go (next_run is the
--- edit's business: an edit or a re-enable plans the schedule anew from its definition), and
--- the replica that claimed it finds nothing to start at the instant. Runs as its owner: the
--- signed-in user who changed the schedule cannot reach schema agentd.
+-- slot is not fired with the old definition. Its note, record and lease go, and last_run
+-- names the slot fired before again (next_run is the edit's business: an edit or a
+-- re-enable plans the schedule anew from its definition); the replica that claimed it
+-- finds nothing to start at the instant. Before the update, so it can correct the row
+-- itself; after a delete. Runs as its owner: the signed-in user who changed the schedule
+-- cannot reach schema agentd.
 CREATE OR REPLACE FUNCTION agentd.forget_ahead_fires() RETURNS trigger
   LANGUAGE plpgsql
   SECURITY DEFINER
   SET search_path = pg_catalog
   AS $$
+  DECLARE
+    slots timestamptz[];
   BEGIN
     WITH gone AS (
       DELETE FROM agentd.ahead_fires a WHERE a.schedule_id = OLD.id
@@ -69,16 +79,25 @@ CREATE OR REPLACE FUNCTION agentd.forget_ahead_fires() RETURNS trigger
       DELETE FROM agentd.schedule_fires f USING gone g
        WHERE f.schedule_id = g.schedule_id AND f.scheduled_for = g.scheduled_for
          AND f.run_id = g.run_id
+    ), unleased AS (
+      DELETE FROM agentd.leases l USING gone g WHERE l.run_id = g.run_id
     )
-    DELETE FROM agentd.leases l USING gone g WHERE l.run_id = g.run_id;
-    RETURN NULL;
+    SELECT array_agg(g.scheduled_for) INTO slots FROM gone g;
+    IF TG_OP = 'DELETE' THEN
+      RETURN OLD;
+    END IF;
+    IF NEW.last_run = ANY(slots) THEN
+      NEW.last_run := (SELECT max(f.scheduled_for) FROM agentd.schedule_fires f
+                        WHERE f.schedule_id = OLD.id AND NOT (f.scheduled_for = ANY(slots)));
+    END IF;
+    RETURN NEW;
   END
   $$;
 REVOKE ALL ON FUNCTION agentd.forget_ahead_fires() FROM PUBLIC;
 
 DROP TRIGGER IF EXISTS agentd_schedule_forget_ahead ON public.agent_schedules;
 CREATE TRIGGER agentd_schedule_forget_ahead
-  AFTER UPDATE ON public.agent_schedules
+  BEFORE UPDATE ON public.agent_schedules
   FOR EACH ROW
   WHEN ((NEW.frequency, NEW.interval, NEW.time, NEW.days, NEW.date, NEW.timezone, NEW.created_at,
          NEW.agent_id)

@@ -193,10 +193,22 @@ async fn a_schedule_disabled_edited_or_deleted_before_its_instant_does_not_fire_
     .await
     .unwrap();
     assert!(now(&db).await < at, "the changes came after the instant");
-    // Only the slot left alone was still claimed ahead.
+    // Only the slot left alone was still claimed ahead, and the changed schedules do not
+    // say the slot fired.
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
         1
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!(
+                "SELECT count(*) FROM agent_schedules WHERE last_run IS NULL \
+                  AND id IN ('{disabled}', '{edited}')"
+            )
+        )
+        .await,
+        2
     );
     eventually(
         Duration::from_secs(15),
@@ -316,6 +328,15 @@ async fn a_replica_stopping_before_the_instant_gives_its_slots_back() {
         .await,
         5,
         "the schedules wait for their slot again"
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM agent_schedules WHERE last_run IS NULL"
+        )
+        .await,
+        5,
+        "last_run no longer names the slot given back"
     );
     // The replica that takes over fires them at their instant, not late.
     let second = InProcessWorker::start_configured(&db, "w2", &[]).await;

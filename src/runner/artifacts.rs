@@ -10,10 +10,11 @@ use sqlx::postgres::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::batch::Batcher;
 use super::control::RunControl;
 use crate::artifact_store::{ArtifactStore, guess_type, safe_name, unique_name};
 use crate::executor::{ArtifactFile, Level, LogSink};
-use crate::store::runs::{ArtifactRow, Fenced, insert_artifact, storable_text};
+use crate::store::runs::{ArtifactRow, Fenced, insert_artifacts, storable_text};
 
 /// Longest artifact name recorded, in characters (the stored file's name is shorter still).
 const MAX_NAME_CHARS: usize = 1000;
@@ -28,11 +29,33 @@ pub struct ArtifactTotals {
     pub rejected: u64,
 }
 
+/// Writes the rows of the artifacts of all runs, grouped into one statement for those
+/// ready together (as log lines are).
+pub type ArtifactWriter = Batcher<(Uuid, ArtifactRow), Fenced>;
+
+/// Most artifact rows per statement.
+const MAX_ROWS_PER_STATEMENT: usize = 1000;
+
+/// The replica's artifact row writer.
+pub fn artifact_writer(pool: PgPool, worker_id: String) -> ArtifactWriter {
+    Batcher::spawn(
+        1,
+        MAX_ROWS_PER_STATEMENT,
+        move |rows: Vec<(Uuid, ArtifactRow)>| {
+            let pool = pool.clone();
+            let worker_id = worker_id.clone();
+            async move {
+                let written = insert_artifacts(&pool, &worker_id, &rows).await;
+                (rows, written)
+            }
+        },
+    )
+}
+
 /// Stores artifacts until every sender is gone.
 pub async fn run_store(
-    pool: PgPool,
+    writer: ArtifactWriter,
     run_id: Uuid,
-    worker_id: String,
     control: RunControl,
     mut receiver: mpsc::Receiver<ArtifactFile>,
     options: ArtifactStore,
@@ -96,7 +119,7 @@ pub async fn run_store(
         // The row is retried like log lines while the database is away and the lease holds.
         let mut retry = crate::retry::Retry::up_to(options.max_backoff);
         loop {
-            match insert_artifact(&pool, run_id, &worker_id, &row).await {
+            match writer.call((run_id, row.clone())).await {
                 Ok(Fenced::Written) => {
                     totals.count += 1;
                     totals.bytes += size;

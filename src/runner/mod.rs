@@ -77,6 +77,7 @@ struct RunnerInner {
     executors: Executors,
     /// Group commit of the hot-path statements (see [`batch`]).
     log_writer: logs::LogWriter,
+    artifact_writer: artifacts::ArtifactWriter,
     agent_loader: Batcher<Uuid, Option<crate::domain::AgentDefinition>>,
     recorder: Recorder,
     reply_writer: reply::ReplyWriter,
@@ -157,6 +158,7 @@ impl Runner {
             .min(executors.capacity().unwrap_or(usize::MAX))
             .max(1);
         let log_writer = logs::log_writer(pool.clone(), options.worker_id.clone());
+        let artifact_writer = artifacts::artifact_writer(pool.clone(), options.worker_id.clone());
         let agent_loader = {
             let pool = pool.clone();
             Batcher::spawn(1, MAX_GROUP, move |ids: Vec<Uuid>| {
@@ -181,6 +183,7 @@ impl Runner {
         Runner {
             inner: Arc::new(RunnerInner {
                 log_writer,
+                artifact_writer,
                 agent_loader,
                 recorder,
                 reply_writer,
@@ -364,9 +367,8 @@ impl Runner {
         let (artifact_sink, artifact_receiver) = ArtifactSink::channel(16);
         let store = tokio::spawn(
             artifacts::run_store(
-                self.inner.pool.clone(),
+                self.inner.artifact_writer.clone(),
                 run_id,
-                self.inner.worker_id.clone(),
                 control.clone(),
                 artifact_receiver,
                 self.inner.artifacts.clone(),

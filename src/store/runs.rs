@@ -476,38 +476,62 @@ pub struct ArtifactRow {
     pub url: String,
 }
 
-/// Inserts an artifact's row, only while `worker_id` holds the run's lease.
-pub async fn insert_artifact(
+/// Inserts the rows of artifacts of many runs in one statement, each only while
+/// `worker_id` holds its run's lease; answers each row, in order.
+pub async fn insert_artifacts(
     pool: &PgPool,
-    run_id: Uuid,
     worker_id: &str,
-    artifact: &ArtifactRow,
-) -> Result<Fenced, StoreError> {
-    let inserted: Option<Uuid> = sqlx::query_scalar(
+    rows: &[(Uuid, ArtifactRow)],
+) -> Result<Vec<Fenced>, StoreError> {
+    let run_ids: Vec<Uuid> = rows.iter().map(|(run_id, _)| *run_id).collect();
+    let held: Vec<bool> = sqlx::query_scalar(
         r#"
-        WITH lease AS (
+        WITH x AS (
+          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[])
+                   WITH ORDINALITY AS x(run_id, name, type, size, url, n)
+        ), lease AS (
           SELECT run_id FROM agentd.leases
-           WHERE run_id = $1 AND worker_id = $2 AND expires_at > now()
+           WHERE run_id = ANY($1) AND worker_id = $6 AND expires_at > now()
            FOR SHARE
+        ), inserted AS (
+          INSERT INTO public.run_artifacts (run_id, name, type, size, url)
+          SELECT x.run_id, x.name, x.type, x.size, x.url
+            FROM x WHERE x.run_id IN (SELECT run_id FROM lease)
+           ORDER BY x.n
         )
-        INSERT INTO public.run_artifacts (run_id, name, type, size, url)
-        SELECT lease.run_id, $3, $4, $5, $6 FROM lease
-        RETURNING id
+        SELECT x.run_id IN (SELECT run_id FROM lease) FROM x ORDER BY x.n
         "#,
     )
-    .bind(run_id)
+    .bind(&run_ids)
+    .bind(
+        rows.iter()
+            .map(|(_, row)| row.name.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|(_, row)| row.content_type.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|(_, row)| row.size).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|(_, row)| row.url.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(worker_id)
-    .bind(&artifact.name)
-    .bind(&artifact.content_type)
-    .bind(artifact.size)
-    .bind(&artifact.url)
-    .fetch_optional(pool)
+    .fetch_all(pool)
     .await?;
-    Ok(if inserted.is_some() {
-        Fenced::Written
-    } else {
-        Fenced::LeaseLost
-    })
+    Ok(held
+        .into_iter()
+        .map(|held| {
+            if held {
+                Fenced::Written
+            } else {
+                Fenced::LeaseLost
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]
