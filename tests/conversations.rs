@@ -1249,3 +1249,41 @@ async fn infinite_timestamps_in_a_users_rows_leave_turns_working() {
     .unwrap();
     assert!(moved);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_another_claim_held_and_let_go_is_answered_without_a_new_notification() {
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    let artifacts = tempfile::tempdir().unwrap();
+    let dir = artifacts.path().to_string_lossy().to_string();
+    // A claim of another replica holds the conversation while the worker looks, then ends
+    // without committing (as when that replica dies mid-claim): nothing notifies again, and
+    // the poll is a minute away.
+    let (other_user, _, other) = new_conversation(&db.pool).await;
+    say(&db.pool, user, conversation, "held by another claim").await;
+    let mut claim = db.pool.begin().await.unwrap();
+    let held: Option<Uuid> = sqlx::query_scalar(
+        "SELECT conversation_id FROM agentd.waiting_conversations \
+          WHERE conversation_id = $1 FOR UPDATE",
+    )
+    .bind(conversation)
+    .fetch_optional(&mut *claim)
+    .await
+    .unwrap();
+    assert_eq!(held, Some(conversation));
+    let worker =
+        InProcessWorker::start_configured(&db, "w1", &[("AGENTD__ARTIFACTS__DIR", &dir)]).await;
+    // Another user's message wakes the worker, whose claim skips the held conversation.
+    say(&db.pool, other_user, other, "not held").await;
+    final_replies(&db.pool, other, 1).await;
+    claim.rollback().await.unwrap();
+    let answered = std::time::Instant::now();
+    let replies = final_replies(&db.pool, conversation, 1).await;
+    assert_eq!(replies[0].1["status"], "completed", "{replies:?}");
+    assert!(
+        answered.elapsed() < Duration::from_secs(10),
+        "answered after {:?}: only the minute's poll found it",
+        answered.elapsed()
+    );
+    worker.stop().await;
+}

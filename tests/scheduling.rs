@@ -838,3 +838,26 @@ async fn a_runs_slot_is_free_while_its_outcome_is_still_being_written() {
     assert_eq!(a_run.status, "completed");
     assert_eq!(b_run.status, "completed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_another_claim_held_and_let_go_runs_without_a_new_notification() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    // A claim of another replica holds the request while the worker looks, then ends
+    // without committing (as when that replica dies mid-claim): nothing notifies again.
+    let held = support::request_agent_run(&db.pool, agent).await;
+    let mut claim = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM agentd.requests WHERE id = $1 FOR UPDATE")
+        .bind(held)
+        .fetch_one(&mut *claim)
+        .await
+        .unwrap();
+    let worker = InProcessWorker::start(&db, "w1", &[], quick()).await;
+    let woken = support::request_agent_run(&db.pool, agent).await;
+    support::finished_run(&db.pool, woken, Duration::from_secs(10)).await;
+    claim.rollback().await.unwrap();
+    let run = support::finished_run(&db.pool, held, Duration::from_secs(10)).await;
+    assert_eq!(run.status, "completed");
+    worker.stop().await;
+}

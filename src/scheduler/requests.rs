@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::queue::{Claimed, QueueLoop};
 use crate::runner::Runner;
 use crate::runner::slots::Source;
-use crate::store::runs::claim_requests;
+use crate::store::conversations::LOCKED_ELSEWHERE_RELOOK;
+use crate::store::runs::{claim_requests, requests_waiting};
 
 /// The request loop's service.
 #[derive(Clone)]
@@ -51,10 +52,14 @@ impl RequestClaimer {
                 for run in &runs {
                     tracing::info!(run_id = %run.run_id, kind = run.kind.as_str(), target_id = %run.target_id, "request claimed");
                 }
-                Ok(Claimed {
-                    runs,
-                    look_in: None,
-                })
+                // Requests left over were locked by another replica's claim, which may
+                // never commit (its replica died mid-claim): look again soon.
+                let look_in = if runs.len() < limit && requests_waiting(&this.pool).await? {
+                    Some(LOCKED_ELSEWHERE_RELOOK)
+                } else {
+                    None
+                };
+                Ok(Claimed { runs, look_in })
             })
             .await;
         tracing::info!("request loop stopped claiming");

@@ -27,14 +27,17 @@ pub struct TurnRules {
     pub interrupt: bool,
 }
 
+/// When work is left that another replica's claim holds locked, how soon to look again.
+pub const LOCKED_ELSEWHERE_RELOOK: Duration = Duration::from_millis(250);
+
 /// What one claim did.
 #[derive(Debug, Default)]
 pub struct TurnClaim {
     pub runs: Vec<ClaimedRun>,
     /// Running turns this claim interrupted.
     pub interrupted: u64,
-    /// When a conversation waiting for its debounce becomes ready, from now (`None`: none
-    /// waits for its debounce).
+    /// When to look again, from now: a conversation waiting for its debounce becomes
+    /// ready, or ready ones were locked by another claim (`None`: neither).
     pub next_ready: Option<Duration>,
 }
 
@@ -233,6 +236,25 @@ pub async fn claim_turns(
         .execute(&mut *transaction)
         .await?;
     }
+    if claim.runs.len() < limit {
+        // Ready conversations this claim did not take were locked by another replica's
+        // claim, which may never commit (its replica died mid-claim): no notification
+        // would say so, so the caller looks again soon.
+        let skipped: bool = sqlx::query_scalar(concat!(
+            "SELECT EXISTS (SELECT 1 FROM agentd.waiting_conversations w WHERE ",
+            ready_at!("$1", "$2"),
+            r#" <= clock_timestamp()
+                 AND NOT EXISTS (SELECT 1 FROM agentd.turns t
+                                  WHERE t.conversation_id = w.conversation_id AND NOT t.ended))"#
+        ))
+        .bind(millis(rules.debounce))
+        .bind(millis(rules.debounce_max))
+        .fetch_one(&mut *transaction)
+        .await?;
+        if skipped {
+            claim.next_ready = Some(LOCKED_ELSEWHERE_RELOOK);
+        }
+    }
     if !rules.debounce.is_zero() && claim.runs.len() < limit {
         let seconds: Option<f64> = sqlx::query_scalar(concat!(
             "SELECT extract(epoch FROM min(",
@@ -246,7 +268,11 @@ pub async fn claim_turns(
         .bind(millis(rules.debounce_max))
         .fetch_one(&mut *transaction)
         .await?;
-        claim.next_ready = seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0)));
+        let ready = seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0)));
+        claim.next_ready = match (claim.next_ready, ready) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
     transaction.commit().await?;
     Ok(claim)

@@ -41,6 +41,16 @@ fn parse_input(text: Option<&str>) -> (Option<Value>, Option<String>) {
 /// `request_run`), then the oldest. So one user's flood waits behind everyone else's first
 /// requests, also when slots free one at a time, and the claim costs an index scan however
 /// long the queue.
+/// Whether requests are waiting (after a claim that took fewer than it could: those were
+/// locked by another replica's claim, which may never commit).
+pub async fn requests_waiting(pool: &PgPool) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM agentd.requests)")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
 pub async fn claim_requests(
     pool: &PgPool,
     limit: usize,
