@@ -78,76 +78,74 @@ impl Reaper {
     /// was lost, or failed to write it): each reply says so, and the conversation's next
     /// turn may start. False when a statement failed.
     async fn end_orphaned_turns(&self) -> bool {
-        loop {
-            match end_orphaned_turns(&self.pool, REAP_BATCH).await {
-                Ok(ended) => {
-                    if ended > 0 {
-                        tracing::warn!(
-                            turns = ended,
-                            "turns ended without their worker; their replies say so"
-                        );
-                    }
-                    if ended < REAP_BATCH as u64 {
-                        return true;
-                    }
+        in_batches(
+            "end_orphaned_turns",
+            "ending orphaned turns failed",
+            || async {
+                let ended = end_orphaned_turns(&self.pool, REAP_BATCH).await?;
+                if ended > 0 {
+                    tracing::warn!(
+                        turns = ended,
+                        "turns ended without their worker; their replies say so"
+                    );
                 }
-                Err(error) => {
-                    crate::measure::database_error("end_orphaned_turns");
-                    tracing::warn!(error = %error, "ending orphaned turns failed");
-                    return false;
-                }
-            }
-        }
+                Ok(ended as usize)
+            },
+        )
+        .await
     }
 
     /// Gives back the slots claimed ahead whose lease expired before their instant's run
     /// was created; false when a statement failed.
     async fn return_ahead(&self) -> bool {
-        loop {
-            match return_expired_ahead(&self.pool, REAP_BATCH).await {
-                Ok(returned) => {
-                    if returned > 0 {
-                        tracing::warn!(
-                            slots = returned,
-                            "slots claimed ahead by a lost worker given back; they fire late"
-                        );
-                    }
-                    if returned < REAP_BATCH as u64 {
-                        return true;
-                    }
-                }
-                Err(error) => {
-                    crate::measure::database_error("reap");
-                    tracing::warn!(error = %error, "giving back slots claimed ahead failed");
-                    return false;
-                }
+        in_batches("reap", "giving back slots claimed ahead failed", || async {
+            let returned = return_expired_ahead(&self.pool, REAP_BATCH).await?;
+            if returned > 0 {
+                tracing::warn!(
+                    slots = returned,
+                    "slots claimed ahead by a lost worker given back; they fire late"
+                );
             }
-        }
+            Ok(returned as usize)
+        })
+        .await
     }
 
     /// Reaps every expired lease; false when a statement failed.
     async fn reap(&self) -> bool {
-        loop {
-            match reap_expired_leases(&self.pool, REAP_BATCH).await {
-                Ok(reaped) => {
-                    crate::measure::leases_reaped(reaped.len());
-                    for run in &reaped {
-                        tracing::warn!(
-                            run_id = %run.run_id,
-                            lost_worker_id = %run.worker_id,
-                            expired_at = %run.expired_at,
-                            "run failed: its worker was lost"
-                        );
-                    }
-                    if reaped.len() < REAP_BATCH {
-                        return true;
-                    }
-                }
-                Err(error) => {
-                    crate::measure::database_error("reap");
-                    tracing::warn!(error = %error, "reaping expired leases failed");
-                    return false;
-                }
+        in_batches("reap", "reaping expired leases failed", || async {
+            let reaped = reap_expired_leases(&self.pool, REAP_BATCH).await?;
+            crate::measure::leases_reaped(reaped.len());
+            for run in &reaped {
+                tracing::warn!(
+                    run_id = %run.run_id,
+                    lost_worker_id = %run.worker_id,
+                    expired_at = %run.expired_at,
+                    "run failed: its worker was lost"
+                );
+            }
+            Ok(reaped.len())
+        })
+        .await
+    }
+}
+
+/// Runs `batch` (one statement handling at most [`REAP_BATCH`] rows, returning how many it
+/// handled) until a batch handles fewer; false when one failed (counted under `what` and
+/// logged as `failed`).
+async fn in_batches<F, Fut>(what: &'static str, failed: &'static str, mut batch: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, crate::store::StoreError>>,
+{
+    loop {
+        match batch().await {
+            Ok(handled) if handled < REAP_BATCH => return true,
+            Ok(_) => {}
+            Err(error) => {
+                crate::measure::database_error(what);
+                tracing::warn!(error = %error, "{failed}");
+                return false;
             }
         }
     }
