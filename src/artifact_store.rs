@@ -1,7 +1,8 @@
-//! Where artifacts are kept: a local folder (one folder per run, `file://` URLs) or, with
-//! the `s3` feature and `artifacts.url = "s3://…"`, an S3-compatible bucket (`s3://` URLs).
-//! The runner stores a run's artifacts here ([`crate::runner::artifacts`]) and retention
-//! deletes old ones; neither knows which backend it is.
+//! Where artifacts are kept: a local folder (a folder per UTC day, one file per artifact,
+//! `file://` URLs) or, with the `s3` feature and `artifacts.url = "s3://…"`, an
+//! S3-compatible bucket (`s3://` URLs). The runner stores a run's artifacts here
+//! ([`crate::runner::artifacts`]) and retention deletes old ones; neither knows which
+//! backend it is.
 //!
 //! A file is streamed to the backend (a bounded copy into the folder, or a multipart upload
 //! of [`UPLOAD_PART_BYTES`] parts into the bucket), never held whole in memory, and one that
@@ -9,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, Utc};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
@@ -20,20 +22,54 @@ pub const UPLOAD_PART_BYTES: usize = 5 * 1024 * 1024;
 /// at most this many parts plus one in memory.
 pub const UPLOAD_PARTS_IN_FLIGHT: usize = 2;
 
-/// Creates a run's `folder` inside the store's `dir`, both (when created here) such that
+/// Where a local artifact goes: `dir/<UTC day>/<run id>-<name>`. A folder per day, not per
+/// run: creating a file and a folder for every run doubled the inodes a burst allocates,
+/// which on some disks is most of a short run's cost (docs/benchmarks.md); a day's folder
+/// is created once, and retention empties the old ones.
+fn local_place(dir: &Path, run_id: Uuid, name: &str, at: DateTime<Utc>) -> (PathBuf, PathBuf) {
+    let folder = dir.join(at.format("%Y-%m-%d").to_string());
+    let path = folder.join(format!("{run_id}-{name}"));
+    (folder, path)
+}
+
+/// Creates the day's `folder` inside the store's `dir`, both (when created here) such that
 /// only agentd's user may list or enter them; the folders above `dir` get the usual modes
 /// (an embedded database may live beside it).
-async fn private_folder(dir: &Path, folder: &Path) -> std::io::Result<()> {
+fn private_folder(dir: &Path, folder: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-        tokio::fs::create_dir_all(parent).await?;
+        std::fs::create_dir_all(parent)?;
     }
     for path in [dir, folder] {
-        match tokio::fs::DirBuilder::new().mode(0o700).create(path).await {
+        match std::fs::DirBuilder::new().mode(0o700).create(path) {
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
             other => other?,
         }
     }
     Ok(())
+}
+
+/// Creates (or truncates) the artifact file at `path`, readable by agentd's user only (the
+/// programs of other runs, other tenants', run on this host too), creating its folder first.
+/// A folder retention removed between the two (its last old file deleted) is made again.
+fn create_private_file(dir: &Path, folder: &Path, path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+    };
+    private_folder(dir, folder)?;
+    match open() {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            private_folder(dir, folder)?;
+            open()
+        }
+        other => other,
+    }
 }
 
 /// An artifact's content as a reader of at most one byte more than its announced `size`,
@@ -162,7 +198,7 @@ pub struct ArtifactStore {
 /// Where artifact files go.
 #[derive(Clone)]
 pub enum ArtifactBackend {
-    /// A local folder; one sub-folder per run.
+    /// A local folder; a sub-folder per UTC day, a file per artifact.
     Local(PathBuf),
     /// An S3-compatible bucket: objects under `prefix/<run id>/`.
     #[cfg(feature = "s3")]
@@ -240,8 +276,7 @@ impl ArtifactBackend {
             (ArtifactBackend::Local(dir), ArtifactContent::Bytes(data)) => {
                 // Bytes in memory (builtin, webhook): the folders and the file in one trip to
                 // a blocking thread, not one per call.
-                let folder = dir.join(run_id.to_string());
-                let path = folder.join(name);
+                let (folder, path) = local_place(dir, run_id, name, Utc::now());
                 let dir = dir.clone();
                 return tokio::task::spawn_blocking(move || {
                     write_bytes(&dir, &folder, &path, &data)
@@ -254,21 +289,15 @@ impl ArtifactBackend {
         let (mut reader, size) = bounded_reader(content);
         match self {
             ArtifactBackend::Local(dir) => {
-                let folder = dir.join(run_id.to_string());
-                let path = folder.join(name);
-                private_folder(dir, &folder)
-                    .await
-                    .map_err(|error| error.to_string())?;
+                let (folder, path) = local_place(dir, run_id, name, Utc::now());
                 let copied = async {
-                    // Only agentd's user may read it: the programs of other runs (other
-                    // tenants') run on this host too.
-                    let mut file = tokio::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .mode(0o600)
-                        .open(&path)
-                        .await?;
+                    let (dir, folder, target) = (dir.clone(), folder, path.clone());
+                    let file = tokio::task::spawn_blocking(move || {
+                        create_private_file(&dir, &folder, &target)
+                    })
+                    .await
+                    .map_err(std::io::Error::other)??;
+                    let mut file = tokio::fs::File::from_std(file);
                     let copied = tokio::io::copy(&mut reader, &mut file).await?;
                     file.flush().await?;
                     Ok::<u64, std::io::Error>(copied)
@@ -340,7 +369,8 @@ impl ArtifactBackend {
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
                     Err(error) => return Err(format!("{}: {error}", path.display())),
                 }
-                // The run's folder goes with its last file.
+                // The day's folder (or, for files stored before folders were per day, the
+                // run's) goes with its last file.
                 if let Some(folder) = path.parent().filter(|folder| *folder != root) {
                     let _ = tokio::fs::remove_dir(folder).await;
                 }
@@ -375,7 +405,7 @@ fn path_of_file_url(url: &str) -> Option<PathBuf> {
     url.to_file_path().ok()
 }
 
-/// A file name that stays inside the run's folder: path separators and control
+/// A file name that stays inside its folder: path separators and control
 /// characters become `_`, and `.`/`..`/empty names get a neutral one.
 pub fn safe_name(name: &str) -> String {
     let cleaned: String = name
@@ -408,30 +438,11 @@ pub fn unique_name(name: &str, used: &mut Vec<String>) -> String {
     candidate
 }
 
-/// `file://` URL of an absolute path, with the characters URLs cannot hold escaped.
-/// Writes `data` as `path` in the run's `folder` of `dir` (folders created as
-/// [`private_folder`] does); returns its URL. A partial file is removed.
+/// Writes `data` as `path` in the day's `folder` of `dir` ([`create_private_file`]);
+/// returns its URL. A partial file is removed.
 fn write_bytes(dir: &Path, folder: &Path, path: &Path, data: &[u8]) -> Result<String, String> {
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let written = (|| {
-        if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)?;
-        }
-        for path in [dir, folder] {
-            match std::fs::DirBuilder::new().mode(0o700).create(path) {
-                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
-                other => other?,
-            }
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)?
-            .write_all(data)
-    })();
+    let written = create_private_file(dir, folder, path).and_then(|mut file| file.write_all(data));
     match written {
         Ok(()) => Ok(file_url(path)),
         Err(error) => {
@@ -441,6 +452,7 @@ fn write_bytes(dir: &Path, folder: &Path, path: &Path, data: &[u8]) -> Result<St
     }
 }
 
+/// `file://` URL of an absolute path, with the characters URLs cannot hold escaped.
 fn file_url(path: &Path) -> String {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     url::Url::from_file_path(&absolute)
@@ -495,15 +507,34 @@ mod tests {
         let store = tempfile::tempdir().unwrap();
         let backend = ArtifactBackend::Local(store.path().to_path_buf());
         let run_id = Uuid::new_v4();
-        let stored = store.path().join(run_id.to_string());
 
         let content = file_of(&source.path().join("a"), b"hello", 5);
         let url = backend.write(run_id, "a.txt", content).await.unwrap();
+        let stored = path_of_file_url(&url).unwrap();
+        // A folder per UTC day (the one the file was written on), the run id in the name.
+        let day = stored.parent().unwrap();
         assert_eq!(
-            path_of_file_url(&url),
-            Some(std::path::absolute(stored.join("a.txt")).unwrap())
+            day.parent(),
+            Some(std::path::absolute(store.path()).unwrap().as_path())
         );
-        assert_eq!(std::fs::read(stored.join("a.txt")).unwrap(), b"hello");
+        assert!(
+            chrono::NaiveDate::parse_from_str(
+                &day.file_name().unwrap().to_string_lossy(),
+                "%Y-%m-%d"
+            )
+            .is_ok(),
+            "{url}"
+        );
+        assert_eq!(
+            stored.file_name().unwrap().to_string_lossy(),
+            format!("{run_id}-a.txt")
+        );
+        assert_eq!(std::fs::read(&stored).unwrap(), b"hello");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!((mode(day), mode(&stored)), (0o700, 0o600));
+        }
 
         // It grew after it was checked: refused after one byte more, nothing left behind.
         let content = file_of(&source.path().join("b"), &[7; 100_000], 10);
@@ -511,20 +542,42 @@ mod tests {
             backend.write(run_id, "b.bin", content).await.unwrap_err(),
             "the file grew past its 10 bytes while it was stored"
         );
-        assert!(!stored.join("b.bin").exists());
+        assert!(!day.join(format!("{run_id}-b.bin")).exists());
 
         let content = file_of(&source.path().join("c"), b"abc", 5);
         assert_eq!(
             backend.write(run_id, "c.bin", content).await.unwrap_err(),
             "the file shrank from 5 to 3 bytes while it was stored"
         );
-        assert!(!stored.join("c.bin").exists());
+        assert!(!day.join(format!("{run_id}-c.bin")).exists());
 
         let url = backend
             .write(run_id, "d.md", ArtifactContent::Bytes(b"# d".to_vec()))
             .await
             .unwrap();
-        assert!(url.ends_with("/d.md"));
-        assert_eq!(std::fs::read(stored.join("d.md")).unwrap(), b"# d");
+        assert!(url.ends_with(&format!("/{run_id}-d.md")));
+        assert_eq!(
+            std::fs::read(path_of_file_url(&url).unwrap()).unwrap(),
+            b"# d"
+        );
+
+        // Retention deletes both; the day's folder goes with its last file.
+        backend.delete(&url).await.unwrap();
+        assert!(day.exists());
+        backend
+            .delete(&format!("file://{}", stored.display()))
+            .await
+            .unwrap();
+        assert!(!day.exists());
+
+        // The next file makes the day's folder again.
+        let url = backend
+            .write(run_id, "e.md", ArtifactContent::Bytes(b"e".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(path_of_file_url(&url).unwrap()).unwrap(),
+            b"e"
+        );
     }
 }

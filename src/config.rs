@@ -793,12 +793,12 @@ mod tests {
     fn runs_limits_default_per_executor_and_the_former_single_limit_sets_them_all() {
         let settings = Settings::load(None, &env(&[])).unwrap();
         let cpus = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(settings.worker.max_runs, 1000);
+        assert_eq!(settings.worker.max_runs, 5000);
         assert_eq!(
             settings.executors.command.concurrency, cpus,
             "0 is the CPUs"
         );
-        assert_eq!(settings.executors.builtin.concurrency, 500);
+        assert_eq!(settings.executors.builtin.concurrency, 5000);
         assert_eq!(settings.executors.openai.concurrency, 500);
         assert_eq!(settings.executors.webhook.concurrency, 500);
         assert!(

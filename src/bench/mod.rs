@@ -180,9 +180,9 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 2)]
     pub replicas: usize,
     /// Most runs at once in each replica (its worker.max_runs and the builtin and openai
-    /// executors' concurrency); the daemon's defaults are 1000, 500 and 500. Not for
+    /// executors' concurrency); the daemon's defaults are 5000, 5000 and 500. Not for
     /// defaults and waiting, whose replicas run at the defaults.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 5000)]
     pub concurrency: usize,
     /// burst and defaults: schedules due at the same instant.
     #[arg(long, default_value_t = 10_000)]
