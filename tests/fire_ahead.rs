@@ -410,3 +410,130 @@ async fn a_replica_whose_lease_on_a_slot_ended_creates_no_run_for_it() {
     );
     worker.stop().await;
 }
+
+/// The application changes schedules in one transaction, row by row, while their slots
+/// claimed ahead reach their instant: the start neither waits for the change (the other
+/// slot's run starts while the transaction is still open) nor deadlocks with it (the
+/// change's next row goes through and it commits); a change rolled back loses nothing (that
+/// slot fires once its lease ends).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_in_progress_at_the_instant_neither_holds_back_nor_deadlocks_the_start() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let worker = InProcessWorker::start_configured(
+        &db,
+        "w1",
+        &[
+            ("AGENTD__SCHEDULER__FIRE_AHEAD", "6s"),
+            ("AGENTD__LEASE__TTL", "3s"),
+        ],
+    )
+    .await;
+    let at = instant_in(&db, Duration::from_secs(3)).await;
+    let schedules = schedules_at(&db, agent, 3, at).await;
+    let (disabled, other, restored) = (schedules[0], schedules[1], schedules[2]);
+    wait_claimed_ahead(&db, 3, at).await;
+    let disable = "UPDATE agent_schedules SET enabled = false WHERE id = $1";
+    let mut change = db.pool.begin().await.unwrap();
+    sqlx::query(disable)
+        .bind(disabled)
+        .execute(&mut *change)
+        .await
+        .unwrap();
+    let mut undone = db.pool.begin().await.unwrap();
+    sqlx::query(disable)
+        .bind(restored)
+        .execute(&mut *undone)
+        .await
+        .unwrap();
+    assert!(now(&db).await < at, "the changes began after the instant");
+    eventually(
+        Duration::from_secs(10),
+        "the untouched slot's run, while both changes are open",
+        || async { runs_for(&db, at).await.len() == 1 },
+    )
+    .await;
+    assert_eq!(runs_for(&db, at).await[0].0, other);
+    // The change goes on to the slot that just started, and commits.
+    sqlx::query(disable)
+        .bind(other)
+        .execute(&mut *change)
+        .await
+        .expect("the application's change of a second row");
+    change.commit().await.expect("the application's commit");
+    undone.rollback().await.unwrap();
+    // The slot whose change was rolled back fires late, once its lease has ended; the
+    // disabled one never does.
+    eventually(
+        Duration::from_secs(20),
+        "the slot whose change was rolled back",
+        || async { runs_for(&db, at).await.len() == 2 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fired: Vec<Uuid> = runs_for(&db, at).await.iter().map(|run| run.0).collect();
+    let mut expected = vec![other, restored];
+    expected.sort();
+    assert_eq!(fired, expected);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
+        0
+    );
+    worker.stop().await;
+}
+
+/// Giving slots back (a stopping replica, the reaper) skips a schedule the application is
+/// changing at that moment instead of waiting for it in the opposite lock order: no
+/// deadlock, the application's change commits, and the other slot is given back.
+#[tokio::test(flavor = "multi_thread")]
+async fn giving_slots_back_does_not_deadlock_with_the_applications_change() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let worker =
+        InProcessWorker::start_configured(&db, "w1", &[("AGENTD__SCHEDULER__FIRE_AHEAD", "40s")])
+            .await;
+    let at = instant_in(&db, Duration::from_secs(30)).await;
+    let schedules = schedules_at(&db, agent, 2, at).await;
+    wait_claimed_ahead(&db, 2, at).await;
+    let slots: Vec<Uuid> =
+        sqlx::query_scalar("SELECT run_id FROM agentd.ahead_fires ORDER BY schedule_id = $1 DESC")
+            .bind(schedules[0])
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let disable = "UPDATE agent_schedules SET enabled = false WHERE id = $1";
+    let mut change = db.pool.begin().await.unwrap();
+    sqlx::query(disable)
+        .bind(schedules[0])
+        .execute(&mut *change)
+        .await
+        .unwrap();
+    let returned: i32 = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::query_scalar("SELECT agentd.return_ahead_fires($1)")
+            .bind(&slots)
+            .fetch_one(&db.pool),
+    )
+    .await
+    .expect("giving back waited for the application's change")
+    .unwrap();
+    assert_eq!(returned, 1, "the slot of the schedule not being changed");
+    sqlx::query(disable)
+        .bind(schedules[1])
+        .execute(&mut *change)
+        .await
+        .expect("the application's change of a second row");
+    change.commit().await.expect("the application's commit");
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
+        0
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.schedule_fires").await,
+        0,
+        "neither slot is recorded as fired"
+    );
+    worker.stop().await;
+}

@@ -99,7 +99,11 @@ impl Scheduler {
             ahead.sort_by_key(|batch| batch.at);
             let (sleep_for, room) = match ticked {
                 Ok(Next::Again) => {
+                    // More is due: claim again at once, but first start what has reached its
+                    // instant meanwhile (back-to-back claims of a large backlog would hold
+                    // it back).
                     retry.succeeded();
+                    self.start_due(&mut ahead).await;
                     continue;
                 }
                 Ok(Next::Sleep(sleep_for)) => {
@@ -127,17 +131,7 @@ impl Scheduler {
                 _ = tokio::time::sleep_until(next_instant.unwrap_or_else(Instant::now)), if next_instant.is_some() => {}
                 _ = shutdown.cancelled() => {}
             }
-            // Start what has reached its instant.
-            let mut early = Vec::new();
-            while ahead
-                .first()
-                .is_some_and(|batch| batch.at <= Instant::now())
-            {
-                let batch = ahead.remove(0);
-                early.extend(self.start_ahead(batch).await);
-            }
-            ahead.extend(early);
-            ahead.sort_by_key(|batch| batch.at);
+            self.start_due(&mut ahead).await;
         }
         // Slots claimed ahead and not started go back to the fleet at once.
         let unstarted: Vec<Uuid> = ahead
@@ -160,6 +154,20 @@ impl Scheduler {
         drop(ahead);
         self.runner.slots().set_waiting(Source::Schedules, false);
         tracing::info!("scheduler stopped claiming");
+    }
+
+    /// Starts the batches claimed ahead whose instant has come; `ahead` stays sorted.
+    async fn start_due<'a>(&self, ahead: &mut Vec<Ahead<'a>>) {
+        let mut early = Vec::new();
+        while ahead
+            .first()
+            .is_some_and(|batch| batch.at <= Instant::now())
+        {
+            let batch = ahead.remove(0);
+            early.extend(self.start_ahead(batch).await);
+        }
+        ahead.extend(early);
+        ahead.sort_by_key(|batch| batch.at);
     }
 
     /// Creates the runs of slots claimed ahead, at their instant, and starts them in the

@@ -423,6 +423,11 @@ impl ClaimTransaction {
 /// schedule was edited, disabled or deleted meanwhile (the schedule's trigger took it
 /// back), or whose lease ended, gets no run. Returns the database's `now` and the runs
 /// created.
+///
+/// A slot whose schedule the application is changing at this moment (its trigger holds the
+/// slot's row) is skipped, not waited for: waiting took the slots in another order than the
+/// application's multi-row change did, and the two deadlocked. The change forgets the slot;
+/// if it is rolled back instead, the slot's lease ends and the reaper gives it back.
 pub async fn start_ahead(
     pool: &PgPool,
     worker_id: &str,
@@ -431,11 +436,15 @@ pub async fn start_ahead(
 ) -> Result<(DateTime<Utc>, Vec<Uuid>), StoreError> {
     let row = sqlx::query(
         r#"
-        WITH started AS (
-          DELETE FROM agentd.ahead_fires a
-           USING agentd.leases l
+        WITH free AS (
+          SELECT a.run_id FROM agentd.ahead_fires a
+            JOIN agentd.leases l ON l.run_id = a.run_id
            WHERE a.run_id = ANY($1) AND a.scheduled_for <= now()
-             AND l.run_id = a.run_id AND l.worker_id = $5 AND l.expires_at > now()
+             AND l.worker_id = $5 AND l.expires_at > now()
+             FOR UPDATE OF a SKIP LOCKED
+        ), started AS (
+          DELETE FROM agentd.ahead_fires a
+           WHERE a.run_id IN (SELECT run_id FROM free)
           RETURNING a.run_id
         ), renewed AS (
           UPDATE agentd.leases l SET expires_at = now() + $6 * interval '1 millisecond'
