@@ -71,6 +71,10 @@ struct Ahead<'a> {
 /// slots are left to the reaper, which gives them back once their lease ends.
 const AHEAD_START_ATTEMPTS: u32 = 4;
 
+/// How close a batch claimed ahead may be to its instant for the scheduler to wait for it
+/// and start it rather than begin another claim first.
+const START_BEFORE_CLAIM: Duration = Duration::from_millis(100);
+
 /// What the loop does after a look.
 enum Next {
     /// Work may remain: look again at once.
@@ -93,17 +97,25 @@ impl Scheduler {
         // Slots claimed ahead, earliest instant first.
         let mut ahead: Vec<Ahead<'_>> = Vec::new();
         while !shutdown.is_cancelled() {
+            // A batch claimed ahead whose instant is about to come starts before the next
+            // claim, which takes tens of milliseconds under load and would make it late
+            // (the next second's slots come within fire_ahead at this second's instant).
+            if let Some(first) = ahead.first().map(|batch| batch.at)
+                && first <= Instant::now() + START_BEFORE_CLAIM
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(first) => {}
+                    _ = shutdown.cancelled() => continue,
+                }
+                self.start_due(&mut ahead).await;
+            }
             freed.borrow_and_update();
             let last_look = Instant::now();
             let ticked = self.tick(&mut last_heartbeat, &mut rules, &mut ahead).await;
             ahead.sort_by_key(|batch| batch.at);
             let (sleep_for, room) = match ticked {
                 Ok(Next::Again) => {
-                    // More is due: claim again at once, but first start what has reached its
-                    // instant meanwhile (back-to-back claims of a large backlog would hold
-                    // it back).
                     retry.succeeded();
-                    self.start_due(&mut ahead).await;
                     continue;
                 }
                 Ok(Next::Sleep(sleep_for)) => {
