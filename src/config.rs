@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 pub use value::{
     DatabaseUrl, EnvPattern, ExecutorKind, HttpUrl, LogFormat, MisfirePolicy, Multitask,
-    OverlapPolicy, UidRange, is_env_name, parse_duration, redact_url,
+    OverlapPolicy, Pooler, UidRange, is_env_name, parse_duration, redact_url,
 };
 
 /// The defaults, compiled in so that the binary needs no file to start.
@@ -245,6 +245,8 @@ pub struct DatabaseSettings {
     pub connect_timeout: Duration,
     #[serde(deserialize_with = "value::positive_duration")]
     pub max_backoff: Duration,
+    /// What stands between agentd and the server: `auto`, `none` or `transaction`.
+    pub pooler: Pooler,
 }
 
 /// The private PostgreSQL run when no database URL is configured.
@@ -788,6 +790,28 @@ fn flatten(table: &toml::Table, defaults: &toml::Table) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pooler_is_recognised_from_the_url_of_the_well_known_transaction_poolers() {
+        let settings = Settings::load(None, &env(&[])).unwrap();
+        assert_eq!(settings.database.pooler, Pooler::Auto);
+        let auto = Pooler::Auto;
+        assert!(auto.is_transaction("aws-0-eu-central-1.pooler.supabase.com", 6543));
+        assert!(!auto.is_transaction("aws-0-eu-central-1.pooler.supabase.com", 5432));
+        assert!(!auto.is_transaction("db.abcdefgh.supabase.co", 5432));
+        assert!(auto.is_transaction("ep-cool-name-123456-pooler.us-east-2.aws.neon.tech", 5432));
+        assert!(!auto.is_transaction("ep-cool-name-123456.us-east-2.aws.neon.tech", 5432));
+        assert!(!auto.is_transaction("127.0.0.1", 6432));
+        assert!(Pooler::Transaction.is_transaction("127.0.0.1", 6432));
+        assert!(!Pooler::None.is_transaction("x.pooler.supabase.com", 6543));
+        let error = Settings::load(None, &env(&[("AGENTD__DATABASE__POOLER", "pgbouncer")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("database.pooler") && error.contains("expected auto, none or transaction"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn runs_limits_default_per_executor_and_the_former_single_limit_sets_them_all() {

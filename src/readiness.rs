@@ -86,6 +86,7 @@ impl DatabaseState {
             | StoreError::Migrate(_)
             | StoreError::GaveUp { .. }
             | StoreError::ShutDown
+            | StoreError::NeedsSession
             | StoreError::Corrupt(_) => DatabaseState::Unreachable,
         }
     }

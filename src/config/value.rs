@@ -74,6 +74,11 @@ choices!(LogFormat {
     Json => "json",
     Text => "text",
 });
+choices!(Pooler {
+    Auto => "auto",
+    None => "none",
+    Transaction => "transaction",
+});
 choices!(MisfirePolicy {
     Coalesce => "coalesce",
     Skip => "skip",
@@ -683,6 +688,36 @@ pub enum LogFormat {
     Auto,
     Json,
     Text,
+}
+
+/// What stands between agentd and the server (`database.pooler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooler {
+    /// `transaction` for the URLs of the well-known transaction-mode poolers (Supabase's
+    /// port 6543 on `*.pooler.supabase.com`, Neon's `-pooler` hosts), `none` otherwise.
+    Auto,
+    /// A direct connection, or a session-mode pooler: a client keeps its server connection.
+    None,
+    /// A transaction-mode pooler: a server connection is lent for one transaction at a time.
+    Transaction,
+}
+
+impl Pooler {
+    /// Whether a database reached at `host`:`port` is behind a transaction-mode pooler.
+    pub fn is_transaction(self, host: &str, port: u16) -> bool {
+        match self {
+            Pooler::Transaction => true,
+            Pooler::None => false,
+            Pooler::Auto => {
+                let host = host.to_ascii_lowercase();
+                (host.ends_with(".pooler.supabase.com") && port == 6543)
+                    || host
+                        .split('.')
+                        .next()
+                        .is_some_and(|label| label.ends_with("-pooler"))
+            }
+        }
+    }
 }
 
 /// What to do with a slot fired later than `misfire_grace` after its time.

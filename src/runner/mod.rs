@@ -164,7 +164,7 @@ impl Runner {
             Batcher::spawn(1, MAX_GROUP, move |ids: Vec<Uuid>| {
                 let pool = pool.clone();
                 async move {
-                    let agents = load_agents(&pool, &ids).await;
+                    let agents = load_agents(crate::store::exec::on(&pool), &ids).await;
                     (ids, agents)
                 }
             })

@@ -6,6 +6,7 @@
 //! said in the run's own logs ([`AgentDefinition::notices`]) or fails the run with a clear
 //! error ([`AgentDefinition::defect`]); nothing of it reaches agentd's own logs.
 
+use super::exec;
 use sqlx::Row;
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
@@ -87,7 +88,7 @@ pub async fn load_agents<'e>(
     agent_ids: &[Uuid],
 ) -> Result<Vec<Option<AgentDefinition>>, StoreError> {
     let rows = bind_bounds(
-        sqlx::query(concat!(
+        exec::query(concat!(
             "SELECT ",
             agent_columns!(),
             " FROM public.agents a ",
@@ -108,18 +109,18 @@ pub async fn load_agents<'e>(
 /// The team with its members (each with variables), in position order; `None` if gone. A
 /// member agent that the team's owner does not own is skipped, whoever wrote the row.
 pub async fn load_team(pool: &PgPool, team_id: Uuid) -> Result<Option<TeamDefinition>, StoreError> {
-    let row = sqlx::query(
+    let row = exec::query(
         "SELECT id, left(name, $2) AS name, type, user_id FROM public.teams WHERE id = $1",
     )
     .bind(team_id)
     .bind(MAX_NAME_CHARS)
-    .fetch_optional(pool)
+    .fetch_optional(exec::on(pool))
     .await?;
     let Some(row) = row else {
         return Ok(None);
     };
     let owner: Uuid = row.try_get("user_id")?;
-    let listed = sqlx::query(
+    let listed = exec::query(
         r#"
         SELECT m.agent_id, a.user_id = $2 AS own
           FROM public.team_agents m
@@ -132,7 +133,7 @@ pub async fn load_team(pool: &PgPool, team_id: Uuid) -> Result<Option<TeamDefini
     .bind(team_id)
     .bind(owner)
     .bind(MAX_TEAM_MEMBERS)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     let mut notices = Vec::new();
     let mut own_ids = Vec::new();
@@ -155,7 +156,7 @@ pub async fn load_team(pool: &PgPool, team_id: Uuid) -> Result<Option<TeamDefini
     let members = if defect.is_some() || own_ids.is_empty() {
         Vec::new()
     } else {
-        load_agents(pool, &own_ids)
+        load_agents(exec::on(pool), &own_ids)
             .await?
             .into_iter()
             .flatten()

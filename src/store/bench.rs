@@ -1,6 +1,7 @@
 //! The statements of `agentd bench`: scratch databases, seeding, measuring, and the
 //! "ceiling" (the same rows a fire writes, by plain SQL in batches).
 
+use super::exec;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
@@ -10,7 +11,7 @@ use super::StoreError;
 /// Creates database `name` (a plain identifier chosen by the bench).
 pub async fn create_database(admin: &PgPool, name: &str) -> Result<(), StoreError> {
     debug_assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+    exec::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(admin)
         .await?;
     Ok(())
@@ -19,7 +20,7 @@ pub async fn create_database(admin: &PgPool, name: &str) -> Result<(), StoreErro
 /// Drops database `name`, disconnecting whoever is still on it.
 pub async fn drop_database(admin: &PgPool, name: &str) -> Result<(), StoreError> {
     debug_assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+    exec::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
     )))
     .execute(admin)
@@ -29,17 +30,17 @@ pub async fn drop_database(admin: &PgPool, name: &str) -> Result<(), StoreError>
 
 /// A user and one agent of theirs; returns (user, agent).
 pub async fn seed_agent(pool: &PgPool) -> Result<(Uuid, Uuid), StoreError> {
-    let user: Uuid = sqlx::query_scalar(
+    let user: Uuid = exec::query_scalar(
         "INSERT INTO public.users (email, name) VALUES ('bench-' || gen_random_uuid() || '@agentd.invalid', 'bench') RETURNING id",
     )
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
-    let agent: Uuid = sqlx::query_scalar(
+    let agent: Uuid = exec::query_scalar(
         "INSERT INTO public.agents (user_id, name, description, icon, category, instructions) \
          VALUES ($1, 'bench', 'agentd bench', 'bot', 'bench', 'noop') RETURNING id",
     )
     .bind(user)
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     Ok((user, agent))
 }
@@ -53,7 +54,7 @@ pub async fn insert_cron_schedules(
     cron: &str,
     next_run: Option<DateTime<Utc>>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    exec::query(
         "INSERT INTO public.agent_schedules (agent_id, enabled, frequency, interval, time, timezone, next_run) \
          SELECT $1, true, 'cron', 1, $2, 'UTC', $3 FROM generate_series(1, $4)",
     )
@@ -61,7 +62,7 @@ pub async fn insert_cron_schedules(
     .bind(cron)
     .bind(next_run)
     .bind(count)
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(())
 }
@@ -74,7 +75,7 @@ pub async fn insert_requests(
     owner: Uuid,
     count: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    exec::query(
         r#"
         WITH queued AS (
           INSERT INTO agentd.requests (id, target_type, target_id, requested_by)
@@ -87,22 +88,22 @@ pub async fn insert_requests(
     .bind(agent)
     .bind(owner)
     .bind(count)
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(())
 }
 
 /// Stops every schedule from firing again.
 pub async fn disable_schedules(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::query("UPDATE public.agent_schedules SET enabled = false WHERE enabled")
-        .execute(pool)
+    exec::query("UPDATE public.agent_schedules SET enabled = false WHERE enabled")
+        .execute(exec::on(pool))
         .await?;
     Ok(())
 }
 
 /// Updates the planner's statistics after seeding.
 pub async fn analyze(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::query("ANALYZE").execute(pool).await?;
+    exec::query("ANALYZE").execute(exec::on(pool)).await?;
     Ok(())
 }
 
@@ -114,16 +115,16 @@ pub async fn analyze(pool: &PgPool) -> Result<(), StoreError> {
 /// catalog is vacuumed once more after them.
 pub async fn vacuum_analyze(pool: &PgPool) -> Result<(), StoreError> {
     let mut connection = pool.acquire().await?;
-    sqlx::query("VACUUM (ANALYZE)")
+    exec::query("VACUUM (ANALYZE)")
         .execute(&mut *connection)
         .await?;
-    sqlx::query(
+    exec::query(
         "DO $$ BEGIN PERFORM pg_stat_force_next_flush(); \
          EXCEPTION WHEN undefined_function THEN NULL; END $$",
     )
     .execute(&mut *connection)
     .await?;
-    sqlx::query("VACUUM pg_catalog.pg_statistic")
+    exec::query("VACUUM pg_catalog.pg_statistic")
         .execute(&mut *connection)
         .await?;
     Ok(())
@@ -131,8 +132,8 @@ pub async fn vacuum_analyze(pool: &PgPool) -> Result<(), StoreError> {
 
 /// Registered workers.
 pub async fn workers_registered(pool: &PgPool) -> Result<i64, StoreError> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM agentd.workers")
-        .fetch_one(pool)
+    Ok(exec::query_scalar("SELECT count(*) FROM agentd.workers")
+        .fetch_one(exec::on(pool))
         .await?)
 }
 
@@ -141,7 +142,7 @@ pub async fn workers_registered(pool: &PgPool) -> Result<i64, StoreError> {
 /// before the two small tables (whose dead rows a scan must step over), so polling this
 /// does not load the server the benchmark measures.
 pub async fn finished_runs(pool: &PgPool) -> Result<Option<i64>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         r#"
         SELECT CASE WHEN EXISTS (SELECT 1 FROM public.agent_schedules
                                   WHERE enabled AND next_run IS NOT NULL AND next_run <= now())
@@ -151,7 +152,7 @@ pub async fn finished_runs(pool: &PgPool) -> Result<Option<i64>, StoreError> {
                     ELSE (SELECT count(*) FROM public.runs WHERE status <> 'running') END
         "#,
     )
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?)
 }
 
@@ -169,12 +170,12 @@ pub struct RunSpan {
 
 /// The span of all runs.
 pub async fn run_span(pool: &PgPool) -> Result<RunSpan, StoreError> {
-    let (runs, completed, finished, first_start, last_start, last_end) = sqlx::query_as(
+    let (runs, completed, finished, first_start, last_start, last_end) = exec::query_as(
         "SELECT count(*), count(*) FILTER (WHERE status = 'completed'), \
                 count(*) FILTER (WHERE status <> 'running'), \
                 min(start_time), max(start_time), max(end_time) FROM public.runs",
     )
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     Ok(RunSpan {
         runs,
@@ -193,7 +194,7 @@ pub async fn scheduling_lags(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<f64>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         r#"
         SELECT extract(epoch FROM r.start_time - (r.input->>'scheduled_for')::timestamptz)::float8 AS lag
           FROM public.runs r
@@ -205,13 +206,13 @@ pub async fn scheduling_lags(
     )
     .bind(from)
     .bind(to)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?)
 }
 
 /// How long each recorded run held its slot (`resource_usage.slot_ms`), in seconds, sorted.
 pub async fn slot_times(pool: &PgPool) -> Result<Vec<f64>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         r#"
         SELECT (resource_usage->>'slot_ms')::float8 / 1000.0 AS slot
           FROM public.runs
@@ -219,15 +220,15 @@ pub async fn slot_times(pool: &PgPool) -> Result<Vec<f64>, StoreError> {
          ORDER BY slot
         "#,
     )
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?)
 }
 
 /// Artifacts stored (rows of `run_artifacts`).
 pub async fn artifacts_stored(pool: &PgPool) -> Result<i64, StoreError> {
     Ok(
-        sqlx::query_scalar("SELECT count(*) FROM public.run_artifacts")
-            .fetch_one(pool)
+        exec::query_scalar("SELECT count(*) FROM public.run_artifacts")
+            .fetch_one(exec::on(pool))
             .await?,
     )
 }
@@ -237,18 +238,18 @@ pub async fn log_span(
     pool: &PgPool,
 ) -> Result<(i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>), StoreError> {
     Ok(
-        sqlx::query_as("SELECT count(*), min(timestamp), max(timestamp) FROM public.run_logs")
-            .fetch_one(pool)
+        exec::query_as("SELECT count(*), min(timestamp), max(timestamp) FROM public.run_logs")
+            .fetch_one(exec::on(pool))
             .await?,
     )
 }
 
 /// Seconds since the newest visible log line was emitted (None: no line yet).
 pub async fn newest_log_age(pool: &PgPool) -> Result<Option<f64>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         "SELECT extract(epoch FROM clock_timestamp() - max(timestamp))::float8 FROM public.run_logs",
     )
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?)
 }
 
@@ -256,10 +257,10 @@ pub async fn newest_log_age(pool: &PgPool) -> Result<Option<f64>, StoreError> {
 /// database, so that reading does not count).
 pub async fn transactions(admin: &PgPool, name: &str) -> Result<i64, StoreError> {
     let mut tx = admin.begin().await?;
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
+    exec::query("SELECT pg_stat_clear_snapshot()")
         .execute(&mut *tx)
         .await?;
-    let count: Option<i64> = sqlx::query_scalar(
+    let count: Option<i64> = exec::query_scalar(
         "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
     )
     .bind(name)
@@ -271,23 +272,23 @@ pub async fn transactions(admin: &PgPool, name: &str) -> Result<i64, StoreError>
 
 /// The server's version string.
 pub async fn server_version(pool: &PgPool) -> Result<String, StoreError> {
-    Ok(sqlx::query_scalar("SHOW server_version")
-        .fetch_one(pool)
+    Ok(exec::query_scalar("SHOW server_version")
+        .fetch_one(exec::on(pool))
         .await?)
 }
 
 /// The server's `autovacuum` setting (`on`/`off`): with it off, the tables a run churns
 /// (leases, slot records, runs) keep their dead rows for the whole benchmark.
 pub async fn server_autovacuum(pool: &PgPool) -> Result<String, StoreError> {
-    Ok(sqlx::query_scalar("SHOW autovacuum")
-        .fetch_one(pool)
+    Ok(exec::query_scalar("SHOW autovacuum")
+        .fetch_one(exec::on(pool))
         .await?)
 }
 
 /// The ceiling, step 1, one transaction: lock up to `limit` due schedules, insert their
 /// runs (running) and advance them by a day. Returns the new runs' ids.
 pub async fn ceiling_fire(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         r#"
         WITH due AS (
           SELECT s.id, s.agent_id, s.next_run, a.user_id
@@ -310,13 +311,13 @@ pub async fn ceiling_fire(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, StoreE
         "#,
     )
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?)
 }
 
 /// The ceiling, step 2, one transaction: one log line per run, and the runs completed.
 pub async fn ceiling_complete(pool: &PgPool, runs: &[Uuid]) -> Result<(), StoreError> {
-    sqlx::query(
+    exec::query(
         r#"
         WITH lines AS (
           INSERT INTO public.run_logs (run_id, message, level)
@@ -329,7 +330,7 @@ pub async fn ceiling_complete(pool: &PgPool, runs: &[Uuid]) -> Result<(), StoreE
         "#,
     )
     .bind(runs)
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(())
 }
@@ -340,14 +341,14 @@ pub async fn insert_far_schedules(
     agent: Uuid,
     count: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    exec::query(
         "INSERT INTO public.agent_schedules (agent_id, enabled, frequency, interval, time, timezone, next_run) \
          SELECT $1, true, 'daily', 1, '09:00', 'UTC', now() + interval '1 day' + g * interval '1 second' \
            FROM generate_series(1, $2) g",
     )
     .bind(agent)
     .bind(count)
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(())
 }
@@ -359,14 +360,14 @@ pub async fn insert_running_runs(
     user: Uuid,
     count: i64,
 ) -> Result<Vec<Uuid>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         "INSERT INTO public.runs (type, target_id, status, start_time, triggered_by_id) \
          SELECT 'agent', $1, 'running', now(), $2 FROM generate_series(1, $3) RETURNING id",
     )
     .bind(agent)
     .bind(user)
     .bind(count)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?)
 }
 
@@ -379,7 +380,7 @@ pub async fn ceiling_log_lines(
     messages: &[String],
     timestamps: &[DateTime<Utc>],
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    exec::query(
         r#"
         INSERT INTO public.run_logs (id, run_id, message, level, timestamp)
         SELECT x.id, $1, x.message, 'info', x.ts
@@ -390,7 +391,7 @@ pub async fn ceiling_log_lines(
     .bind(ids)
     .bind(messages)
     .bind(timestamps)
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(())
 }
@@ -398,7 +399,7 @@ pub async fn ceiling_log_lines(
 /// `count` conversations, each of a new user with a new agent of theirs (so that no user
 /// waits behind another's conversations); returns their ids.
 pub async fn seed_conversations(pool: &PgPool, count: i64) -> Result<Vec<Uuid>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         r#"
         WITH new_users AS (
           INSERT INTO public.users (email, name)
@@ -416,7 +417,7 @@ pub async fn seed_conversations(pool: &PgPool, count: i64) -> Result<Vec<Uuid>, 
         "#,
     )
     .bind(count)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?)
 }
 
@@ -428,13 +429,13 @@ pub async fn post_message(
     conversation: Uuid,
     content: &str,
 ) -> Result<(Uuid, DateTime<Utc>), StoreError> {
-    Ok(sqlx::query_as(
+    Ok(exec::query_as(
         "INSERT INTO public.messages (conversation_id, content, sender_type) \
          VALUES ($1, $2, 'user') RETURNING id, clock_timestamp()",
     )
     .bind(conversation)
     .bind(content)
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?)
 }
 
@@ -443,12 +444,12 @@ pub async fn replies_with_text(
     pool: &PgPool,
     conversations: &[Uuid],
 ) -> Result<Vec<Uuid>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         "SELECT DISTINCT conversation_id FROM public.messages \
           WHERE conversation_id = ANY($1) AND sender_type = 'agent' AND content <> ''",
     )
     .bind(conversations)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?)
 }
 
@@ -460,7 +461,7 @@ pub async fn turn_start_lags(
     messages: &[Uuid],
     written_at: &[DateTime<Utc>],
 ) -> Result<Vec<f64>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         r#"
         SELECT extract(epoch FROM r.start_time - x.written_at)::float8 AS lag
           FROM unnest($1::uuid[], $2::timestamptz[]) AS x(message_id, written_at)
@@ -471,7 +472,7 @@ pub async fn turn_start_lags(
     )
     .bind(messages)
     .bind(written_at)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?)
 }
 
@@ -490,7 +491,7 @@ pub struct ReplyCounts {
 
 /// Counts the replies; `answer` is the text a completed reply must hold.
 pub async fn reply_counts(pool: &PgPool, answer: &str) -> Result<ReplyCounts, StoreError> {
-    let (replies, conversations_answered, completed, turns) = sqlx::query_as(
+    let (replies, conversations_answered, completed, turns) = exec::query_as(
         r#"
         SELECT count(*), count(DISTINCT conversation_id),
                count(*) FILTER (WHERE attachments->>'status' = 'completed' AND content = $1),
@@ -499,7 +500,7 @@ pub async fn reply_counts(pool: &PgPool, answer: &str) -> Result<ReplyCounts, St
         "#,
     )
     .bind(answer)
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     Ok(ReplyCounts {
         replies,
@@ -512,7 +513,7 @@ pub async fn reply_counts(pool: &PgPool, answer: &str) -> Result<ReplyCounts, St
 /// Backends connected to database `name` (read from another database).
 pub async fn backends(admin: &PgPool, name: &str) -> Result<i64, StoreError> {
     Ok(
-        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+        exec::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
             .bind(name)
             .fetch_one(admin)
             .await?,
@@ -524,10 +525,10 @@ pub async fn backends(admin: &PgPool, name: &str) -> Result<i64, StoreError> {
 /// it exits).
 pub async fn message_row_writes(pool: &PgPool) -> Result<(i64, i64), StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
+    exec::query("SELECT pg_stat_clear_snapshot()")
         .execute(&mut *tx)
         .await?;
-    let counts: Option<(i64, i64)> = sqlx::query_as(
+    let counts: Option<(i64, i64)> = exec::query_as(
         "SELECT n_tup_ins, n_tup_upd FROM pg_stat_user_tables \
           WHERE relid = 'public.messages'::regclass",
     )
@@ -541,7 +542,7 @@ pub async fn message_row_writes(pool: &PgPool) -> Result<(i64, i64), StoreError>
 /// replicas' notification connections, idle after their `LISTEN` (read from another
 /// database).
 pub async fn message_listeners(admin: &PgPool, name: &str) -> Result<i64, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         r#"
         SELECT count(*) FROM pg_stat_activity
          WHERE datname = $1 AND state = 'idle' AND query LIKE '%LISTEN "agentd_messages"%'

@@ -5,6 +5,7 @@
 //! worker holds the run's lease. The final write also ends the turn, so the conversation's
 //! next turn may start, and wakes the replicas when messages are waiting for it.
 
+use super::exec;
 use std::time::Duration;
 
 use sqlx::Row;
@@ -74,7 +75,7 @@ pub async fn claim_turns(
     let mut transaction = pool.begin().await?;
     let mut claim = TurnClaim::default();
     if rules.interrupt {
-        claim.interrupted = sqlx::query_scalar::<_, i64>(concat!(
+        claim.interrupted = exec::query_scalar::<i64>(concat!(
             r#"
             WITH hit AS (
               SELECT t.run_id FROM agentd.waiting_conversations w
@@ -100,7 +101,7 @@ pub async fn claim_turns(
         .fetch_one(&mut *transaction)
         .await? as u64;
     }
-    let rows = sqlx::query(concat!(
+    let rows = exec::query(concat!(
         r#"
         WITH picked AS (
           SELECT w.conversation_id FROM agentd.waiting_conversations w
@@ -203,7 +204,7 @@ pub async fn claim_turns(
         });
     }
     if !run_ids.is_empty() {
-        sqlx::query(
+        exec::query(
             r#"
             WITH x AS (
               SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::jsonb[],
@@ -240,7 +241,7 @@ pub async fn claim_turns(
         // Ready conversations this claim did not take were locked by another replica's
         // claim, which may never commit (its replica died mid-claim): no notification
         // would say so, so the caller looks again soon.
-        let skipped: bool = sqlx::query_scalar(concat!(
+        let skipped: bool = exec::query_scalar(concat!(
             "SELECT EXISTS (SELECT 1 FROM agentd.waiting_conversations w WHERE ",
             ready_at!("$1", "$2"),
             r#" <= clock_timestamp()
@@ -256,7 +257,7 @@ pub async fn claim_turns(
         }
     }
     if !rules.debounce.is_zero() && claim.runs.len() < limit {
-        let seconds: Option<f64> = sqlx::query_scalar(concat!(
+        let seconds: Option<f64> = exec::query_scalar(concat!(
             "SELECT extract(epoch FROM min(",
             ready_at!("$1", "$2"),
             r#") - clock_timestamp())::float8
@@ -293,7 +294,7 @@ pub async fn load_history(
     max_messages: usize,
     max_bytes: usize,
 ) -> Result<Vec<StoredMessage>, StoreError> {
-    let rows = sqlx::query(
+    let rows = exec::query(
         r#"
         WITH own AS (
           SELECT m.* FROM public.messages m
@@ -331,7 +332,7 @@ pub async fn load_history(
     .bind(max_bytes.min(i32::MAX as usize) as i32)
     .bind(crate::conversation::MAX_ATTACHMENTS_BYTES as i32)
     .bind((max_messages + HISTORY_SCAN_SLACK) as i64)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     rows.iter()
         .map(|row| {
@@ -380,7 +381,7 @@ pub async fn write_replies(
 ) -> Result<Vec<Fenced>, StoreError> {
     let runs: Vec<Uuid> = replies.iter().map(|reply| reply.run_id).collect();
     let texts: Vec<&str> = replies.iter().map(|reply| reply.content.as_str()).collect();
-    let written: Vec<Uuid> = sqlx::query_scalar(
+    let written: Vec<Uuid> = exec::query_scalar(
         r#"
         INSERT INTO public.messages (id, conversation_id, content, sender_type, attachments)
         SELECT t.reply_id, t.conversation_id, x.content, 'agent',
@@ -398,7 +399,7 @@ pub async fn write_replies(
     .bind(&runs)
     .bind(&texts)
     .bind(worker_id)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     Ok(runs
         .iter()
@@ -461,7 +462,7 @@ pub async fn finish_reply(
     worker_id: &str,
     reply: &FinalReply,
 ) -> Result<ReplyEnd, StoreError> {
-    let row = sqlx::query(concat!(
+    let row = exec::query(concat!(
         r#"
         WITH lease AS (
           SELECT run_id FROM agentd.leases
@@ -507,7 +508,7 @@ pub async fn finish_reply(
     .bind(reply.status)
     .bind(reply.error.as_deref())
     .bind(crate::conversation::LAST_MESSAGE_CHARS as i32)
-    .fetch_optional(pool)
+    .fetch_optional(exec::on(pool))
     .await?;
     match row {
         Some(row) => Ok(ReplyEnd::Ended {
@@ -521,7 +522,7 @@ pub async fn finish_reply(
 /// worker died, or was cut off and reaped): each reply keeps the text it had and says
 /// `failed` with the run's error. Returns how many it ended.
 pub async fn end_orphaned_turns(pool: &PgPool, limit: usize) -> Result<u64, StoreError> {
-    let ended: i64 = sqlx::query_scalar(concat!(
+    let ended: i64 = exec::query_scalar(concat!(
         r#"
         WITH orphans AS (
           SELECT t.run_id FROM agentd.turns t
@@ -556,7 +557,7 @@ pub async fn end_orphaned_turns(pool: &PgPool, limit: usize) -> Result<u64, Stor
     ))
     .bind(limit as i64)
     .bind(crate::conversation::LAST_MESSAGE_CHARS as i32)
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     Ok(ended.max(0) as u64)
 }
@@ -568,12 +569,12 @@ pub async fn conversation_user(
     conversation_id: Uuid,
     agent_id: Uuid,
 ) -> Result<Option<Uuid>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         "SELECT user_id FROM public.conversations WHERE id = $1 AND agent_id = $2",
     )
     .bind(conversation_id)
     .bind(agent_id)
-    .fetch_optional(pool)
+    .fetch_optional(exec::on(pool))
     .await?)
 }
 
@@ -583,7 +584,7 @@ pub async fn start_conversation(
     agent_id: Uuid,
     title: &str,
 ) -> Result<Option<(Uuid, Uuid)>, StoreError> {
-    let row = sqlx::query(
+    let row = exec::query(
         r#"
         INSERT INTO public.conversations (user_id, agent_id, title)
         SELECT a.user_id, a.id, $2 FROM public.agents a WHERE a.id = $1
@@ -592,7 +593,7 @@ pub async fn start_conversation(
     )
     .bind(agent_id)
     .bind(title)
-    .fetch_optional(pool)
+    .fetch_optional(exec::on(pool))
     .await?;
     row.map(|row| Ok((row.try_get("id")?, row.try_get("user_id")?)))
         .transpose()
@@ -605,13 +606,13 @@ pub async fn post_user_message(
     conversation_id: Uuid,
     content: &str,
 ) -> Result<Uuid, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(exec::query_scalar(
         "INSERT INTO public.messages (conversation_id, content, sender_type) \
          VALUES ($1, $2, 'user') RETURNING id",
     )
     .bind(conversation_id)
     .bind(content)
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?)
 }
 
@@ -621,7 +622,7 @@ pub async fn reply_to(
     pool: &PgPool,
     message_id: Uuid,
 ) -> Result<Option<(String, serde_json::Value)>, StoreError> {
-    let row = sqlx::query(
+    let row = exec::query(
         r#"
         SELECT m.content, coalesce(m.attachments, '{}'::jsonb) AS attachments
           FROM agentd.turn_messages tm
@@ -631,7 +632,7 @@ pub async fn reply_to(
         "#,
     )
     .bind(message_id)
-    .fetch_optional(pool)
+    .fetch_optional(exec::on(pool))
     .await?;
     row.map(|row| Ok((row.try_get("content")?, row.try_get("attachments")?)))
         .transpose()

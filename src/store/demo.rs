@@ -1,6 +1,7 @@
 //! The demo's data: a user, agents, one team of each type, schedules firing every minute
 //! and a conversation. Fixed ids and `ON CONFLICT DO NOTHING` make seeding twice a no-op.
 
+use super::exec;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::postgres::PgPool;
@@ -59,7 +60,7 @@ pub async fn seed(pool: &PgPool) -> Result<u64, StoreError> {
           ON CONFLICT DO NOTHING;
         "#,
     )
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(done.rows_affected())
 }
@@ -79,7 +80,7 @@ pub async fn logs_after(
     pool: &PgPool,
     after: (DateTime<Utc>, Uuid),
 ) -> Result<Vec<PrintedLine>, StoreError> {
-    let rows = sqlx::query(
+    let rows = exec::query(
         r#"
         SELECT run_id, timestamp, id, level, message FROM public.run_logs
          WHERE (timestamp, id) > ($1, $2)
@@ -89,7 +90,7 @@ pub async fn logs_after(
     )
     .bind(after.0)
     .bind(after.1)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     rows.iter()
         .map(|row| {

@@ -1,6 +1,7 @@
 //! Fleet-wide maintenance: the hold on a task (so one replica at a time does it) and the
 //! retention deletions, each a short statement over at most one batch of rows.
 
+use super::exec;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -32,7 +33,7 @@ pub async fn take_task(
     hold: Duration,
     interval: Duration,
 ) -> Result<Hold, StoreError> {
-    let (taken, due): (bool, DateTime<Utc>) = sqlx::query_as(
+    let (taken, due): (bool, DateTime<Utc>) = exec::query_as(
         r#"
         WITH taken AS (
           UPDATE agentd.maintenance
@@ -55,7 +56,7 @@ pub async fn take_task(
     .bind(worker_id)
     .bind(millis(hold))
     .bind(millis(interval))
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     Ok(if taken {
         Hold::Taken
@@ -71,34 +72,34 @@ pub async fn renew_task(
     worker_id: &str,
     hold: Duration,
 ) -> Result<bool, StoreError> {
-    let renewed = sqlx::query(
+    let renewed = exec::query(
         "UPDATE agentd.maintenance SET held_until = now() + $3 * interval '1 millisecond' \
          WHERE task = $1 AND holder = $2",
     )
     .bind(task)
     .bind(worker_id)
     .bind(millis(hold))
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(renewed.rows_affected() == 1)
 }
 
 /// Releases this worker's hold on `task` and records it as finished now.
 pub async fn finish_task(pool: &PgPool, task: &str, worker_id: &str) -> Result<(), StoreError> {
-    sqlx::query(
+    exec::query(
         "UPDATE agentd.maintenance SET holder = NULL, held_until = NULL, last_finished_at = now() \
          WHERE task = $1 AND holder = $2",
     )
     .bind(task)
     .bind(worker_id)
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(())
 }
 
 /// Deletes up to `limit` run log lines older than `age`; returns how many.
 pub async fn delete_old_logs(pool: &PgPool, age: Duration, limit: u32) -> Result<u64, StoreError> {
-    let deleted = sqlx::query(
+    let deleted = exec::query(
         r#"
         DELETE FROM public.run_logs
          WHERE id IN (SELECT id FROM public.run_logs
@@ -108,7 +109,7 @@ pub async fn delete_old_logs(pool: &PgPool, age: Duration, limit: u32) -> Result
     )
     .bind(millis(age))
     .bind(i64::from(limit))
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(deleted.rows_affected())
 }
@@ -119,7 +120,7 @@ pub async fn delete_logs_of_old_runs(
     age: Duration,
     limit: u32,
 ) -> Result<u64, StoreError> {
-    let deleted = sqlx::query(
+    let deleted = exec::query(
         r#"
         DELETE FROM public.run_logs
          WHERE id IN (SELECT l.id
@@ -132,7 +133,7 @@ pub async fn delete_logs_of_old_runs(
     )
     .bind(millis(age))
     .bind(i64::from(limit))
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(deleted.rows_affected())
 }
@@ -152,7 +153,7 @@ pub async fn expired_artifacts(
     run_age: Option<Duration>,
     limit: u32,
 ) -> Result<Vec<ExpiredArtifact>, StoreError> {
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+    let rows: Vec<(Uuid, String)> = exec::query_as(
         r#"
         (SELECT a.id, a.url FROM public.run_artifacts a
           WHERE $1::float8 IS NOT NULL
@@ -172,7 +173,7 @@ pub async fn expired_artifacts(
     .bind(artifact_age.map(millis))
     .bind(run_age.map(millis))
     .bind(i64::from(limit))
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     Ok(rows
         .into_iter()
@@ -182,9 +183,9 @@ pub async fn expired_artifacts(
 
 /// Deletes artifact rows (their files are already gone); returns how many.
 pub async fn delete_artifact_rows(pool: &PgPool, ids: &[Uuid]) -> Result<u64, StoreError> {
-    let deleted = sqlx::query("DELETE FROM public.run_artifacts WHERE id = ANY($1)")
+    let deleted = exec::query("DELETE FROM public.run_artifacts WHERE id = ANY($1)")
         .bind(ids)
-        .execute(pool)
+        .execute(exec::on(pool))
         .await?;
     Ok(deleted.rows_affected())
 }
@@ -192,7 +193,7 @@ pub async fn delete_artifact_rows(pool: &PgPool, ids: &[Uuid]) -> Result<u64, St
 /// Deletes up to `limit` finished runs that ended more than `age` ago and have no logs or
 /// artifacts left, with their slot records and turn records; returns how many runs.
 pub async fn delete_old_runs(pool: &PgPool, age: Duration, limit: u32) -> Result<u64, StoreError> {
-    let deleted: i64 = sqlx::query_scalar(
+    let deleted: i64 = exec::query_scalar(
         r#"
         WITH gone AS (
           DELETE FROM public.runs
@@ -215,7 +216,7 @@ pub async fn delete_old_runs(pool: &PgPool, age: Duration, limit: u32) -> Result
     )
     .bind(millis(age))
     .bind(i64::from(limit))
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     Ok(deleted as u64)
 }

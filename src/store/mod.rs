@@ -19,6 +19,7 @@ pub mod agents;
 pub mod bench;
 pub mod conversations;
 pub mod demo;
+pub mod exec;
 pub mod maintenance;
 pub mod runs;
 pub mod schedules;
@@ -51,6 +52,11 @@ pub enum StoreError {
     /// Shutdown was requested while connecting.
     #[error("shutdown requested while connecting to the database")]
     ShutDown,
+    /// Migrations were asked for through a transaction-mode pooler.
+    #[error(
+        "database.pooler is \"transaction\": migrations hold a session-level advisory lock, which a transaction-mode pooler cannot keep; run `agentd migrate` with a direct or session-mode URL (DATABASE_URL=postgres://…direct… agentd migrate), and leave database.migrate off"
+    )]
+    NeedsSession,
     /// A row holds something the schema's checks should have prevented.
     #[error("database: unexpected data: {0}")]
     Corrupt(String),
@@ -80,6 +86,7 @@ impl StoreError {
             | StoreError::Migrate(_)
             | StoreError::GaveUp { .. }
             | StoreError::ShutDown
+            | StoreError::NeedsSession
             | StoreError::Corrupt(_) => false,
         }
     }
@@ -170,6 +177,15 @@ pub async fn connect(
     let options = options
         .application_name("agentd")
         .options([("agentd.internal", "on")]);
+    let through_pooler = settings
+        .pooler
+        .is_transaction(options.get_host(), options.get_port());
+    exec::set_transaction_pooler(through_pooler);
+    if through_pooler {
+        tracing::info!(
+            "database.pooler: a transaction-mode pooler; every statement is sent unnamed, in a transaction of its own when alone"
+        );
+    }
     let started = tokio::time::Instant::now();
     let mut retry = Retry::up_to(settings.max_backoff);
     loop {
@@ -221,6 +237,9 @@ pub struct MigrationReport {
 /// Applies the pending migrations. Safe with several replicas starting at once: sqlx takes
 /// an advisory lock for the duration.
 pub async fn migrate(pool: &PgPool) -> Result<MigrationReport, StoreError> {
+    if exec::transaction_pooler() {
+        return Err(StoreError::NeedsSession);
+    }
     let migrator = migrator();
     let before = applied_versions(pool).await?;
     migrator.run(pool).await?;
@@ -243,18 +262,23 @@ pub async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
 
 /// [`applied_versions`], on a connection of the caller's.
 async fn applied_versions_on(connection: &mut PgConnection) -> Result<Vec<i64>, StoreError> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+    // Both statements in one transaction: through a transaction-mode pooler, a statement
+    // outside one may be split across two servers (see exec).
+    let mut transaction = connection.begin().await?;
+    let exists: bool = exec::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(MIGRATIONS_TABLE)
-        .fetch_one(&mut *connection)
+        .fetch_one(&mut *transaction)
         .await?;
-    if !exists {
-        return Ok(Vec::new());
-    }
-    let versions = sqlx::query_scalar(
-        "SELECT version FROM agentd._sqlx_migrations WHERE success ORDER BY version",
-    )
-    .fetch_all(&mut *connection)
-    .await?;
+    let versions = if exists {
+        exec::query_scalar(
+            "SELECT version FROM agentd._sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&mut *transaction)
+        .await?
+    } else {
+        Vec::new()
+    };
+    transaction.commit().await?;
     Ok(versions)
 }
 

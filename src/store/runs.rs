@@ -4,6 +4,7 @@
 //! that worker holds an unexpired lease on the run, checked and locked in the same
 //! statement. A worker that lost its lease gets `Fenced` and must abandon the run.
 
+use super::exec;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Postgres;
@@ -45,8 +46,8 @@ fn parse_input(text: Option<&str>) -> (Option<Value>, Option<String>) {
 /// locked by another replica's claim, which may never commit).
 pub async fn requests_waiting(pool: &PgPool) -> Result<bool, StoreError> {
     Ok(
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM agentd.requests)")
-            .fetch_one(pool)
+        exec::query_scalar("SELECT EXISTS (SELECT 1 FROM agentd.requests)")
+            .fetch_one(exec::on(pool))
             .await?,
     )
 }
@@ -57,7 +58,7 @@ pub async fn claim_requests(
     worker_id: &str,
     lease_ttl: std::time::Duration,
 ) -> Result<Vec<ClaimedRun>, StoreError> {
-    let rows = sqlx::query(
+    let rows = exec::query(
         r#"
         WITH picked AS (
           SELECT id FROM agentd.requests
@@ -81,7 +82,7 @@ pub async fn claim_requests(
     .bind(limit as i64)
     .bind(worker_id)
     .bind(lease_ttl.as_millis() as f64)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     rows.iter()
         .map(|row| {
@@ -197,8 +198,8 @@ pub async fn insert_log_batches(
         INSERT_LOG_BATCHES_AGAIN_SQL,
         |sql| {
             lines
-                .bind(sqlx::query_scalar(sql).bind(&runs).bind(worker_id))
-                .fetch_all(pool)
+                .bind(exec::query_scalar(sql).bind(&runs).bind(worker_id))
+                .fetch_all(exec::on(pool))
         },
     )
     .await?;
@@ -329,14 +330,14 @@ pub async fn finish_runs(
         .collect();
     let done: Vec<Uuid> =
         retry_tolerating_duplicates(FINISH_RUNS_SQL, FINISH_RUNS_AGAIN_SQL, |sql| {
-            let query = sqlx::query_scalar(sql)
+            let query = exec::query_scalar(sql)
                 .bind(&runs)
                 .bind(worker_id)
                 .bind(&statuses)
                 .bind(&outputs)
                 .bind(&errors)
                 .bind(&usages);
-            lines.bind(query).fetch_all(pool)
+            lines.bind(query).fetch_all(exec::on(pool))
         })
         .await?;
     Ok(fenced(&runs, &done))
@@ -388,20 +389,20 @@ pub async fn request_run(
     target_id: Uuid,
     input: Option<&Value>,
 ) -> Result<Uuid, StoreError> {
-    let run_id = sqlx::query_scalar("SELECT public.request_run($1, $2, $3)")
+    let run_id = exec::query_scalar("SELECT public.request_run($1, $2, $3)")
         .bind(kind.as_str())
         .bind(target_id)
         .bind(input)
-        .fetch_one(pool)
+        .fetch_one(exec::on(pool))
         .await?;
     Ok(run_id)
 }
 
 /// `public.cancel_run`, as the worker's role (any run).
 pub async fn cancel_run(pool: &PgPool, run_id: Uuid) -> Result<bool, StoreError> {
-    let taken = sqlx::query_scalar("SELECT public.cancel_run($1)")
+    let taken = exec::query_scalar("SELECT public.cancel_run($1)")
         .bind(run_id)
-        .fetch_one(pool)
+        .fetch_one(exec::on(pool))
         .await?;
     Ok(taken)
 }
@@ -416,7 +417,7 @@ pub struct RunState {
 
 /// The state of a run or of a request that will become one; `None` if neither exists.
 pub async fn run_state(pool: &PgPool, run_id: Uuid) -> Result<Option<RunState>, StoreError> {
-    let row = sqlx::query(
+    let row = exec::query(
         r#"
         SELECT status, error, output FROM public.runs WHERE id = $1
         UNION ALL
@@ -425,7 +426,7 @@ pub async fn run_state(pool: &PgPool, run_id: Uuid) -> Result<Option<RunState>, 
         "#,
     )
     .bind(run_id)
-    .fetch_optional(pool)
+    .fetch_optional(exec::on(pool))
     .await?;
     row.map(|row| {
         let status: &str = row.try_get("status")?;
@@ -451,7 +452,7 @@ pub async fn run_logs_after(
     after: Option<(DateTime<Utc>, Uuid)>,
 ) -> Result<Vec<(DateTime<Utc>, Uuid, String, String)>, StoreError> {
     let (after_ts, after_id) = after.unzip();
-    let rows = sqlx::query(
+    let rows = exec::query(
         r#"
         SELECT timestamp, id, level, message FROM public.run_logs
          WHERE run_id = $1 AND ($2::timestamptz IS NULL OR (timestamp, id) > ($2, $3))
@@ -462,7 +463,7 @@ pub async fn run_logs_after(
     .bind(run_id)
     .bind(after_ts)
     .bind(after_id)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     rows.iter()
         .map(|row| {
@@ -494,7 +495,7 @@ pub async fn insert_artifacts(
     rows: &[(Uuid, ArtifactRow)],
 ) -> Result<Vec<Fenced>, StoreError> {
     let run_ids: Vec<Uuid> = rows.iter().map(|(run_id, _)| *run_id).collect();
-    let held: Vec<bool> = sqlx::query_scalar(
+    let held: Vec<bool> = exec::query_scalar(
         r#"
         WITH x AS (
           SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[])
@@ -530,7 +531,7 @@ pub async fn insert_artifacts(
             .collect::<Vec<_>>(),
     )
     .bind(worker_id)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     Ok(held
         .into_iter()

@@ -1,5 +1,6 @@
 //! Schedules: the cheap look at what is due, and the claim transaction.
 
+use super::exec;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgPool, PgRow};
@@ -38,7 +39,7 @@ impl DueSummary {
 /// With `heartbeat`, it also marks that worker as seen (an idle replica's only sign of
 /// life: its lease keeper has nothing to renew).
 pub async fn due_summary(pool: &PgPool, heartbeat: Option<&str>) -> Result<DueSummary, StoreError> {
-    let row = sqlx::query(
+    let row = exec::query(
         r#"
         WITH seen AS (
           UPDATE agentd.workers SET last_seen_at = now() WHERE id = $1
@@ -57,7 +58,7 @@ pub async fn due_summary(pool: &PgPool, heartbeat: Option<&str>) -> Result<DueSu
         "#,
     )
     .bind(heartbeat)
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     Ok(DueSummary {
         now: row.try_get("now")?,
@@ -243,7 +244,7 @@ impl ClaimTransaction {
         limit: usize,
         fire_ahead: std::time::Duration,
     ) -> Result<(DateTime<Utc>, Vec<LockedSchedule>), StoreError> {
-        let rows = sqlx::query(LOCK_SCHEDULES_SQL)
+        let rows = exec::query(LOCK_SCHEDULES_SQL)
             .bind(limit as i64)
             .bind(fire_ahead.as_millis() as f64)
             .fetch_all(&mut *self.tx)
@@ -251,7 +252,7 @@ impl ClaimTransaction {
         let now = match rows.first() {
             Some(row) => row.try_get("now")?,
             None => {
-                sqlx::query_scalar("SELECT now()")
+                exec::query_scalar("SELECT now()")
                     .fetch_one(&mut *self.tx)
                     .await?
             }
@@ -314,7 +315,7 @@ impl ClaimTransaction {
                 }
             }
         }
-        let rows = sqlx::query(
+        let rows = exec::query(
             r#"
             WITH fires AS (
               INSERT INTO agentd.schedule_fires (schedule_id, scheduled_for, run_id)
@@ -434,7 +435,7 @@ pub async fn start_ahead(
     lease_ttl: std::time::Duration,
     runs: &[NewScheduledRun],
 ) -> Result<(DateTime<Utc>, Vec<Uuid>), StoreError> {
-    let row = sqlx::query(
+    let row = exec::query(
         r#"
         WITH free AS (
           SELECT a.run_id FROM agentd.ahead_fires a
@@ -466,7 +467,7 @@ pub async fn start_ahead(
     .bind(runs.iter().map(|r| r.input.clone()).collect::<Vec<_>>())
     .bind(worker_id)
     .bind(lease_ttl.as_millis() as f64)
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     Ok((row.try_get("now")?, row.try_get("created")?))
 }
@@ -474,9 +475,9 @@ pub async fn start_ahead(
 /// Gives back slots this worker claimed ahead and will not start (it is stopping): another
 /// replica fires them (see `agentd.return_ahead_fires`). Returns how many were given back.
 pub async fn return_ahead(pool: &PgPool, run_ids: &[Uuid]) -> Result<u64, StoreError> {
-    let returned: i32 = sqlx::query_scalar("SELECT agentd.return_ahead_fires($1)")
+    let returned: i32 = exec::query_scalar("SELECT agentd.return_ahead_fires($1)")
         .bind(run_ids)
-        .fetch_one(pool)
+        .fetch_one(exec::on(pool))
         .await?;
     Ok(returned.max(0) as u64)
 }

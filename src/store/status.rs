@@ -1,5 +1,6 @@
 //! What `agentd status` reads: one consistent snapshot of the fleet and its backlog.
 
+use super::exec;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::PgPool;
@@ -71,13 +72,13 @@ pub const INVALID_LISTED: i64 = 20;
 /// Reads the snapshot in one read-only, repeatable-read transaction.
 pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    exec::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+    let now: DateTime<Utc> = exec::query_scalar("SELECT now()")
         .fetch_one(&mut *tx)
         .await?;
-    let workers: Vec<WorkerRow> = sqlx::query_as(
+    let workers: Vec<WorkerRow> = exec::query_as(
         r#"
         SELECT w.id, w.host, w.pid, w.version, w.started_at, w.last_seen_at,
                count(l.run_id) FILTER (WHERE l.expires_at > now()) AS runs_in_flight
@@ -91,7 +92,7 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
     )
     .fetch_all(&mut *tx)
     .await?;
-    let in_flight: Vec<(String, i64, i64)> = sqlx::query_as(
+    let in_flight: Vec<(String, i64, i64)> = exec::query_as(
         r#"
         SELECT worker_id, count(*), count(*) FILTER (WHERE expires_at <= now())
           FROM agentd.leases l
@@ -102,23 +103,23 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
     )
     .fetch_all(&mut *tx)
     .await?;
-    let (schedules_due, oldest_due): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+    let (schedules_due, oldest_due): (i64, Option<DateTime<Utc>>) = exec::query_as(
         "SELECT count(*), min(next_run) FROM public.agent_schedules \
          WHERE enabled AND next_run IS NOT NULL AND next_run <= now()",
     )
     .fetch_one(&mut *tx)
     .await?;
-    let schedules_unplanned: i64 = sqlx::query_scalar(
+    let schedules_unplanned: i64 = exec::query_scalar(
         "SELECT count(*) FROM public.agent_schedules WHERE enabled AND next_run IS NULL",
     )
     .fetch_one(&mut *tx)
     .await?;
     let (requests_waiting, oldest_request): (i64, Option<DateTime<Utc>>) =
-        sqlx::query_as("SELECT count(*), min(requested_at) FROM agentd.requests")
+        exec::query_as("SELECT count(*), min(requested_at) FROM agentd.requests")
             .fetch_one(&mut *tx)
             .await?;
     let (conversations_waiting, oldest_message, turns_running): (i64, Option<DateTime<Utc>>, i64) =
-        sqlx::query_as(
+        exec::query_as(
             "SELECT count(*), min(first_at), \
                     (SELECT count(*) FROM agentd.turns WHERE NOT ended) \
                FROM agentd.waiting_conversations",
@@ -127,7 +128,7 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
         .await?;
     // Only invalid states that still describe the current definition (an edited schedule
     // is looked at again).
-    let invalid_total: i64 = sqlx::query_scalar(
+    let invalid_total: i64 = exec::query_scalar(
         r#"
         SELECT count(*)
           FROM agentd.schedule_states st
@@ -138,7 +139,7 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
     )
     .fetch_one(&mut *tx)
     .await?;
-    let invalid: Vec<(Uuid, Uuid, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+    let invalid: Vec<(Uuid, Uuid, Option<String>, DateTime<Utc>)> = exec::query_as(
         r#"
         SELECT s.id, s.agent_id, st.error, st.updated_at
           FROM agentd.schedule_states st
@@ -152,7 +153,7 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
     .bind(INVALID_LISTED)
     .fetch_all(&mut *tx)
     .await?;
-    let (completed_last_hour, failed_last_hour): (i64, i64) = sqlx::query_as(
+    let (completed_last_hour, failed_last_hour): (i64, i64) = exec::query_as(
         r#"
         SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed')
           FROM public.runs
@@ -162,7 +163,7 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
     .fetch_one(&mut *tx)
     .await?;
     let running: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM public.runs WHERE status = 'running'")
+        exec::query_scalar("SELECT count(*) FROM public.runs WHERE status = 'running'")
             .fetch_one(&mut *tx)
             .await?;
     tx.commit().await?;

@@ -1,5 +1,6 @@
 //! Workers and leases: registration, the batched heartbeat, and the reaper's statement.
 
+use super::exec;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::postgres::PgPool;
@@ -18,7 +19,7 @@ pub struct WorkerInfo {
 
 /// Registers (or re-registers) this worker; `started_at` is reset on every start.
 pub async fn register_worker(pool: &PgPool, worker: &WorkerInfo) -> Result<(), StoreError> {
-    sqlx::query(
+    exec::query(
         r#"
         INSERT INTO agentd.workers (id, host, pid, version, started_at, last_seen_at)
         VALUES ($1, $2, $3, $4, now(), now())
@@ -31,7 +32,7 @@ pub async fn register_worker(pool: &PgPool, worker: &WorkerInfo) -> Result<(), S
     .bind(&worker.host)
     .bind(worker.pid as i32)
     .bind(&worker.version)
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(())
 }
@@ -39,7 +40,7 @@ pub async fn register_worker(pool: &PgPool, worker: &WorkerInfo) -> Result<(), S
 /// Writes the limits the SQL functions apply (`requests.max_pending_per_user`): the
 /// database has no other way to know this replica's settings.
 pub async fn publish_limits(pool: &PgPool, max_pending_per_user: u32) -> Result<(), StoreError> {
-    sqlx::query(
+    exec::query(
         r#"
         INSERT INTO agentd.limits (id, max_pending_per_user) VALUES (true, $1)
         ON CONFLICT (id) DO UPDATE
@@ -48,16 +49,16 @@ pub async fn publish_limits(pool: &PgPool, max_pending_per_user: u32) -> Result<
         "#,
     )
     .bind(max_pending_per_user.min(i32::MAX as u32) as i32)
-    .execute(pool)
+    .execute(exec::on(pool))
     .await?;
     Ok(())
 }
 
 /// Removes this worker from the registry on a clean stop.
 pub async fn deregister_worker(pool: &PgPool, worker_id: &str) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM agentd.workers WHERE id = $1")
+    exec::query("DELETE FROM agentd.workers WHERE id = $1")
         .bind(worker_id)
-        .execute(pool)
+        .execute(exec::on(pool))
         .await?;
     Ok(())
 }
@@ -79,7 +80,7 @@ pub async fn renew_leases(
     run_ids: &[Uuid],
     ttl: std::time::Duration,
 ) -> Result<Vec<HeldLease>, StoreError> {
-    let rows = sqlx::query(
+    let rows = exec::query(
         r#"
         WITH seen AS (
           UPDATE agentd.workers SET last_seen_at = now() WHERE id = $1
@@ -95,7 +96,7 @@ pub async fn renew_leases(
     .bind(worker_id)
     .bind(run_ids)
     .bind(ttl.as_millis() as f64)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     rows.iter()
         .map(|row| {
@@ -122,7 +123,7 @@ pub async fn reap_expired_leases(
     pool: &PgPool,
     limit: usize,
 ) -> Result<Vec<ReapedRun>, StoreError> {
-    let rows = sqlx::query(
+    let rows = exec::query(
         r#"
         WITH expired AS (
           SELECT run_id FROM agentd.leases
@@ -146,7 +147,7 @@ pub async fn reap_expired_leases(
         "#,
     )
     .bind(limit as i64)
-    .fetch_all(pool)
+    .fetch_all(exec::on(pool))
     .await?;
     rows.iter()
         .map(|row| {
@@ -164,7 +165,7 @@ pub async fn reap_expired_leases(
 /// started (the replica that claimed them died or stopped): another replica fires them,
 /// late (see `agentd.return_ahead_fires`). Returns how many.
 pub async fn return_expired_ahead(pool: &PgPool, limit: usize) -> Result<u64, StoreError> {
-    let returned: i32 = sqlx::query_scalar(
+    let returned: i32 = exec::query_scalar(
         r#"
         SELECT agentd.return_ahead_fires(ARRAY(
           SELECT l.run_id FROM agentd.leases l
@@ -175,17 +176,17 @@ pub async fn return_expired_ahead(pool: &PgPool, limit: usize) -> Result<u64, St
         "#,
     )
     .bind(limit as i64)
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     Ok(returned.max(0) as u64)
 }
 
 /// When the earliest lease expires, relative to the database's clock (`None`: no leases).
 pub async fn next_lease_expiry(pool: &PgPool) -> Result<Option<std::time::Duration>, StoreError> {
-    let seconds: Option<f64> = sqlx::query_scalar(
+    let seconds: Option<f64> = exec::query_scalar(
         "SELECT extract(epoch FROM min(expires_at) - now())::float8 FROM agentd.leases",
     )
-    .fetch_one(pool)
+    .fetch_one(exec::on(pool))
     .await?;
     // NULL: no lease at all; negative: one has already expired.
     Ok(seconds.map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.0))))

@@ -7,6 +7,8 @@
 //! No test skips for want of a database: if neither works, the test fails and says why.
 #![allow(dead_code)]
 
+pub mod pgbouncer;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -71,6 +73,16 @@ async fn start_server() -> Result<Server, String> {
         admin: embedded.admin_options(),
         url: embedded.url("postgres"),
     })
+}
+
+/// Where the test server listens: a host name, address or socket folder, and a port.
+pub fn server_address() -> (String, u16) {
+    let admin = &server().admin;
+    let host = match admin.get_socket() {
+        Some(folder) => folder.display().to_string(),
+        None => admin.get_host().to_string(),
+    };
+    (host, admin.get_port())
 }
 
 /// A database of its own for one test, dropped when the value is dropped.
