@@ -165,3 +165,46 @@ impl<'p> Executor<'p> for On<'p> {
         self.0.describe(sql)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every statement of the store is built here, and none is sent to a pool but through
+    /// [`super::on`]: one that bypassed them would be named, or split across servers,
+    /// through a transaction-mode pooler. (`sqlx::raw_sql`, the demo's seed, is the simple
+    /// protocol: one message, one round trip, nothing named.)
+    #[test]
+    fn every_statement_of_the_store_goes_through_this_module() {
+        let sources = [
+            ("agents.rs", include_str!("agents.rs")),
+            ("bench.rs", include_str!("bench.rs")),
+            ("conversations.rs", include_str!("conversations.rs")),
+            ("demo.rs", include_str!("demo.rs")),
+            ("maintenance.rs", include_str!("maintenance.rs")),
+            ("mod.rs", include_str!("mod.rs")),
+            ("runs.rs", include_str!("runs.rs")),
+            ("schedules.rs", include_str!("schedules.rs")),
+            ("status.rs", include_str!("status.rs")),
+            ("workers.rs", include_str!("workers.rs")),
+        ];
+        for (file, source) in sources {
+            for bypass in [
+                "sqlx::query(",
+                "sqlx::query_as(",
+                "sqlx::query_scalar(",
+                "sqlx::query_as::<",
+                "sqlx::query_scalar::<",
+                ".fetch_one(pool)",
+                ".fetch_all(pool)",
+                ".fetch_optional(pool)",
+                ".fetch(pool)",
+                ".execute(pool)",
+            ] {
+                let found = source
+                    .lines()
+                    .filter(|line| line.contains(bypass) && !line.trim_start().starts_with("//"))
+                    .collect::<Vec<_>>();
+                assert!(found.is_empty(), "{file}: {bypass} {found:?}");
+            }
+        }
+    }
+}
