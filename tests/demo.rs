@@ -88,6 +88,15 @@ async fn the_demo_runs_a_team_prints_its_logs_and_does_not_duplicate_its_data() 
         )
     };
     assert_eq!(counts().await, (1, 3, 3, 2, 7));
+    // Its schedules were planned: they fire every minute while the demo runs.
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM agent_schedules WHERE next_run IS NOT NULL"
+        )
+        .await,
+        2
+    );
     // The chat's reply, printed once final: the Greeter's instructions and the question.
     let chat = first
         .iter()
