@@ -38,7 +38,8 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Try agentd: demo agents, teams and schedules, a team run at once, the worker printing
     /// every run's logs until Ctrl-C (on the embedded PostgreSQL unless DATABASE_URL is set).
-    Demo,
+    /// Refuses a database that holds users or agents it did not create.
+    Demo(DemoArgs),
     /// Chat with an agent in the terminal, through the database as the web app does: each
     /// line is a user message, each reply is printed as it streams.
     Chat(ChatArgs),
@@ -55,6 +56,16 @@ pub enum Command {
     /// Exit 0 when GET /healthz of the local agentd answers 200 (container health checks;
     /// no curl needed).
     Healthcheck(HealthcheckArgs),
+}
+
+/// Options of `agentd demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Add the demo data even when the database already holds users or agents the demo did
+    /// not create (refused otherwise, exit status 2): its schedules fire every minute for as
+    /// long as a worker runs on that database.
+    #[arg(long)]
+    pub into_existing_database: bool,
 }
 
 /// Options of `agentd status`.

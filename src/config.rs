@@ -808,7 +808,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            error.contains("database.pooler") && error.contains("expected auto, none or transaction"),
+            error.contains("database.pooler")
+                && error.contains("expected auto, none or transaction"),
             "{error}"
         );
     }

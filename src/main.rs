@@ -9,7 +9,8 @@ use agentd::cli::{Cli, Command, ScheduleCommand};
 use agentd::config::Settings;
 use agentd::{shutdown, startup, telemetry};
 
-/// Exit status for unusable input (bad configuration), as sysexits' EX_USAGE family uses 2.
+/// Exit status for unusable input (bad configuration) and for a command that declined
+/// what it was asked ([`startup::Refusal`]), as sysexits' EX_USAGE family uses 2.
 const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
     // The daemon's log is its output; every other command keeps stdout for its answer.
     let stream = match cli.command {
         Command::Run(_) => telemetry::LogStream::Stdout,
-        Command::Demo
+        Command::Demo(_)
         | Command::Chat(_)
         | Command::Migrate
         | Command::Trigger(_)
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
     // the programs it runs, and escaping processes come back to it (docs/security.md).
     if matches!(
         cli.command,
-        Command::Run(_) | Command::Demo | Command::Chat(_)
+        Command::Run(_) | Command::Demo(_) | Command::Chat(_)
     ) {
         let secrets: Vec<&str> = settings
             .secret_variables
@@ -91,7 +92,7 @@ fn main() -> ExitCode {
         Command::Run(_)
         | Command::Migrate
         | Command::Cancel(_)
-        | Command::Demo
+        | Command::Demo(_)
         | Command::Chat(_)
         | Command::Bench(_)
         | Command::Status(_)
@@ -112,7 +113,9 @@ fn main() -> ExitCode {
             Command::Cancel(args) => startup::cancel(&settings, args.run_id, &shutdown)
                 .await
                 .map(|()| true),
-            Command::Demo => startup::demo(&settings, &shutdown).await.map(|()| true),
+            Command::Demo(args) => startup::demo(&settings, args.into_existing_database, &shutdown)
+                .await
+                .map(|()| true),
             Command::Chat(args) => startup::chat(
                 &settings,
                 args.agent,
@@ -140,6 +143,10 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(startup::EXIT_RUN_FAILED),
         Err(error) => {
+            if let Some(refusal) = error.downcast_ref::<startup::Refusal>() {
+                eprintln!("{refusal}");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
             tracing::error!(error = format!("{error:#}"), "agentd failed");
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

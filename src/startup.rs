@@ -343,11 +343,26 @@ pub async fn chat(
     result
 }
 
+/// A command declined what it was asked, as asked: nothing failed and nothing was written.
+/// `main` prints its one line and exits 2, as for a bad setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
 /// `agentd demo`: migrate, seed the demo data (once), queue a team run, and run a worker
-/// that prints every run's log lines until Ctrl-C.
-pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<()> {
+/// that prints every run's log lines until Ctrl-C. A database holding users or agents the
+/// demo did not create is refused before anything is written ([`Refusal`]), unless
+/// `into_existing_database`.
+pub async fn demo(
+    settings: &Settings,
+    into_existing_database: bool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
     let result = async {
+        if !into_existing_database {
+            refuse_other_data(store::demo::other_rows(&database.pool).await?)?;
+        }
         store::migrate(&database.pool).await?;
         let inserted = store::demo::seed(&database.pool).await?;
         if inserted > 0 {
@@ -421,6 +436,33 @@ pub async fn demo(settings: &Settings, shutdown: &CancellationToken) -> anyhow::
     .await;
     database.close().await;
     result
+}
+
+/// The demo's refusal of a database holding data it did not create, naming what it found
+/// and the flag that proceeds anyway.
+fn refuse_other_data(found: store::demo::OtherRows) -> Result<(), Refusal> {
+    let rows = |count: i64| match count {
+        1 => "1 row".to_string(),
+        count if count >= store::demo::OTHER_ROWS_COUNTED => format!("{count} or more rows"),
+        count => format!("{count} rows"),
+    };
+    let tables: Vec<String> = [
+        ("public.users", found.users),
+        ("public.agents", found.agents),
+    ]
+    .into_iter()
+    .filter(|(_, count)| *count > 0)
+    .map(|(table, count)| format!("{table}: {}", rows(count)))
+    .collect();
+    if tables.is_empty() {
+        return Ok(());
+    }
+    Err(Refusal(format!(
+        "demo: the database holds data the demo did not create ({}); its schedules would fire \
+         every minute there for as long as a worker runs: use an empty database, or pass \
+         --into-existing-database to add the demo data anyway",
+        tables.join(", ")
+    )))
 }
 
 /// Prints new log lines of every run twice a second until shutdown.

@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use support::{TestDb, agentd, count};
+use support::{Daemon, TestDb, agentd, count, create_agent, create_user};
 
-/// Runs `agentd demo` until its own team run prints `expected`, then sends SIGINT;
-/// returns stdout.
-fn demo_until(url: &str, expected: &str) -> Vec<String> {
+/// Runs `agentd demo` (with `args`) until its own team run prints `expected`, then sends
+/// SIGINT; returns stdout.
+fn demo_until(url: &str, args: &[&str], expected: &str) -> Vec<String> {
     let mut child = agentd()
         .arg("demo")
+        .args(args)
         .env("DATABASE_URL", url)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -64,7 +65,7 @@ async fn the_demo_runs_a_team_prints_its_logs_and_does_not_duplicate_its_data() 
     let db = TestDb::new().await;
     let url = db.url.clone();
     let first =
-        tokio::task::spawn_blocking(move || demo_until(&url, "step 2: Summarizer completed"))
+        tokio::task::spawn_blocking(move || demo_until(&url, &[], "step 2: Summarizer completed"))
             .await
             .unwrap();
     assert!(first[0].starts_with("demo data created"), "{first:#?}");
@@ -87,6 +88,15 @@ async fn the_demo_runs_a_team_prints_its_logs_and_does_not_duplicate_its_data() 
         )
     };
     assert_eq!(counts().await, (1, 3, 3, 2, 7));
+    // Its schedules were planned: they fire every minute while the demo runs.
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM agent_schedules WHERE next_run IS NOT NULL"
+        )
+        .await,
+        2
+    );
     // The chat's reply, printed once final: the Greeter's instructions and the question.
     let chat = first
         .iter()
@@ -99,7 +109,7 @@ async fn the_demo_runs_a_team_prints_its_logs_and_does_not_duplicate_its_data() 
     );
     let url = db.url.clone();
     let second =
-        tokio::task::spawn_blocking(move || demo_until(&url, "step 2: Summarizer completed"))
+        tokio::task::spawn_blocking(move || demo_until(&url, &[], "step 2: Summarizer completed"))
             .await
             .unwrap();
     assert_eq!(second[0], "demo data already present");
@@ -125,5 +135,93 @@ async fn the_demo_runs_a_team_prints_its_logs_and_does_not_duplicate_its_data() 
             ("completed".to_string(), None)
         ],
         "{first:#?} {second:#?}"
+    );
+}
+
+/// The database's rows that the demo would write: users, agents, teams, schedules, runs,
+/// conversations.
+async fn demo_tables(db: &TestDb) -> [i64; 6] {
+    let mut counts = [0; 6];
+    for (count_of, table) in counts.iter_mut().zip([
+        "users",
+        "agents",
+        "teams",
+        "agent_schedules",
+        "runs",
+        "conversations",
+    ]) {
+        *count_of = count(&db.pool, &format!("SELECT count(*) FROM {table}")).await;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_refuses_a_database_holding_other_users_or_agents_unless_told() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    create_agent(&db.pool, user).await;
+    create_agent(&db.pool, user).await;
+
+    let mut refused = Daemon::start({
+        let mut command = agentd();
+        command.arg("demo").env("DATABASE_URL", &db.url);
+        command
+    });
+    let status = refused.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{:#?}", refused.seen);
+    // Besides log lines (JSON), stderr holds one line, and stdout nothing.
+    let said: Vec<String> = refused
+        .seen
+        .iter()
+        .filter_map(|line| {
+            let stderr = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|wrapped| wrapped["stderr"].as_str().map(str::to_string));
+            match stderr {
+                Some(stderr) if serde_json::from_str::<serde_json::Value>(&stderr).is_ok() => None,
+                Some(stderr) => Some(stderr),
+                None => Some(format!("stdout: {line}")),
+            }
+        })
+        .collect();
+    assert_eq!(
+        said,
+        [
+            "demo: the database holds data the demo did not create (public.users: 1 row, \
+          public.agents: 2 rows); its schedules would fire every minute there for as long as \
+          a worker runs: use an empty database, or pass --into-existing-database to add the \
+          demo data anyway"
+        ],
+        "{:#?}",
+        refused.seen
+    );
+    assert_eq!(
+        demo_tables(&db).await,
+        [1, 2, 0, 0, 0, 0],
+        "nothing was written"
+    );
+
+    // Told to, it adds its data beside the application's.
+    let url = db.url.clone();
+    let told = tokio::task::spawn_blocking(move || {
+        demo_until(
+            &url,
+            &["--into-existing-database"],
+            "step 2: Summarizer completed",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(told[0].starts_with("demo data created"), "{told:#?}");
+    let [users, agents, teams, schedules, ..] = demo_tables(&db).await;
+    assert_eq!((users, agents, teams, schedules), (2, 5, 3, 2));
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!("SELECT count(*) FROM agents WHERE user_id = '{user}'")
+        )
+        .await,
+        2,
+        "the application's agents are left as they were"
     );
 }

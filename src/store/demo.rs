@@ -17,6 +17,58 @@ pub const COORDINATE_TEAM: Uuid = Uuid::from_u128(0xa9e1_7d00_0000_4000_8000_000
 /// The demo's conversation, with the Greeter.
 pub const CONVERSATION: Uuid = Uuid::from_u128(0xa9e1_7d00_0000_4000_8000_0000_0000_0e01);
 
+/// The demo's agents: the Greeter, the Summarizer and the System reporter.
+const AGENTS: [Uuid; 3] = [
+    Uuid::from_u128(0xa9e1_7d00_0000_4000_8000_0000_0000_00a1),
+    Uuid::from_u128(0xa9e1_7d00_0000_4000_8000_0000_0000_00a2),
+    Uuid::from_u128(0xa9e1_7d00_0000_4000_8000_0000_0000_00a3),
+];
+
+/// Rows of another table are counted up to this many (a production table is not scanned).
+pub const OTHER_ROWS_COUNTED: i64 = 1000;
+
+/// Rows of `public.users` and `public.agents` the demo did not create (each counted up to
+/// [`OTHER_ROWS_COUNTED`]; zero for a table that does not exist yet). The demo writes only
+/// into a database without them: its schedules would otherwise fire every minute wherever
+/// a worker runs on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OtherRows {
+    pub users: i64,
+    pub agents: i64,
+}
+
+/// Counts the rows the demo did not create ([`OtherRows`]), without writing anything.
+pub async fn other_rows(pool: &PgPool) -> Result<OtherRows, StoreError> {
+    let (users_exist, agents_exist): (bool, bool) = exec::query_as(
+        "SELECT to_regclass('public.users') IS NOT NULL, to_regclass('public.agents') IS NOT NULL",
+    )
+    .fetch_one(exec::on(pool))
+    .await?;
+    let mut found = OtherRows {
+        users: 0,
+        agents: 0,
+    };
+    if users_exist {
+        found.users = exec::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM public.users WHERE id <> $1 LIMIT $2) other",
+        )
+        .bind(USER)
+        .bind(OTHER_ROWS_COUNTED)
+        .fetch_one(exec::on(pool))
+        .await?;
+    }
+    if agents_exist {
+        found.agents = exec::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM public.agents WHERE id <> ALL($1) LIMIT $2) other",
+        )
+        .bind(&AGENTS[..])
+        .bind(OTHER_ROWS_COUNTED)
+        .fetch_one(exec::on(pool))
+        .await?;
+    }
+    Ok(found)
+}
+
 /// Creates what is missing of the demo data; returns how many rows it inserted.
 pub async fn seed(pool: &PgPool) -> Result<u64, StoreError> {
     let done = sqlx::raw_sql(

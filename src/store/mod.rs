@@ -172,11 +172,7 @@ pub async fn connect(
     give_up_after: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> Result<PgPool, StoreError> {
-    // agentd.internal marks the worker's own sessions, so the triggers that wake workers
-    // on application changes stay quiet for the worker's own updates.
-    let options = options
-        .application_name("agentd")
-        .options([("agentd.internal", "on")]);
+    let options = options.application_name("agentd");
     let through_pooler = settings
         .pooler
         .is_transaction(options.get_host(), options.get_port());

@@ -163,6 +163,14 @@ pub const LOCK_SCHEDULES_SQL: &str = r#"
      ORDER BY s.next_run NULLS FIRST
     "#;
 
+/// `BEGIN` for a transaction whose changes of `public.agent_schedules` are the worker's own
+/// (it advances `next_run` and `last_run` on every claim): `agentd.internal` marks the
+/// transaction, so the triggers that wake every replica (`agentd.notify_schedules`) and
+/// queue planning (`agentd.queue_schedule_plan`) leave them alone. Set for this transaction
+/// only and sent with `BEGIN`, in its round trip: no session state, so a transaction-mode
+/// pooler may run each transaction on another server connection.
+const BEGIN_OWN_SCHEDULE_CHANGES: &str = "BEGIN; SELECT set_config('agentd.internal', 'on', true)";
+
 /// An open claim transaction. Dropping it without [`ClaimTransaction::commit`] rolls back.
 pub struct ClaimTransaction {
     tx: Transaction<'static, Postgres>,
@@ -229,10 +237,10 @@ pub struct FiredRun {
 }
 
 impl ClaimTransaction {
-    /// Begins the transaction.
+    /// Begins the transaction, marked as the worker's own changes of schedules.
     pub async fn begin(pool: &PgPool) -> Result<ClaimTransaction, StoreError> {
         Ok(ClaimTransaction {
-            tx: pool.begin().await?,
+            tx: pool.begin_with(BEGIN_OWN_SCHEDULE_CHANGES).await?,
         })
     }
 
