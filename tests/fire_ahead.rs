@@ -537,3 +537,144 @@ async fn giving_slots_back_does_not_deadlock_with_the_applications_change() {
     );
     worker.stop().await;
 }
+
+/// A replica dies holding slots of every-second schedules claimed ahead, and
+/// another replica goes on firing the schedules before those slots' leases end: each of
+/// the dead replica's slots is still accounted for, once (a failed run saying it was lost),
+/// and no slot of the schedules is missing or doubled.
+#[tokio::test(flavor = "multi_thread")]
+async fn slots_of_a_dead_replica_overtaken_by_later_slots_are_recorded_not_lost() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    // Runs may overlap, so the victim's leases do not hold the next slots back (with the
+    // default `skip` they are counted as missed until the leases end).
+    let settings = [
+        ("AGENTD__SCHEDULER__FIRE_AHEAD", "4s"),
+        ("AGENTD__LEASE__TTL", "3s"),
+        ("AGENTD__SCHEDULER__OVERLAP_POLICY", "allow"),
+    ];
+    let mut victim = support::replica(&db.url, "r1", &settings);
+    victim.wait_for("worker started", Duration::from_secs(30));
+    let schedules: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone) \
+         SELECT $1, true, 'cron', 1, '* * * * * *', 'UTC' FROM generate_series(1, 2) RETURNING id",
+    )
+    .bind(agent)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    // The victim claims a slot of each ahead (one a schedule: a schedule whose slot is
+    // leased is claimed again only at that slot's instant); the heir starts, and the victim
+    // dies holding its slots. The heir fires the next slots at their instants, before the
+    // victim's leases end.
+    let held_by_victim = "SELECT count(*) FROM agentd.ahead_fires a JOIN agentd.leases l \
+                          ON l.run_id = a.run_id WHERE l.worker_id = 'r1'";
+    eventually(Duration::from_secs(15), "slots claimed ahead", || async {
+        count(&db.pool, held_by_victim).await == 2
+    })
+    .await;
+    let mut heir = support::replica(&db.url, "r2", &settings);
+    heir.wait_for("worker started", Duration::from_secs(30));
+    eventually(
+        Duration::from_secs(15),
+        "the victim holds slots",
+        || async { count(&db.pool, held_by_victim).await > 0 },
+    )
+    .await;
+    victim.signal(Signal::SIGKILL);
+    victim.wait_exit(Duration::from_secs(10));
+    let held: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT a.schedule_id, a.scheduled_for FROM agentd.ahead_fires a \
+           JOIN agentd.leases l ON l.run_id = a.run_id WHERE l.worker_id = 'r1'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(!held.is_empty());
+    eventually(
+        Duration::from_secs(30),
+        "the dead replica's slots handled",
+        || async {
+            count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await
+                == count(
+                    &db.pool,
+                    "SELECT count(*) FROM agentd.ahead_fires a JOIN agentd.leases l \
+                      ON l.run_id = a.run_id WHERE l.worker_id = 'r2'",
+                )
+                .await
+                && count(
+                    &db.pool,
+                    "SELECT count(*) FROM agentd.leases WHERE worker_id = 'r1'",
+                )
+                .await
+                    == 0
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    heir.signal(Signal::SIGTERM);
+    assert!(heir.wait_exit(Duration::from_secs(30)).success());
+
+    for schedule in schedules {
+        let slots: Vec<(DateTime<Utc>, String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT (input->>'scheduled_for')::timestamptz, status, error, \
+                    coalesce((input->>'missed')::bigint, 0) FROM runs \
+              WHERE input->>'schedule_id' = $1::text ORDER BY 1",
+        )
+        .bind(schedule)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        assert!(slots.len() >= 3, "{slots:?}");
+        // The dead replica's slots: each a run of its own (a failed one if later slots
+        // overtook it) or counted in the next run's `missed`.
+        for (_, slot) in held.iter().filter(|(id, _)| *id == schedule) {
+            assert_eq!(
+                slots
+                    .iter()
+                    .filter(|(at, _, _, missed)| {
+                        at == slot
+                            || (*at > *slot && *at - chrono::Duration::seconds(*missed) <= *slot)
+                    })
+                    .count(),
+                1,
+                "the dead replica's slot {slot} is not accounted for: {slots:?}"
+            );
+        }
+        // Each second is a run, or counted in the next run's `missed` (fired late).
+        for pair in slots.windows(2) {
+            assert_eq!(
+                (pair[1].0 - pair[0].0).num_seconds(),
+                1 + pair[1].3,
+                "a slot is missing or doubled: {slots:?}"
+            );
+        }
+        let lost: Vec<_> = slots
+            .iter()
+            .filter(|(_, status, _, _)| status == "failed")
+            .collect();
+        assert!(
+            lost.iter().all(|(_, _, error, _)| error
+                .as_deref()
+                .is_some_and(|error| error.contains("replica that claimed this slot"))),
+            "{lost:?}"
+        );
+        assert!(
+            slots
+                .iter()
+                .all(|(_, status, _, _)| status == "completed" || status == "failed"),
+            "{slots:?}"
+        );
+    }
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM runs r WHERE input->>'trigger' = 'schedule' AND NOT EXISTS \
+              (SELECT 1 FROM agentd.schedule_fires f WHERE f.run_id = r.id)"
+        )
+        .await,
+        0,
+        "every run has its slot's record"
+    );
+}
