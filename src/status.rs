@@ -7,7 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
-use crate::config::{NotifyMode, Settings};
+use crate::config::Settings;
+use crate::scheduler::listener::ListenMode;
 use crate::store::status::StatusSnapshot;
 
 /// `agentd status --format`.
@@ -31,16 +32,14 @@ pub struct ConnectionBudget {
 }
 
 impl ConnectionBudget {
-    /// The budget of a replica run with `settings`. Nothing else connects while the
-    /// replica runs: the embedded server's start-up connections are closed before the pool
-    /// opens, and the listener's check, the poller and every loop use the pool.
-    pub fn of(settings: &Settings) -> ConnectionBudget {
+    /// The budget of a replica run with `settings` (through a transaction-mode pooler or
+    /// not). Nothing else connects while the replica runs: the embedded server's start-up
+    /// connections are closed before the pool opens, and the listener's check, the poller
+    /// and every loop use the pool.
+    pub fn of(settings: &Settings, transaction_pooler: bool) -> ConnectionBudget {
         ConnectionBudget {
             pool: settings.database.max_connections,
-            listener: match settings.database.notify {
-                NotifyMode::Listen => 1,
-                NotifyMode::Poll => 0,
-            },
+            listener: u32::from(ListenMode::of(settings, transaction_pooler).listens()),
             readiness_check: u32::from(settings.http.listen.is_some()),
         }
     }
@@ -343,7 +342,7 @@ mod tests {
             .iter()
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect();
-        ConnectionBudget::of(&Settings::load(None, &env).unwrap())
+        ConnectionBudget::of(&Settings::load(None, &env).unwrap(), false)
     }
 
     #[test]
@@ -365,5 +364,7 @@ mod tests {
         ]);
         assert_eq!(polling.total(), 4);
         assert_eq!(polling.replicas_within(-3), 0);
+        let settings = Settings::load(None, &Default::default()).unwrap();
+        assert_eq!(ConnectionBudget::of(&settings, true).listener, 0);
     }
 }

@@ -26,7 +26,7 @@ use crate::runner::logs::LogLimits;
 use crate::runner::{Runner, RunnerOptions, StopReason, TurnOptions};
 use crate::scheduler::Scheduler;
 use crate::scheduler::conversations::TurnClaimer;
-use crate::scheduler::listener::Listener;
+use crate::scheduler::listener::{ListenMode, Listener};
 use crate::scheduler::requests::RequestClaimer;
 use crate::store::conversations::TurnRules;
 use crate::store::workers::{WorkerInfo, deregister_worker, publish_limits, register_worker};
@@ -115,7 +115,7 @@ pub async fn serve(
     let listener = Listener {
         pool: pool.clone(),
         listen_options,
-        notify: settings.database.notify,
+        mode: ListenMode::of(settings, crate::store::exec::transaction_pooler()),
         runner: runner.clone(),
         worker_id: worker_id.clone(),
         lease_ttl: settings.lease.ttl,

@@ -255,3 +255,41 @@ async fn a_separate_listen_url_is_where_the_worker_listens() {
     );
     listen_role.remove().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_a_transaction_pooler_without_a_listen_url_the_worker_polls_and_says_so_once() {
+    let db = TestDb::migrated().await;
+    // database.pooler = "transaction" makes agentd treat database.url as a transaction-mode
+    // pooler's, which cannot LISTEN, whatever is behind it.
+    let mut worker = replica(
+        &db.url,
+        "pooled",
+        &[("AGENTD__DATABASE__POOLER", "transaction"), SLOW_RUNS],
+    );
+    let line = worker.wait_for("not listening through the pooler", Duration::from_secs(30));
+    assert_eq!(line["level"], "warn", "{line}");
+    settled(&db, "pooled").await;
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+                 AND application_name = 'agentd listener'",
+                db.name
+            ),
+        )
+        .await,
+        0,
+        "no listen connection through the pooler"
+    );
+    new_work_is_picked_up(&db).await;
+
+    worker.signal(Signal::SIGTERM);
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+    let warnings = worker
+        .seen
+        .iter()
+        .filter(|line| line.contains("not listening through the pooler"))
+        .count();
+    assert_eq!(warnings, 1, "{:#?}", worker.seen);
+}

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::NotifyMode;
+use crate::config::{NotifyMode, Settings};
 use crate::retry::Retry;
 use crate::runner::Runner;
 use crate::store::workers::{cancellations_waiting, send_notification};
@@ -53,6 +53,40 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// database role may send them) costs at most one look per gap (for each claim loop).
 pub const MIN_NOTIFIED_GAP: Duration = Duration::from_millis(5);
 
+/// Whether the listener LISTENs or polls, decided once from the settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenMode {
+    /// LISTEN, checked after every connect (polling when the check fails).
+    Listen,
+    /// Poll: `database.notify = "poll"`.
+    PollAsked,
+    /// Poll: `database.url` goes through a transaction-mode pooler, which cannot LISTEN,
+    /// and no `database.listen_url` bypasses it.
+    PollThroughPooler,
+}
+
+impl ListenMode {
+    /// The mode of a worker with `settings`, connected through a transaction-mode pooler
+    /// or not.
+    pub fn of(settings: &Settings, transaction_pooler: bool) -> ListenMode {
+        match settings.database.notify {
+            NotifyMode::Poll => ListenMode::PollAsked,
+            NotifyMode::Listen if transaction_pooler && settings.database.listen_url.is_none() => {
+                ListenMode::PollThroughPooler
+            }
+            NotifyMode::Listen => ListenMode::Listen,
+        }
+    }
+
+    /// Whether a listen connection is ever open.
+    pub fn listens(self) -> bool {
+        match self {
+            ListenMode::Listen => true,
+            ListenMode::PollAsked | ListenMode::PollThroughPooler => false,
+        }
+    }
+}
+
 /// The listener service.
 #[derive(Clone)]
 pub struct Listener {
@@ -60,7 +94,7 @@ pub struct Listener {
     pub pool: PgPool,
     /// Where to LISTEN (`database.listen_url`, or the pool's server and database).
     pub listen_options: PgConnectOptions,
-    pub notify: NotifyMode,
+    pub mode: ListenMode,
     /// A poller asks about cancellations of this worker's runs while the runner has any.
     pub runner: Runner,
     pub worker_id: String,
@@ -96,14 +130,27 @@ enum Ended {
 impl Listener {
     /// Listens (or polls) until `stop` fires.
     pub async fn run(self, stop: CancellationToken) {
-        if self.notify == NotifyMode::Poll {
-            tracing::warn!(
-                poll_interval_ms = POLL_INTERVAL.as_millis() as u64,
-                "database.notify = \"poll\": not listening for notifications; new work is \
-                 found by polling (set database.notify = \"listen\" with a database.listen_url \
-                 that can LISTEN to start it at once)"
-            );
-            return self.poll(stop).await;
+        match self.mode {
+            ListenMode::Listen => {}
+            ListenMode::PollAsked => {
+                tracing::warn!(
+                    poll_interval_ms = POLL_INTERVAL.as_millis() as u64,
+                    "database.notify = \"poll\": not listening for notifications; new work is \
+                     found by polling (set database.notify = \"listen\" with a database.listen_url \
+                     that can LISTEN to start it at once)"
+                );
+                return self.poll(stop).await;
+            }
+            ListenMode::PollThroughPooler => {
+                tracing::warn!(
+                    poll_interval_ms = POLL_INTERVAL.as_millis() as u64,
+                    "database.pooler is \"transaction\" and database.listen_url is empty: not \
+                     listening through the pooler (it cannot LISTEN); new work is found by \
+                     polling (set database.listen_url to the direct or session-mode URL of the \
+                     same database to start it at once)"
+                );
+                return self.poll(stop).await;
+            }
         }
         let mut retry = Retry::up_to(self.max_backoff);
         loop {
