@@ -293,3 +293,60 @@ async fn through_a_transaction_pooler_without_a_listen_url_the_worker_polls_and_
         .count();
     assert_eq!(warnings, 1, "{:#?}", worker.seen);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listen_connection_cut_off_comes_back_checked_and_listening() {
+    let db = TestDb::migrated().await;
+    // The checks the worker sends, as anyone listening on the database hears them.
+    let mut checks = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    checks.listen("agentd_listen_check").await.unwrap();
+    let mut worker = replica(&db.url, "cut", &[SLOW_RUNS]);
+    worker.wait_for("worker started", Duration::from_secs(30));
+    tokio::time::timeout(Duration::from_secs(10), checks.recv())
+        .await
+        .expect("the check at start-up")
+        .unwrap();
+    let listener_pid = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity \
+              WHERE application_name = 'agentd listener' AND datname = $1",
+        )
+        .bind(&db.name)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+    };
+    eventually(Duration::from_secs(10), "the listen connection", || async {
+        listener_pid().await.is_some()
+    })
+    .await;
+    let first = listener_pid().await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), checks.recv())
+        .await
+        .expect("the check after the reconnect")
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "a new listen connection",
+        || async { listener_pid().await.is_some_and(|pid| pid != first) },
+    )
+    .await;
+    settled(&db, "cut").await;
+    new_work_is_picked_up(&db).await;
+
+    worker.signal(Signal::SIGTERM);
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        !worker
+            .seen
+            .iter()
+            .any(|line| line.contains("polling for new work instead")),
+        "the check after the reconnect passed: {:#?}",
+        worker.seen
+    );
+}
