@@ -350,3 +350,52 @@ async fn a_listen_connection_cut_off_comes_back_checked_and_listening() {
         worker.seen
     );
 }
+
+/// A real PgBouncer in transaction mode: with database.listen_url on the server itself the
+/// check passes and the worker listens there; with database.listen_url through the pooler
+/// too, the check fails (the LISTENing server connection is lent to others) and the worker
+/// polls.
+#[tokio::test(flavor = "multi_thread")]
+async fn through_pgbouncer_in_transaction_mode_the_listen_url_bypasses_it_and_the_check_catches_it_otherwise()
+ {
+    let db = TestDb::migrated().await;
+    let bouncer = support::pgbouncer::PgBouncer::start("transaction");
+    let pooled_url = bouncer.url(&db.name);
+
+    let mut direct = replica(
+        &pooled_url,
+        "bypass",
+        &[
+            ("AGENTD__DATABASE__POOLER", "transaction"),
+            ("AGENTD__DATABASE__LISTEN_URL", &db.url),
+            SLOW_RUNS,
+        ],
+    );
+    direct.wait_for("worker started", Duration::from_secs(30));
+    settled(&db, "bypass").await;
+    new_work_is_picked_up(&db).await;
+    direct.signal(Signal::SIGTERM);
+    assert!(direct.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        !direct
+            .seen
+            .iter()
+            .any(|line| line.contains("polling for new work instead")
+                || line.contains("not listening through the pooler")),
+        "{:#?}",
+        direct.seen
+    );
+
+    let mut through = replica(
+        &pooled_url,
+        "through",
+        &[
+            ("AGENTD__DATABASE__POOLER", "transaction"),
+            ("AGENTD__DATABASE__LISTEN_URL", &pooled_url),
+            SLOW_RUNS,
+        ],
+    );
+    through.wait_for("polling for new work instead", Duration::from_secs(30));
+    through.signal(Signal::SIGTERM);
+    assert!(through.wait_exit(Duration::from_secs(30)).success());
+}
