@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 pub use value::{
     DatabaseUrl, EnvPattern, ExecutorKind, HttpUrl, LogFormat, MisfirePolicy, Multitask,
-    OverlapPolicy, Pooler, UidRange, is_env_name, parse_duration, redact_url,
+    NotifyMode, OverlapPolicy, Pooler, UidRange, is_env_name, parse_duration, redact_url,
 };
 
 /// The defaults, compiled in so that the binary needs no file to start.
@@ -237,6 +237,12 @@ pub struct DatabaseSettings {
     /// `None`: run the embedded server.
     #[serde(deserialize_with = "value::empty_or")]
     pub url: Option<DatabaseUrl>,
+    /// The one connection that LISTENs, for when `url` goes through a transaction-mode
+    /// pooler (which cannot LISTEN); `None`: the same server and database as `url`.
+    #[serde(deserialize_with = "value::empty_or")]
+    pub listen_url: Option<DatabaseUrl>,
+    /// How the worker learns of new work between its looks: LISTEN, or polling only.
+    pub notify: NotifyMode,
     #[serde(deserialize_with = "value::flag")]
     pub migrate: bool,
     #[serde(deserialize_with = "value::whole::<_, _, 1, 10_000>")]
@@ -722,6 +728,7 @@ impl Settings {
         let mut secret_variables: Vec<String> = [
             "DATABASE_URL",
             "AGENTD__DATABASE__URL",
+            "AGENTD__DATABASE__LISTEN_URL",
             "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN",
             "AWS_ACCESS_KEY_ID",

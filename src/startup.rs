@@ -139,13 +139,17 @@ pub async fn status(
     // A busy worker is seen every lease.ttl / 3, an idle one at each look at the database
     // (every scheduler.poll_interval at the latest): past that and a ttl more, it is gone.
     let stale_after = settings.lease.ttl.max(settings.scheduler.poll_interval) + settings.lease.ttl;
+    let budget = crate::status::ConnectionBudget::of(settings, store::exec::transaction_pooler());
     match format {
         crate::status::StatusFormat::Table => {
-            print!("{}", crate::status::to_table(&snapshot, stale_after))
+            print!(
+                "{}",
+                crate::status::to_table(&snapshot, stale_after, &budget)
+            )
         }
         crate::status::StatusFormat::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&crate::status::to_json(&snapshot, stale_after))?
+            serde_json::to_string_pretty(&crate::status::to_json(&snapshot, stale_after, &budget))?
         ),
     }
     Ok(())

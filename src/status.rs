@@ -7,6 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
+use crate::config::Settings;
+use crate::scheduler::listener::ListenMode;
 use crate::store::status::StatusSnapshot;
 
 /// `agentd status --format`.
@@ -14,6 +16,43 @@ use crate::store::status::StatusSnapshot;
 pub enum StatusFormat {
     Table,
     Json,
+}
+
+/// The most connections one replica with these settings opens to PostgreSQL at once:
+/// what a fleet's size is checked against (docs/operations.md, "Connection budget").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionBudget {
+    /// The worker's pool (`database.max_connections`).
+    pub pool: u32,
+    /// The listener's connection, on `database.listen_url`'s server (0 with
+    /// `database.notify = "poll"`).
+    pub listener: u32,
+    /// The readiness check's connection (0 without endpoints, `http.listen` empty).
+    pub readiness_check: u32,
+}
+
+impl ConnectionBudget {
+    /// The budget of a replica run with `settings` (through a transaction-mode pooler or
+    /// not). Nothing else connects while the replica runs: the embedded server's start-up
+    /// connections are closed before the pool opens, and the listener's check, the poller
+    /// and every loop use the pool.
+    pub fn of(settings: &Settings, transaction_pooler: bool) -> ConnectionBudget {
+        ConnectionBudget {
+            pool: settings.database.max_connections,
+            listener: u32::from(ListenMode::of(settings, transaction_pooler).listens()),
+            readiness_check: u32::from(settings.http.listen.is_some()),
+        }
+    }
+
+    /// Connections at most, all together.
+    pub fn total(&self) -> u32 {
+        self.pool + self.listener + self.readiness_check
+    }
+
+    /// How many replicas `available` connections hold.
+    pub fn replicas_within(&self, available: i64) -> i64 {
+        available.max(0) / i64::from(self.total().max(1))
+    }
 }
 
 fn time(at: DateTime<Utc>) -> String {
@@ -26,7 +65,11 @@ fn seconds_between(earlier: DateTime<Utc>, later: DateTime<Utc>) -> f64 {
 
 /// The JSON document. A worker is `stale` when it has not been seen for longer than
 /// `stale_after` (its heartbeat stopped: killed, frozen or cut off).
-pub fn to_json(snapshot: &StatusSnapshot, stale_after: Duration) -> Value {
+pub fn to_json(
+    snapshot: &StatusSnapshot,
+    stale_after: Duration,
+    budget: &ConnectionBudget,
+) -> Value {
     let stale_after = stale_after.as_secs_f64();
     let workers: Vec<Value> = snapshot
         .workers
@@ -84,6 +127,7 @@ pub fn to_json(snapshot: &StatusSnapshot, stale_after: Duration) -> Value {
             "error": row.error,
             "since": time(row.since),
         })).collect::<Vec<_>>(),
+        "connections": connections_json(snapshot, budget),
         "runs": {
             "running": snapshot.running,
             "last_hour": {
@@ -91,6 +135,29 @@ pub fn to_json(snapshot: &StatusSnapshot, stale_after: Duration) -> Value {
                 "failed": snapshot.failed_last_hour,
             },
         },
+    })
+}
+
+fn connections_json(snapshot: &StatusSnapshot, budget: &ConnectionBudget) -> Value {
+    let server = &snapshot.connections;
+    let available = server.max_connections - server.reserved;
+    let by_application: serde_json::Map<String, Value> = server
+        .by_agentd
+        .iter()
+        .map(|(name, count)| (name.clone(), json!(count)))
+        .collect();
+    json!({
+        "per_replica_max": budget.total(),
+        "pool": budget.pool,
+        "listener": budget.listener,
+        "readiness_check": budget.readiness_check,
+        "server_max_connections": server.max_connections,
+        "reserved": server.reserved,
+        "available": available,
+        "in_use": server.in_use,
+        "by_agentd": server.by_agentd.iter().map(|(_, count)| count).sum::<i64>(),
+        "by_agentd_application": by_application,
+        "replicas_fit": budget.replicas_within(available),
     })
 }
 
@@ -118,7 +185,11 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// The readable report.
-pub fn to_table(snapshot: &StatusSnapshot, stale_after: Duration) -> String {
+pub fn to_table(
+    snapshot: &StatusSnapshot,
+    stale_after: Duration,
+    budget: &ConnectionBudget,
+) -> String {
     let now = snapshot.now;
     let mut out = format!("agentd status at {}\n\n", time(now));
 
@@ -226,5 +297,74 @@ pub fn to_table(snapshot: &StatusSnapshot, stale_after: Duration) -> String {
         "\nRuns:\n  running now: {}\n  last hour: {} completed, {} failed\n",
         snapshot.running, snapshot.completed_last_hour, snapshot.failed_last_hour
     ));
+
+    let server = &snapshot.connections;
+    let available = server.max_connections - server.reserved;
+    out.push_str(&format!(
+        "\nConnections:\n  per replica at most: {} (pool {} + listener {} + readiness check {})\n",
+        budget.total(),
+        budget.pool,
+        budget.listener,
+        budget.readiness_check
+    ));
+    out.push_str(&format!(
+        "  server allows: {available} (max_connections {} - {} reserved)\n",
+        server.max_connections, server.reserved
+    ));
+    let by_agentd: i64 = server.by_agentd.iter().map(|(_, count)| count).sum();
+    let by_application: Vec<String> = server
+        .by_agentd
+        .iter()
+        .map(|(name, count)| format!("{name} {count}"))
+        .collect();
+    out.push_str(&format!(
+        "  open now: {} on the server, {by_agentd} by agentd on this database{}\n",
+        server.in_use,
+        if by_application.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", by_application.join(", "))
+        }
+    ));
+    out.push_str(&format!(
+        "  replicas that fit: {} (with none left for the application)\n",
+        budget.replicas_within(available)
+    ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(env: &[(&str, &str)]) -> ConnectionBudget {
+        let env = env
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        ConnectionBudget::of(&Settings::load(None, &env).unwrap(), false)
+    }
+
+    #[test]
+    fn a_replica_holds_its_pool_its_listener_and_its_readiness_check() {
+        let defaults = budget(&[]);
+        assert_eq!(
+            (defaults.pool, defaults.listener, defaults.readiness_check),
+            (10, 1, 1)
+        );
+        assert_eq!(defaults.total(), 12);
+        let small = budget(&[("AGENTD__DATABASE__MAX_CONNECTIONS", "4")]);
+        assert_eq!(small.total(), 6);
+        assert_eq!(small.replicas_within(60), 10);
+        assert_eq!(small.replicas_within(57), 9);
+        let polling = budget(&[
+            ("AGENTD__DATABASE__MAX_CONNECTIONS", "4"),
+            ("AGENTD__DATABASE__NOTIFY", "poll"),
+            ("AGENTD__HTTP__LISTEN", ""),
+        ]);
+        assert_eq!(polling.total(), 4);
+        assert_eq!(polling.replicas_within(-3), 0);
+        let settings = Settings::load(None, &Default::default()).unwrap();
+        assert_eq!(ConnectionBudget::of(&settings, true).listener, 0);
+    }
 }

@@ -26,10 +26,14 @@ use crate::runner::logs::LogLimits;
 use crate::runner::{Runner, RunnerOptions, StopReason, TurnOptions};
 use crate::scheduler::Scheduler;
 use crate::scheduler::conversations::TurnClaimer;
-use crate::scheduler::listener::Listener;
+use crate::scheduler::listener::{ListenMode, Listener};
 use crate::scheduler::requests::RequestClaimer;
 use crate::store::conversations::TurnRules;
 use crate::store::workers::{WorkerInfo, deregister_worker, publish_limits, register_worker};
+
+/// The listener's `application_name`: operators tell its connection apart in
+/// `pg_stat_activity` (the pool's is `agentd`, the readiness check's `agentd readiness`).
+pub const LISTENER_APPLICATION_NAME: &str = "agentd listener";
 
 /// How long cancelled runs get to record their outcome after the grace period.
 const CANCEL_SETTLE: Duration = Duration::from_secs(10);
@@ -54,6 +58,15 @@ pub async fn serve(
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    // The listener's own connection: to database.listen_url, or as the pool connects.
+    let listen_options = match &settings.database.listen_url {
+        Some(url) => crate::store::parse_url(url).map_err(|error| match error {
+            crate::store::StoreError::BadUrl(reason) => WorkerError::ListenUrl(reason),
+            other => WorkerError::Store(other),
+        })?,
+        None => (*pool.connect_options()).clone(),
+    }
+    .application_name(LISTENER_APPLICATION_NAME);
     register_worker(&pool, &info).await?;
     publish_limits(&pool, settings.requests.max_pending_per_user).await?;
 
@@ -101,6 +114,12 @@ pub async fn serve(
     // the process stopped) when it keeps failing.
     let listener = Listener {
         pool: pool.clone(),
+        listen_options,
+        mode: ListenMode::of(settings, crate::store::exec::transaction_pooler()),
+        runner: runner.clone(),
+        worker_id: worker_id.clone(),
+        lease_ttl: settings.lease.ttl,
+        connect_timeout: settings.database.connect_timeout,
         wake: wake.clone(),
         requests: requests.clone(),
         messages: messages.clone(),
@@ -275,6 +294,9 @@ pub enum WorkerError {
     /// The database refused to register the worker.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// `database.listen_url` cannot be parsed (the reason never repeats the URL).
+    #[error("database.listen_url: not a valid PostgreSQL URL: {0}")]
+    ListenUrl(String),
     /// A loop kept failing; the worker stopped so that its supervisor restarts the process.
     #[error("{0}")]
     LoopFailed(String),

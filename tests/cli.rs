@@ -176,11 +176,23 @@ fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
         pid_file.exists(),
         "the embedded server keeps its data under .agentd/postgres"
     );
+    // The listener's check (a NOTIFY through the pool must arrive within 2 s) passes on
+    // the embedded server's socket too.
+    daemon.wait_for("worker started", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(3));
 
     daemon.signal(Signal::SIGTERM);
     let status = daemon.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status:?}: {:#?}", daemon.seen);
     assert!(!pid_file.exists(), "the embedded server was not stopped");
+    assert!(
+        !daemon
+            .seen
+            .iter()
+            .any(|line| line.contains("polling for new work instead")),
+        "{:#?}",
+        daemon.seen
+    );
 
     // A second start reuses the data folder (no initdb) and finds the schema current.
     let mut again = Daemon::start({

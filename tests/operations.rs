@@ -681,6 +681,110 @@ async fn status_shows_workers_runs_in_flight_backlog_invalid_schedules_and_the_l
     }
 }
 
+/// `agentd status` with the budget settings of a fleet of 10 in 60 connections
+/// (docs/operations.md): its JSON document.
+fn status_json(db: &TestDb, settings: &[(&str, &str)]) -> Value {
+    let mut command = agentd();
+    command
+        .args(["status", "--format", "json"])
+        .env("DATABASE_URL", &db.url);
+    for (name, value) in settings {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_names_the_connection_budget_and_what_a_replica_holds() {
+    let db = TestDb::migrated().await;
+    let small_pool = [("AGENTD__DATABASE__MAX_CONNECTIONS", "4")];
+    // A replica with its endpoints on (pool, listener, readiness check).
+    let mut worker = replica(&db.url, "budget", &small_pool);
+    worker.wait_for("worker started", Duration::from_secs(30));
+    let (max_connections, reserved): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT setting::bigint FROM pg_settings WHERE name = 'max_connections'), \
+                (SELECT coalesce(sum(setting::bigint), 0)::bigint FROM pg_settings \
+                  WHERE name IN ('superuser_reserved_connections', 'reserved_connections'))",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+
+    // (4 + 1 + 1) per replica: 10 replicas in 60 connections.
+    let mut status = status_json(&db, &small_pool);
+    let connections = &status["connections"];
+    assert_eq!(connections["pool"], 4, "{connections:#}");
+    assert_eq!(connections["listener"], 1, "{connections:#}");
+    assert_eq!(connections["readiness_check"], 1, "{connections:#}");
+    assert_eq!(connections["per_replica_max"], 6, "{connections:#}");
+    assert_eq!(connections["server_max_connections"], max_connections);
+    assert_eq!(connections["reserved"], reserved);
+    assert_eq!(connections["available"], max_connections - reserved);
+    assert_eq!(
+        connections["replicas_fit"],
+        (max_connections - reserved) / 6,
+        "{connections:#}"
+    );
+    // What the replica holds: its listener, its readiness check and some of its pool,
+    // never more than its budget.
+    for _ in 0..50 {
+        let by = &status["connections"]["by_agentd_application"];
+        if by["agentd listener"] == 1 && by["agentd readiness"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = status_json(&db, &small_pool);
+    }
+    let connections = &status["connections"];
+    let by = &connections["by_agentd_application"];
+    assert_eq!(by["agentd listener"], 1, "{connections:#}");
+    assert_eq!(by["agentd readiness"], 1, "{connections:#}");
+    let pool = by["agentd"].as_i64().unwrap();
+    assert!((1..=4).contains(&pool), "{connections:#}");
+    assert_eq!(connections["by_agentd"], pool + 2, "{connections:#}");
+    assert!(connections["in_use"].as_i64().unwrap() >= pool + 2);
+
+    // Polling and no endpoints: the pool alone.
+    let table = agentd()
+        .arg("status")
+        .env("DATABASE_URL", &db.url)
+        .env("AGENTD__DATABASE__MAX_CONNECTIONS", "4")
+        .env("AGENTD__DATABASE__NOTIFY", "poll")
+        .env("AGENTD__HTTP__LISTEN", "")
+        .output()
+        .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.contains("per replica at most: 4 (pool 4 + listener 0 + readiness check 0)"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "server allows: {} (max_connections {max_connections} - {reserved} reserved)",
+            max_connections - reserved
+        )),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "replicas that fit: {} ",
+            (max_connections - reserved) / 4
+        )),
+        "{table}"
+    );
+    assert!(table.contains("agentd listener 1"), "{table}");
+
+    worker.signal(Signal::SIGTERM);
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+}
+
 /// Sends `concurrency` GET requests to `url` at once, and again as each one is answered,
 /// until `stop` fires or each sender has sent `rounds`; returns how many answers had each
 /// status (0: no answer).

@@ -9,7 +9,7 @@ use super::value::redact_url;
 use super::{ConfigError, Source};
 
 /// Keys whose value is a secret, or may hold one whatever it looks like.
-const SECRET_KEYS: &[&str] = &["database.url"];
+const SECRET_KEYS: &[&str] = &["database.url", "database.listen_url"];
 
 /// The merged layers, for describing a key's value in an error.
 pub(super) struct Report<'a> {

@@ -83,6 +83,10 @@ choices!(MisfirePolicy {
     Coalesce => "coalesce",
     Skip => "skip",
 });
+choices!(NotifyMode {
+    Listen => "listen",
+    Poll => "poll",
+});
 choices!(OverlapPolicy {
     Skip => "skip",
     Allow => "allow",
@@ -734,6 +738,15 @@ pub enum MisfirePolicy {
 pub enum OverlapPolicy {
     Skip,
     Allow,
+}
+
+/// How a worker learns of new work between its looks at the database (`database.notify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyMode {
+    /// LISTEN on one connection, checked at start-up; polling when the check fails.
+    Listen,
+    /// Poll only, every [`crate::scheduler::listener::POLL_INTERVAL`].
+    Poll,
 }
 
 /// What a user message arriving while its conversation's turn runs does

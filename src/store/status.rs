@@ -64,6 +64,22 @@ pub struct StatusSnapshot {
     pub completed_last_hour: i64,
     pub failed_last_hour: i64,
     pub running: i64,
+    pub connections: ServerConnections,
+}
+
+/// The server's connection limit and who uses it, for the connection budget.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerConnections {
+    /// `max_connections`.
+    pub max_connections: i64,
+    /// Slots only superusers (and, from PostgreSQL 16, `pg_use_reserved_connections`) may
+    /// take: `superuser_reserved_connections` + `reserved_connections`.
+    pub reserved: i64,
+    /// Client connections open on the server now, whoever opened them (this one excluded).
+    pub in_use: i64,
+    /// Connections agentd opened to this database, by application name (`agentd`,
+    /// `agentd listener`, `agentd readiness`; this one excluded).
+    pub by_agentd: Vec<(String, i64)>,
 }
 
 /// Most invalid schedules listed one by one.
@@ -166,6 +182,28 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
         exec::query_scalar("SELECT count(*) FROM public.runs WHERE status = 'running'")
             .fetch_one(&mut *tx)
             .await?;
+    let (max_connections, reserved, in_use): (i64, i64, i64) = exec::query_as(
+        r#"
+        SELECT current_setting('max_connections')::bigint,
+               current_setting('superuser_reserved_connections')::bigint
+                 + coalesce(current_setting('reserved_connections', true)::bigint, 0),
+               (SELECT count(*) FROM pg_stat_activity
+                 WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())
+        "#,
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let by_agentd: Vec<(String, i64)> = exec::query_as(
+        r#"
+        SELECT application_name, count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name LIKE 'agentd%'
+           AND pid <> pg_backend_pid()
+         GROUP BY application_name
+         ORDER BY application_name
+        "#,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(StatusSnapshot {
         now,
@@ -199,5 +237,11 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
         completed_last_hour,
         failed_last_hour,
         running,
+        connections: ServerConnections {
+            max_connections,
+            reserved,
+            in_use,
+            by_agentd,
+        },
     })
 }

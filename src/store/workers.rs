@@ -63,6 +63,34 @@ pub async fn deregister_worker(pool: &PgPool, worker_id: &str) -> Result<(), Sto
     Ok(())
 }
 
+/// Whether the owner of a run `worker_id` holds asked to cancel it: what a polling worker
+/// reads instead of the `agentd_cancel` notification (one index read, no write).
+pub async fn cancellations_waiting(pool: &PgPool, worker_id: &str) -> Result<bool, StoreError> {
+    let waiting = exec::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM agentd.leases \
+          WHERE worker_id = $1 AND cancel_requested AND expires_at > now())",
+    )
+    .bind(worker_id)
+    .fetch_one(exec::on(pool))
+    .await?;
+    Ok(waiting)
+}
+
+/// Sends `payload` on `channel` through `pool`, the way the application's triggers notify:
+/// the listener's check that notifications reach it.
+pub async fn send_notification(
+    pool: &PgPool,
+    channel: &str,
+    payload: &str,
+) -> Result<(), StoreError> {
+    exec::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(payload)
+        .execute(exec::on(pool))
+        .await?;
+    Ok(())
+}
+
 /// A lease this worker still holds after a heartbeat.
 #[derive(Debug, Clone, Copy)]
 pub struct HeldLease {
