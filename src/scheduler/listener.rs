@@ -63,6 +63,7 @@ impl Listener {
                     Ok(listener) => listener,
                     Err(error) => {
                         crate::measure::database_error("listen");
+                        crate::store::failover::observe(&error);
                         let delay = retry.failed();
                         tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot listen for notifications; retrying");
                         tokio::select! {
@@ -85,9 +86,17 @@ impl Listener {
             self.messages.notify_one();
             self.leases.notify_one();
             self.renew.notify_one();
+            // A failover seen on any connection makes this one stale too (it may be the old
+            // primary's, which never notifies again): listen on a new one.
+            let mut rebuilds = crate::store::failover::rebuilds();
+            rebuilds.mark_unchanged();
             loop {
                 let received = tokio::select! {
                     received = listener.try_recv() => received,
+                    _ = rebuilds.changed() => {
+                        tracing::info!("listening on a new connection after a failover");
+                        break;
+                    }
                     _ = stop.cancelled() => return,
                 };
                 match received {
@@ -101,6 +110,7 @@ impl Listener {
                         self.messages.notify_one();
                     }
                     Err(error) => {
+                        crate::store::failover::observe(&error);
                         tracing::warn!(error = %error, "notification connection failed");
                         break;
                     }

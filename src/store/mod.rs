@@ -19,6 +19,7 @@ pub mod agents;
 pub mod bench;
 pub mod conversations;
 pub mod demo;
+pub mod failover;
 pub mod maintenance;
 pub mod runs;
 pub mod schedules;
@@ -38,7 +39,7 @@ pub enum StoreError {
     BadUrl(String),
     /// A query or connection failed.
     #[error("database: {0}")]
-    Sql(#[from] sqlx::Error),
+    Sql(sqlx::Error),
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -54,6 +55,15 @@ pub enum StoreError {
     /// A row holds something the schema's checks should have prevented.
     #[error("database: unexpected data: {0}")]
     Corrupt(String),
+}
+
+/// Every failed statement of the store passes here: an error that says the server is
+/// read-only, in recovery or gone has the pool's connections rebuilt ([`failover`]).
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> StoreError {
+        failover::observe(&error);
+        StoreError::Sql(error)
+    }
 }
 
 impl StoreError {
@@ -126,9 +136,16 @@ pub fn url_with_database(url: &str, name: &str) -> String {
 
 /// A pool's options for connections made with `options`: each new TCP connection gets
 /// TCP_NODELAY (see [`socket`]: without it, large statements wait for the server's delayed
-/// acknowledgement).
+/// acknowledgement), and connections opened before a failover was seen are closed, not
+/// used ([`failover`]).
 pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
-    let pool = PgPoolOptions::new();
+    let pool = PgPoolOptions::new()
+        .before_acquire(|_connection, metadata| {
+            Box::pin(async move { Ok(failover::is_current(metadata.age)) })
+        })
+        .after_release(|_connection, metadata| {
+            Box::pin(async move { Ok(failover::is_current(metadata.age)) })
+        });
     let Some(port) = tcp_port(options) else {
         return pool;
     };
