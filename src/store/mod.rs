@@ -49,6 +49,12 @@ pub enum StoreError {
         waited: Duration,
         last_error: String,
     },
+    /// The server's TLS certificate was refused (wrong CA, or a host name it does not
+    /// name), or the server offers no TLS where the URL requires it: retrying cannot help.
+    #[error(
+        "database: TLS: {0} (check sslmode and sslrootcert in database.url; docs/operations.md, \"TLS\")"
+    )]
+    Tls(String),
     /// Shutdown was requested while connecting.
     #[error("shutdown requested while connecting to the database")]
     ShutDown,
@@ -89,6 +95,7 @@ impl StoreError {
             | StoreError::BadUrl(_)
             | StoreError::Migrate(_)
             | StoreError::GaveUp { .. }
+            | StoreError::Tls(_)
             | StoreError::ShutDown
             | StoreError::Corrupt(_) => false,
         }
@@ -204,6 +211,9 @@ pub async fn connect(
             }
             Err(error) => error,
         };
+        if let Some(reason) = tls_refusal(&error) {
+            return Err(StoreError::Tls(reason));
+        }
         let delay = retry.failed();
         if let Some(limit) = give_up_after
             && started.elapsed() + delay > limit
@@ -223,6 +233,20 @@ pub async fn connect(
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return Err(StoreError::ShutDown),
         }
+    }
+}
+
+/// Why TLS failed, when `error` is a refusal that connecting again cannot change: the
+/// server's certificate did not verify, or the server offers no TLS.
+fn tls_refusal(error: &sqlx::Error) -> Option<String> {
+    match error {
+        sqlx::Error::Tls(reason) => Some(reason.to_string()),
+        // rustls reports a refused certificate as an I/O error carrying its own error.
+        sqlx::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(rustls::Error::to_string),
+        _ => None,
     }
 }
 
