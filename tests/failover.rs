@@ -236,3 +236,128 @@ async fn connections_terminated_by_the_server_are_replaced() {
     pool.close().await;
     server.stop().await;
 }
+
+/// Runs `command` as the server's user (`postgres` when the test runs as root).
+fn as_server_user(command: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    if nix::unistd::Uid::effective().is_root() {
+        let user = nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .expect("a postgres user");
+        command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
+    command
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_promoted_in_place_of_the_primary_takes_over() {
+    let folder = tempfile::tempdir().unwrap();
+    let (options, primary, url) = private_server(folder.path()).await;
+    let pool = server_pool(&primary).await;
+    every_second_schedules(&pool).await;
+    let mut daemon = replica(&url, "failover-3", &SETTINGS);
+    fired_after(&pool, now(&pool).await, "schedules fire").await;
+
+    // A streaming standby of the primary, in a folder of its own.
+    let standby_dir = folder.path().join("standby");
+    std::fs::create_dir(&standby_dir).unwrap();
+    if nix::unistd::Uid::effective().is_root() {
+        let user = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+        nix::unistd::chown(&standby_dir, Some(user.uid), Some(user.gid)).unwrap();
+    }
+    // The folder with the server binaries may hold only initdb and postgres (a shim on the
+    // PATH): pg_basebackup is looked for in the distribution's folder then.
+    let bin = [
+        agentd::embedded_pg::find_bin_dir(None).unwrap(),
+        std::path::PathBuf::from("/usr/lib/postgresql/15/bin"),
+    ]
+    .into_iter()
+    .find(|dir| dir.join("pg_basebackup").exists())
+    .expect("pg_basebackup");
+    let primary_socket = primary.data_dir().to_path_buf();
+    let output = as_server_user(&mut std::process::Command::new(bin.join("pg_basebackup")))
+        .arg("-D")
+        .arg(&standby_dir)
+        .arg("-h")
+        .arg(&primary_socket)
+        .args([
+            "-p", "5432", "-U", "postgres", "-X", "stream", "-R", "-c", "fast",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The primary's socket is in its data folder, and the copy took its lock file along.
+    for copied in [".s.PGSQL.5432.lock", ".s.PGSQL.5432"] {
+        let _ = std::fs::remove_file(standby_dir.join(copied));
+    }
+    let standby_options = agentd::embedded_pg::EmbeddedOptions {
+        data_dir: standby_dir.clone(),
+        ..options.clone()
+    };
+    let standby = agentd::embedded_pg::EmbeddedPostgres::start(&standby_options)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pool.close().await;
+
+    // The primary goes away (its last WAL reaches the streaming standby), and the standby
+    // comes up where agentd looks for the primary, still in recovery: what a replica sees
+    // of a failover while the old name points at a reader.
+    primary.stop().await;
+    standby.stop().await;
+    let primary_dir = options.data_dir.clone();
+    std::fs::rename(&primary_dir, folder.path().join("old-primary")).unwrap();
+    std::fs::rename(&standby_dir, &primary_dir).unwrap();
+    let auto_conf = primary_dir.join("postgresql.auto.conf");
+    let kept: String = std::fs::read_to_string(&auto_conf)
+        .unwrap()
+        .lines()
+        .filter(|line| !line.starts_with("primary_conninfo"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(&auto_conf, kept).unwrap();
+    let server = agentd::embedded_pg::EmbeddedPostgres::start(&options)
+        .await
+        .unwrap();
+    let pool = server_pool(&server).await;
+    let in_recovery: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(in_recovery);
+    loop {
+        let line = daemon.wait_for(
+            "rebuilding the database connections",
+            Duration::from_secs(30),
+        );
+        if line["reason"] == "read_only" || line["reason"] == "recovery" {
+            break;
+        }
+    }
+    still_running(&mut daemon);
+
+    let promoted: bool = sqlx::query_scalar("SELECT pg_promote()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(promoted);
+    let promoted_at = now(&pool).await;
+    fired_after(&pool, promoted_at, "schedules fire on the promoted standby").await;
+    eventually(
+        Duration::from_secs(20),
+        "the replica listens on the promoted server",
+        || async { listens_anew(&pool, &BTreeSet::new()).await },
+    )
+    .await;
+    still_running(&mut daemon);
+
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+    every_slot_fired_once(&pool).await;
+    pool.close().await;
+    server.stop().await;
+}
