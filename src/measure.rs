@@ -27,6 +27,7 @@ pub const ARTIFACTS_REJECTED: &str = "agentd_artifacts_rejected_total";
 pub const CLAIM_BATCH: &str = "agentd_claim_batch_size";
 pub const DATABASE_ERRORS: &str = "agentd_database_errors_total";
 pub const DATABASE_RECONNECTS: &str = "agentd_database_reconnects_total";
+pub const DATABASE_REBUILDS: &str = "agentd_database_rebuilds_total";
 pub const LEASES_REAPED: &str = "agentd_leases_reaped_total";
 pub const LOOP_RESTARTS: &str = "agentd_worker_loop_restarts_total";
 pub const RETENTION_DELETED: &str = "agentd_retention_deleted_total";
@@ -87,6 +88,11 @@ pub const CATALOG: &[(&str, &str)] = &[
     (
         DATABASE_RECONNECTS,
         "Times the notification connection was re-established after a failure.",
+    ),
+    (
+        DATABASE_REBUILDS,
+        "Times every database connection was replaced because the server answered read-only, \
+         in recovery, or dropped a connection (failover), by reason.",
     ),
     (
         LEASES_REAPED,
@@ -251,6 +257,12 @@ pub fn database_error(operation: &'static str) {
 /// The notification connection came back after failing.
 pub fn database_reconnected() {
     counter!(DATABASE_RECONNECTS).increment(1);
+}
+
+/// Every database connection is being replaced (`reason`: read_only, recovery,
+/// connection_lost).
+pub fn database_rebuilt(reason: &'static str) {
+    counter!(DATABASE_REBUILDS, "reason" => reason).increment(1);
 }
 
 /// The reaper failed runs whose leases expired.

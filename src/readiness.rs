@@ -85,6 +85,7 @@ impl DatabaseState {
             | StoreError::BadUrl(_)
             | StoreError::Migrate(_)
             | StoreError::GaveUp { .. }
+            | StoreError::Tls(_)
             | StoreError::ShutDown
             | StoreError::NeedsSession
             | StoreError::Corrupt(_) => DatabaseState::Unreachable,

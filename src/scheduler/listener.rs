@@ -214,7 +214,10 @@ impl Listener {
         .await;
         let mut listener = match connected {
             Ok(listener) => listener,
-            Err(error) => return Ended::Failed(error.to_string()),
+            Err(error) => {
+                crate::store::failover::observe(&error);
+                return Ended::Failed(error.to_string());
+            }
         };
         // The check: a NOTIFY through the pool, as the triggers send them, must come back.
         let token = Uuid::new_v4().to_string();
@@ -247,8 +250,20 @@ impl Listener {
         retry.succeeded();
         // Whatever was notified while we were not listening: look again.
         self.wake_all();
+        // A failover seen on any connection makes this one stale too (it may be the old
+        // primary's, which never notifies again): listen on a new one.
+        let mut rebuilds = crate::store::failover::rebuilds();
+        rebuilds.mark_unchanged();
         loop {
-            match listener.try_recv().await {
+            let received = tokio::select! {
+                received = listener.try_recv() => received,
+                _ = rebuilds.changed() => {
+                    tracing::info!("listening on a new connection after a failover");
+                    self.wake_all();
+                    return Ended::Lost;
+                }
+            };
+            match received {
                 Ok(Some(notification)) => {
                     self.dispatch(notification.channel(), notification.payload())
                 }
@@ -258,6 +273,7 @@ impl Listener {
                     return Ended::Lost;
                 }
                 Err(error) => {
+                    crate::store::failover::observe(&error);
                     tracing::warn!(error = %error, "notification connection failed");
                     self.wake_all();
                     return Ended::Lost;

@@ -20,6 +20,7 @@ pub mod bench;
 pub mod conversations;
 pub mod demo;
 pub mod exec;
+pub mod failover;
 pub mod maintenance;
 pub mod runs;
 pub mod schedules;
@@ -39,7 +40,7 @@ pub enum StoreError {
     BadUrl(String),
     /// A query or connection failed.
     #[error("database: {0}")]
-    Sql(#[from] sqlx::Error),
+    Sql(sqlx::Error),
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -49,6 +50,12 @@ pub enum StoreError {
         waited: Duration,
         last_error: String,
     },
+    /// The server's TLS certificate was refused (wrong CA, or a host name it does not
+    /// name), or the server offers no TLS where the URL requires it: retrying cannot help.
+    #[error(
+        "database: TLS: {0} (check sslmode and sslrootcert in database.url; docs/operations.md, \"TLS\")"
+    )]
+    Tls(String),
     /// Shutdown was requested while connecting.
     #[error("shutdown requested while connecting to the database")]
     ShutDown,
@@ -60,6 +67,15 @@ pub enum StoreError {
     /// A row holds something the schema's checks should have prevented.
     #[error("database: unexpected data: {0}")]
     Corrupt(String),
+}
+
+/// Every failed statement of the store passes here: an error that says the server is
+/// read-only, in recovery or gone has the pool's connections rebuilt ([`failover`]).
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> StoreError {
+        failover::observe(&error);
+        StoreError::Sql(error)
+    }
 }
 
 impl StoreError {
@@ -85,6 +101,7 @@ impl StoreError {
             | StoreError::BadUrl(_)
             | StoreError::Migrate(_)
             | StoreError::GaveUp { .. }
+            | StoreError::Tls(_)
             | StoreError::ShutDown
             | StoreError::NeedsSession
             | StoreError::Corrupt(_) => false,
@@ -133,9 +150,16 @@ pub fn url_with_database(url: &str, name: &str) -> String {
 
 /// A pool's options for connections made with `options`: each new TCP connection gets
 /// TCP_NODELAY (see [`socket`]: without it, large statements wait for the server's delayed
-/// acknowledgement).
+/// acknowledgement), and connections opened before a failover was seen are closed, not
+/// used ([`failover`]).
 pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
-    let pool = PgPoolOptions::new();
+    let pool = PgPoolOptions::new()
+        .before_acquire(|_connection, metadata| {
+            Box::pin(async move { Ok(failover::is_current(metadata.age)) })
+        })
+        .after_release(|_connection, metadata| {
+            Box::pin(async move { Ok(failover::is_current(metadata.age)) })
+        });
     let Some(port) = tcp_port(options) else {
         return pool;
     };
@@ -199,6 +223,9 @@ pub async fn connect(
             }
             Err(error) => error,
         };
+        if let Some(reason) = tls_refusal(&error) {
+            return Err(StoreError::Tls(reason));
+        }
         let delay = retry.failed();
         if let Some(limit) = give_up_after
             && started.elapsed() + delay > limit
@@ -218,6 +245,20 @@ pub async fn connect(
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return Err(StoreError::ShutDown),
         }
+    }
+}
+
+/// Why TLS failed, when `error` is a refusal that connecting again cannot change: the
+/// server's certificate did not verify, or the server offers no TLS.
+fn tls_refusal(error: &sqlx::Error) -> Option<String> {
+    match error {
+        sqlx::Error::Tls(reason) => Some(reason.to_string()),
+        // rustls reports a refused certificate as an I/O error carrying its own error.
+        sqlx::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(rustls::Error::to_string),
+        _ => None,
     }
 }
 
