@@ -799,6 +799,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_log_level_is_a_level_or_a_filter_never_a_bare_misspelled_word() {
+        for good in [
+            "info",
+            "WARN",
+            "debug,sqlx=warn",
+            "agentd=trace",
+            "off",
+            "info,[run]=debug",
+        ] {
+            let settings = Settings::load(None, &env(&[("AGENTD__LOGGING__LEVEL", good)]));
+            assert!(settings.is_ok(), "{good}: {:?}", settings.err());
+        }
+        for bad in ["warning", "verbose", "info,chatty", ""] {
+            let error = Settings::load(None, &env(&[("AGENTD__LOGGING__LEVEL", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("logging.level"), "{bad}: {error}");
+            assert!(
+                error.contains("expected trace, debug, info, warn, error"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
     fn the_pooler_is_recognised_from_the_url_of_the_well_known_transaction_poolers() {
         let settings = Settings::load(None, &env(&[])).unwrap();
         assert_eq!(settings.database.pooler, Pooler::Auto);

@@ -93,6 +93,30 @@ fn bad_configuration_stops_start_up_with_one_line_naming_key_and_value() {
     );
     assert!(line.starts_with("config: cannot read"), "{line}");
 
+    // A level misspelled is refused (as a filter it would name a module, and silence every
+    // line), under the section's new name and its old one.
+    for (variable, value) in [
+        ("AGENTD__LOGGING__LEVEL", "warning"),
+        ("AGENTD__LOG__LEVEL", "verbose"),
+        ("AGENTD__LOGGING__LEVEL", "info,sqlx=warn,chatty"),
+    ] {
+        let output = agentd().arg("run").env(variable, value).output().unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{variable}={value}: {output:?}"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let line = stderr
+            .lines()
+            .find(|line| line.starts_with("config:"))
+            .unwrap_or_else(|| panic!("{variable}={value}: no config line: {stderr}"));
+        assert!(
+            line.contains("logging.level") && line.contains("is not a level"),
+            "{line}"
+        );
+    }
+
     let line = config_error(agentd().env("DATABASE_URL", "mysql://root:hunter2@db/app"));
     assert!(
         line.contains("database.url") && !line.contains("hunter2"),

@@ -482,15 +482,31 @@ pub(super) fn optional_trimmed_folder<'de, D: Deserializer<'de>>(
 
 /// A tracing filter: a level (`info`) or directives (`info,sqlx=warn`).
 pub(super) fn log_filter<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    const EXPECTED: &str = "expected trace, debug, info, warn, error or a tracing filter";
+    const EXPECTED: &str =
+        "expected trace, debug, info, warn, error or a tracing filter such as \"info,sqlx=warn\"";
     text(deserializer, EXPECTED, |text| {
         if text.trim().is_empty() || tracing_subscriber::EnvFilter::try_new(text).is_err() {
-            Err(EXPECTED.into())
-        } else {
-            Ok(text.to_string())
+            return Err(EXPECTED.into());
         }
+        // A bare word is a valid filter for a module of that name, at every level: "warning"
+        // or "verbose" would silently turn off every line agentd writes. A directive without
+        // `=` must be a level (a module at every level is written `module=trace`).
+        if let Some(word) = text.split(',').map(str::trim).find(|directive| {
+            !directive.is_empty()
+                && !directive.contains('=')
+                && !directive.contains('[')
+                && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+        }) {
+            return Err(format!(
+                "{word:?} is not a level: {EXPECTED} (a module at every level is written \"{word}=trace\")"
+            ));
+        }
+        Ok(text.to_string())
     })
 }
+
+/// The levels a log filter may name on their own.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
 /// Empty: no listener; otherwise an address and port.
 pub(super) fn listen<'de, D: Deserializer<'de>>(
