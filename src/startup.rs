@@ -44,6 +44,20 @@ pub async fn run(
     // The executors first: a command executor whose runs cannot get places of their own
     // stops start-up with one line.
     let executors = crate::executor::from_settings(settings).map_err(anyhow::Error::msg)?;
+    // So does an artifact bucket whose client cannot be built: otherwise every artifact
+    // would be refused, the first one long after start-up.
+    if let crate::artifact_store::ArtifactBackend::Unavailable(reason) =
+        crate::artifact_store::ArtifactStore::from_settings(
+            &settings.artifacts,
+            settings.database.max_backoff,
+        )
+        .backend
+    {
+        return Err(Refusal(format!(
+            "artifacts.url: artifacts cannot be stored: {reason}"
+        ))
+        .into());
+    }
     // Processes escaping a run are re-parented to agentd: reaped here, so no zombie stays.
     let orphans_stop = CancellationToken::new();
     let orphans = tokio::spawn(crate::process::reap_orphans(orphans_stop.clone()));

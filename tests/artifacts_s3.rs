@@ -187,3 +187,26 @@ async fn a_file_larger_than_one_upload_part_is_streamed_to_the_bucket() {
         .collect();
     assert!(body == expected, "the object differs from the file");
 }
+
+/// A bucket whose client cannot be built (here: an `AWS_ALLOW_HTTP` that is not a boolean)
+/// stops `agentd run` at start-up with exit 2 and a line naming `artifacts.url`, before it
+/// connects to the database, instead of refusing every artifact later.
+#[test]
+fn a_bucket_client_that_cannot_be_built_stops_start_up() {
+    let output = support::agentd()
+        .arg("run")
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("AGENTD__ARTIFACTS__URL", "s3://artifacts/runs")
+        .env("AWS_ALLOW_HTTP", "maybe")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stderr
+        .lines()
+        .find(|line| line.starts_with("artifacts.url:"))
+        .unwrap_or_else(|| panic!("no line naming artifacts.url: {stderr}"));
+    assert!(line.contains("artifacts cannot be stored"), "{line}");
+    assert!(!stderr.contains("connecting to the database"), "{stderr}");
+}
