@@ -678,3 +678,57 @@ async fn slots_of_a_dead_replica_overtaken_by_later_slots_are_recorded_not_lost(
         "every run has its slot's record"
     );
 }
+
+/// The reaper's two passes over expired leases, in either order: the one for runs leaves
+/// the lease of a slot claimed ahead alone (it has no run to fail), and the one for slots
+/// claimed ahead gives the slot back, even when its lease is gone altogether.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reaper_gives_back_a_slot_claimed_ahead_whatever_pass_comes_first() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let mut victim = support::replica(&db.url, "r1", &[("AGENTD__SCHEDULER__FIRE_AHEAD", "40s")]);
+    victim.wait_for("worker started", Duration::from_secs(30));
+    let at = instant_in(&db, Duration::from_secs(30)).await;
+    let schedules = schedules_at(&db, agent, 2, at).await;
+    wait_claimed_ahead(&db, 2, at).await;
+    victim.signal(Signal::SIGKILL);
+    victim.wait_exit(Duration::from_secs(10));
+    // Both leases end now; one slot's lease is even lost outright.
+    sqlx::query("UPDATE agentd.leases SET expires_at = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM agentd.leases WHERE schedule_id = $1")
+        .bind(schedules[1])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let reaped = agentd::store::workers::reap_expired_leases(&db.pool, 100)
+        .await
+        .unwrap();
+    assert!(
+        reaped.is_empty(),
+        "the run reaper took a slot's lease: {reaped:?}"
+    );
+    let returned = agentd::store::workers::return_expired_ahead(&db.pool, 100)
+        .await
+        .unwrap();
+    assert_eq!(returned, 2);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM agentd.ahead_fires").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            &format!(
+                "SELECT count(*) FROM agent_schedules WHERE next_run = '{}'",
+                at.to_rfc3339()
+            )
+        )
+        .await,
+        2,
+        "both schedules are due at the slot again"
+    );
+}

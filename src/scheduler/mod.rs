@@ -57,8 +57,13 @@ pub struct Scheduler {
 /// Runs of slots claimed ahead of their instant, waiting for it in the slots reserved for
 /// them.
 struct Ahead<'a> {
-    /// The instant, on this process's clock.
+    /// When to start it, on this process's clock: its instant, or the next attempt after a
+    /// failed one.
     at: Instant,
+    /// The instant, on this process's clock (for the lag).
+    instant: Instant,
+    /// Backoff between attempts when the database refuses the start.
+    retry: Retry,
     /// The instant, on the database's clock (for the lag).
     scheduled_for: chrono::DateTime<chrono::Utc>,
     runs: Vec<ClaimedRun>,
@@ -66,10 +71,6 @@ struct Ahead<'a> {
     planned: Vec<NewScheduledRun>,
     reservation: Reservation<'a>,
 }
-
-/// Attempts to create the runs of slots claimed ahead when the database fails; then the
-/// slots are left to the reaper, which gives them back once their lease ends.
-const AHEAD_START_ATTEMPTS: u32 = 4;
 
 /// How close a batch claimed ahead may be to its instant for the scheduler to wait for it
 /// and start it rather than begin another claim first.
@@ -184,49 +185,50 @@ impl Scheduler {
 
     /// Creates the runs of slots claimed ahead, at their instant, and starts them in the
     /// slots reserved for them. A batch this process's clock woke a little before the
-    /// database's instant comes back, to wait for the rest.
+    /// database's instant comes back, to wait for the rest; so does one the database
+    /// refused, to be tried again later while its lease lasts.
     async fn start_ahead<'a>(&self, mut batch: Ahead<'a>) -> Option<Ahead<'a>> {
-        let mut retry = Retry::up_to(self.max_backoff);
-        let mut attempts = 0;
-        loop {
-            let sent_at = Instant::now();
-            match start_ahead(&self.pool, &self.worker_id, self.lease.ttl, &batch.planned).await {
-                Ok((now, created)) if created.is_empty() && now < batch.scheduled_for => {
-                    let early = (batch.scheduled_for - now).to_std().unwrap_or_default();
-                    batch.at = Instant::now() + early;
-                    return Some(batch);
+        let sent_at = Instant::now();
+        match start_ahead(&self.pool, &self.worker_id, self.lease.ttl, &batch.planned).await {
+            Ok((now, created)) if created.is_empty() && now < batch.scheduled_for => {
+                let early = (batch.scheduled_for - now).to_std().unwrap_or_default();
+                batch.at = Instant::now() + early;
+                batch.instant = batch.at;
+                Some(batch)
+            }
+            Ok((_, created)) => {
+                let created: std::collections::HashSet<Uuid> = created.into_iter().collect();
+                // The instant was mapped to this process's clock at the claim.
+                let lag = sent_at.saturating_duration_since(batch.instant);
+                let dropped = batch.runs.len() - created.len();
+                if dropped > 0 {
+                    tracing::info!(
+                        slots = dropped,
+                        scheduled_for = %batch.scheduled_for,
+                        "slots claimed ahead not started: their schedule changed before the instant, or the lease ended"
+                    );
                 }
-                Ok((_, created)) => {
-                    let created: std::collections::HashSet<Uuid> = created.into_iter().collect();
-                    // The instant was mapped to this process's clock at the claim.
-                    let lag = sent_at.saturating_duration_since(batch.at);
-                    let dropped = batch.runs.len() - created.len();
-                    if dropped > 0 {
-                        tracing::info!(
-                            slots = dropped,
-                            scheduled_for = %batch.scheduled_for,
-                            "slots claimed ahead not started: their schedule changed before the instant, or the lease ended"
-                        );
+                for run in batch.runs {
+                    if created.contains(&run.run_id) {
+                        crate::measure::scheduling_lag(lag);
+                        self.runner.start(run, sent_at, &mut batch.reservation);
                     }
-                    for run in batch.runs {
-                        if created.contains(&run.run_id) {
-                            crate::measure::scheduling_lag(lag);
-                            self.runner.start(run, sent_at, &mut batch.reservation);
-                        }
-                    }
+                }
+                None
+            }
+            Err(error) => {
+                crate::measure::database_error("start_ahead");
+                // The slots stay this replica's until their lease ends, a lease's length
+                // after the instant: try again then, without holding up the other batches
+                // (a read-only spell, a failover). After that the reaper gives them back.
+                if batch.instant.elapsed() >= self.lease.ttl {
+                    tracing::warn!(error = %error, slots = batch.runs.len(), "could not start the slots claimed ahead before their lease ended; another replica fires them");
                     return None;
                 }
-                Err(error) => {
-                    crate::measure::database_error("start_ahead");
-                    attempts += 1;
-                    if attempts >= AHEAD_START_ATTEMPTS {
-                        tracing::warn!(error = %error, slots = batch.runs.len(), "could not start the slots claimed ahead; they fire once their lease ends");
-                        return None;
-                    }
-                    let delay = retry.failed();
-                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "starting the slots claimed ahead failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
+                let delay = batch.retry.failed();
+                tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "starting the slots claimed ahead failed; retrying");
+                batch.at = Instant::now() + delay;
+                Some(batch)
             }
         }
     }
@@ -364,6 +366,8 @@ impl Scheduler {
                         let until = (new.scheduled_for - now).to_std().unwrap_or_default();
                         waiting.push(Ahead {
                             at: sent_at + until,
+                            instant: sent_at + until,
+                            retry: Retry::up_to(self.max_backoff),
                             scheduled_for: new.scheduled_for,
                             runs: Vec::new(),
                             planned: Vec::new(),

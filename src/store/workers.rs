@@ -146,7 +146,9 @@ pub struct ReapedRun {
 }
 
 /// Ends up to `limit` expired leases and marks their runs failed ("worker lost"), in one
-/// statement. Any replica may run it; row locks make each lease reaped once.
+/// statement. Any replica may run it; row locks make each lease reaped once. The lease of
+/// a slot claimed ahead (no run yet) is not this one's: [`return_expired_ahead`] gives the
+/// slot back with it, and a slot whose lease this took would be left with neither.
 pub async fn reap_expired_leases(
     pool: &PgPool,
     limit: usize,
@@ -154,8 +156,9 @@ pub async fn reap_expired_leases(
     let rows = exec::query(
         r#"
         WITH expired AS (
-          SELECT run_id FROM agentd.leases
+          SELECT run_id FROM agentd.leases l
            WHERE expires_at <= now()
+             AND NOT EXISTS (SELECT 1 FROM agentd.ahead_fires a WHERE a.run_id = l.run_id)
            ORDER BY expires_at
            LIMIT $1
            FOR UPDATE SKIP LOCKED
@@ -191,16 +194,17 @@ pub async fn reap_expired_leases(
 
 /// Gives back up to `limit` slots claimed ahead whose lease expired before their run was
 /// started (the replica that claimed them died or stopped): another replica fires them,
-/// late (see `agentd.return_ahead_fires`). Returns how many.
+/// late (see `agentd.return_ahead_fires`), and any whose lease is gone altogether. Returns
+/// how many. Nothing is locked here: the function takes the schedules' rows and then the
+/// slots, in the application's order, skipping what another transaction holds.
 pub async fn return_expired_ahead(pool: &PgPool, limit: usize) -> Result<u64, StoreError> {
     let returned: i32 = exec::query_scalar(
         r#"
         SELECT agentd.return_ahead_fires(ARRAY(
-          SELECT l.run_id FROM agentd.leases l
-           WHERE l.expires_at <= now()
-             AND EXISTS (SELECT 1 FROM agentd.ahead_fires a WHERE a.run_id = l.run_id)
-           LIMIT $1
-           FOR UPDATE OF l SKIP LOCKED))
+          SELECT a.run_id FROM agentd.ahead_fires a
+           WHERE NOT EXISTS (SELECT 1 FROM agentd.leases l
+                              WHERE l.run_id = a.run_id AND l.expires_at > now())
+           LIMIT $1))
         "#,
     )
     .bind(limit as i64)
