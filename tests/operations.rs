@@ -681,6 +681,98 @@ async fn status_shows_workers_runs_in_flight_backlog_invalid_schedules_and_the_l
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn status_counts_as_waiting_only_the_schedules_a_worker_will_plan() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let worker = InProcessWorker::start_configured(&db, "status-plan", &[]).await;
+    // An invalid schedule, and a `once` whose slot has passed: it fires, and is used up.
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone) \
+         VALUES ($1, true, 'daily', 1, '09:00', 'Mars/Olympus')",
+    )
+    .bind(agent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, timezone, next_run) \
+         VALUES ($1, true, 'once', 1, 'UTC', date_trunc('second', now()) - interval '1 second')",
+    )
+    .bind(agent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the invalid schedule reported and the once fired and used up",
+        || async {
+            count(
+                &db.pool,
+                "SELECT count(*) FROM agentd.schedule_states WHERE state = 'invalid'",
+            )
+            .await
+                == 1
+                && count(
+                    &db.pool,
+                    "SELECT count(*) FROM agentd.schedule_states WHERE state = 'exhausted'",
+                )
+                .await
+                    == 1
+                && count(
+                    &db.pool,
+                    // The invalid one's report and the once's run.
+                    "SELECT count(*) FROM runs WHERE input->>'trigger' = 'schedule'",
+                )
+                .await
+                    == 2
+        },
+    )
+    .await;
+    worker.stop().await;
+    // A new schedule, with no worker running to plan it.
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone) \
+         VALUES ($1, true, 'daily', 1, '09:00', 'UTC')",
+    )
+    .bind(agent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM agent_schedules WHERE enabled AND next_run IS NULL"
+        )
+        .await,
+        3
+    );
+
+    let status = status_json(&db, &[]);
+    let schedules = &status["schedules"];
+    assert_eq!(schedules["unplanned"], 1, "{schedules:#}");
+    assert_eq!(schedules["invalid"], 1, "{schedules:#}");
+    assert_eq!(schedules["used_up"], 1, "{schedules:#}");
+    assert_eq!(schedules["due_now"], 0, "{schedules:#}");
+    let table = agentd()
+        .arg("status")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.contains("waiting for their first next_run: 1\n"),
+        "{table}"
+    );
+    assert!(
+        table.contains("used up (a once that has come): 1\n"),
+        "{table}"
+    );
+    assert!(table.contains("invalid: 1\n"), "{table}");
+}
+
 /// `agentd status` with the budget settings of a fleet of 10 in 60 connections
 /// (docs/operations.md): its JSON document.
 fn status_json(db: &TestDb, settings: &[(&str, &str)]) -> Value {
