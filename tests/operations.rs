@@ -877,6 +877,81 @@ async fn status_names_the_connection_budget_and_what_a_replica_holds() {
     assert!(worker.wait_exit(Duration::from_secs(30)).success());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_leaves_agentd_workers_and_status_within_the_documented_bound() {
+    let db = TestDb::migrated().await;
+    // Stale after max(lease.ttl, poll_interval) + lease.ttl = 4s; deleted once not seen for
+    // twice that, 8s, by the survivor's next heartbeat (within a poll_interval more).
+    let short = [
+        ("AGENTD__LEASE__TTL", "2s"),
+        ("AGENTD__SCHEDULER__POLL_INTERVAL", "1s"),
+        ("AGENTD__HTTP__LISTEN", ""),
+    ];
+    let bound = Duration::from_secs(8 + 1);
+    let mut survivor = replica(&db.url, "survivor", &short);
+    let mut doomed = replica(&db.url, "doomed", &short);
+    survivor.wait_for("worker started", Duration::from_secs(30));
+    doomed.wait_for("worker started", Duration::from_secs(30));
+    let registered = |id: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            count(
+                &pool,
+                &format!("SELECT count(*) FROM agentd.workers WHERE id = '{id}'"),
+            )
+            .await
+        }
+    };
+    assert_eq!(registered("doomed").await, 1);
+
+    doomed.signal(Signal::SIGKILL);
+    doomed.wait_exit(Duration::from_secs(10));
+    let killed_at = std::time::Instant::now();
+    // Within the bound, it is still listed, as stale.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let status = status_json(&db, &short);
+    let listed: Vec<&Value> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|worker| worker["id"] == "doomed")
+        .collect();
+    assert_eq!(listed.len(), 1, "{status:#}");
+    assert_eq!(listed[0]["stale"], true, "{status:#}");
+    // Then gone, from the table and from status, while the survivor stays.
+    eventually(
+        bound + Duration::from_secs(3) - killed_at.elapsed(),
+        "the killed replica's row deleted",
+        || async { registered("doomed").await == 0 },
+    )
+    .await;
+    let status = status_json(&db, &short);
+    let workers = status["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 1, "{status:#}");
+    assert_eq!(workers[0]["id"], "survivor", "{status:#}");
+    assert_eq!(workers[0]["stale"], false, "{status:#}");
+    // The survivor says whom it removed.
+    let line = survivor.wait_for(
+        "worker not seen for too long: removed from agentd.workers",
+        Duration::from_secs(5),
+    );
+    assert_eq!(line["forgotten_worker_id"], "doomed", "{line}");
+    // A replica removed while alive (cut off for that long) registers again.
+    sqlx::query("DELETE FROM agentd.workers WHERE id = 'survivor'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the survivor registered again",
+        || async { registered("survivor").await == 1 },
+    )
+    .await;
+
+    survivor.signal(Signal::SIGTERM);
+    assert!(survivor.wait_exit(Duration::from_secs(30)).success());
+}
+
 /// Sends `concurrency` GET requests to `url` at once, and again as each one is answered,
 /// until `stop` fires or each sender has sent `rounds`; returns how many answers had each
 /// status (0: no answer).
