@@ -952,6 +952,75 @@ async fn a_replica_killed_leaves_agentd_workers_and_status_within_the_documented
     assert!(survivor.wait_exit(Duration::from_secs(30)).success());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_replica_exports_every_documented_metric_at_zero() {
+    let db = TestDb::migrated().await;
+    let mut daemon = replica(&db.url, "fresh", &[("AGENTD__HTTP__LISTEN", "127.0.0.1:0")]);
+    let base = endpoints_of(&mut daemon);
+    daemon.wait_for("worker started", Duration::from_secs(30));
+    let metrics = wait_status(&format!("{base}/metrics"), 200, "metrics").await;
+    // Each sample line as (name, labels, value).
+    let samples: Vec<(&str, &str, f64)> = metrics
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            (name, labels, value.parse::<f64>().unwrap())
+        })
+        .collect();
+    for (name, _) in agentd::measure::CATALOG {
+        let histogram = name.ends_with("_seconds") || *name == agentd::measure::CLAIM_BATCH;
+        let sampled = if histogram {
+            format!("{name}_count")
+        } else {
+            name.to_string()
+        };
+        let series: Vec<&(&str, &str, f64)> =
+            samples.iter().filter(|(n, _, _)| *n == sampled).collect();
+        assert!(!series.is_empty(), "{sampled} missing:\n{metrics}");
+        let expected = if *name == agentd::measure::WORKER_INFO {
+            1.0
+        } else {
+            0.0
+        };
+        for (_, labels, value) in series {
+            assert_eq!(*value, expected, "{sampled}{{{labels}}}");
+        }
+    }
+    // Labelled ones with each documented value, the drop counter's reasons among them.
+    for (name, label) in [
+        ("agentd_log_lines_dropped_total", "reason=\"limit\""),
+        ("agentd_log_lines_dropped_total", "reason=\"outage\""),
+        ("agentd_log_lines_dropped_total", "reason=\"lease_lost\""),
+        ("agentd_log_lines_dropped_total", "reason=\"refused\""),
+        ("agentd_schedules_skipped_total", "reason=\"misfire\""),
+        ("agentd_runs_started_total", "trigger=\"message\""),
+        ("agentd_runs_finished_total", "status=\"failed\""),
+        ("agentd_run_duration_seconds_count", "status=\"completed\""),
+        (
+            "agentd_database_errors_total",
+            "operation=\"end_orphaned_turns\"",
+        ),
+        (
+            "agentd_database_rebuilds_total",
+            "reason=\"connection_lost\"",
+        ),
+        ("agentd_worker_loop_restarts_total", "loop=\"lease keeper\""),
+        ("agentd_retention_deleted_total", "kind=\"run_logs\""),
+        ("agentd_turns_finished_total", "status=\"interrupted\""),
+    ] {
+        assert!(
+            samples
+                .iter()
+                .any(|(n, labels, value)| *n == name && labels.contains(label) && *value == 0.0),
+            "{name}{{{label}}} missing:\n{metrics}"
+        );
+    }
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+}
+
 /// Sends `concurrency` GET requests to `url` at once, and again as each one is answered,
 /// until `stop` fires or each sender has sent `rounds`; returns how many answers had each
 /// status (0: no answer).
