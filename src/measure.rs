@@ -90,7 +90,9 @@ pub const CATALOG: &[(&str, &str)] = &[
     ),
     (
         DATABASE_RECONNECTS,
-        "Times the notification connection was re-established after a failure.",
+        "Database connections opened to replace one that was lost: dropped by the server, \
+         found dead before use, or closed after a failover (pooled connections and the \
+         notification connection alike).",
     ),
     (
         DATABASE_REBUILDS,
@@ -390,7 +392,7 @@ pub fn database_error(operation: &'static str) {
     counter!(DATABASE_ERRORS, "operation" => operation).increment(1);
 }
 
-/// The notification connection came back after failing.
+/// A connection was opened to replace a lost one (pooled or the listener's).
 pub fn database_reconnected() {
     counter!(DATABASE_RECONNECTS).increment(1);
 }

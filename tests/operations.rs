@@ -1021,6 +1021,92 @@ async fn a_fresh_replica_exports_every_documented_metric_at_zero() {
     assert!(daemon.wait_exit(Duration::from_secs(30)).success());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_dropped_by_the_server_and_opened_again_count_as_reconnects() {
+    let db = TestDb::migrated().await;
+    let mut daemon = replica(
+        &db.url,
+        "reconnects",
+        &[
+            ("AGENTD__HTTP__LISTEN", "127.0.0.1:0"),
+            // The pool is used every second, so a dropped connection is soon found dead.
+            ("AGENTD__SCHEDULER__POLL_INTERVAL", "1s"),
+        ],
+    );
+    let base = endpoints_of(&mut daemon);
+    daemon.wait_for("worker started", Duration::from_secs(30));
+    let connections = |application: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            count(
+                &pool,
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity \
+                      WHERE datname = current_database() AND application_name = '{application}'"
+                ),
+            )
+            .await
+        }
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the pool and the listener connected",
+        || async { connections("agentd").await >= 1 && connections("agentd listener").await == 1 },
+    )
+    .await;
+    let reconnects = || async {
+        let metrics = wait_status(&format!("{base}/metrics"), 200, "metrics").await;
+        sample(&metrics, "agentd_database_reconnects_total", &[])
+    };
+    assert_eq!(reconnects().await, 0.0);
+
+    // The server drops the pool's connections; the next statements open new ones at once.
+    let terminate = |application: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                  WHERE datname = current_database() AND application_name = $1",
+            )
+            .bind(application)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let counted_above = |floor: f64, what: &'static str| {
+        let reconnects = &reconnects;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let counted = reconnects().await;
+                if counted > floor {
+                    return counted;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: agentd_database_reconnects_total still {counted}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    terminate("agentd").await;
+    let after_pool = counted_above(0.0, "pool connections replaced").await;
+    // Then the listener's: it listens again on a new connection.
+    terminate("agentd listener").await;
+    eventually(
+        Duration::from_secs(20),
+        "the listener connected again",
+        || async { connections("agentd listener").await == 1 },
+    )
+    .await;
+    counted_above(after_pool, "the listener reconnected").await;
+
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+}
+
 /// Sends `concurrency` GET requests to `url` at once, and again as each one is answered,
 /// until `stop` fires or each sender has sent `rounds`; returns how many answers had each
 /// status (0: no answer).

@@ -156,7 +156,8 @@ impl Listener {
         loop {
             match self.listen(&stop, &mut retry).await {
                 Ended::Stopped => return,
-                Ended::Lost => {}
+                // Its replacement counts as a reconnect when it opens.
+                Ended::Lost => crate::store::failover::connection_lost(),
                 Ended::Failed(error) => {
                     crate::measure::database_error("listen");
                     let delay = retry.failed();
@@ -244,7 +245,6 @@ impl Listener {
             }
         }
         if retry.failures() > 0 {
-            crate::measure::database_reconnected();
             tracing::info!("listening for notifications again");
         }
         retry.succeeded();
