@@ -588,6 +588,21 @@ const FIRE_AHEAD_KEY: &str = "scheduler.fire_ahead";
 pub const MAX_FIRE_AHEAD: Duration = Duration::from_secs(60);
 
 impl Settings {
+    /// How long a replica may go unseen before `agentd status` calls it stale: a busy
+    /// replica is seen every `lease.ttl / 3`, an idle one at each look at the database
+    /// (every `scheduler.poll_interval` at the latest); past that and a ttl more, its
+    /// heartbeat has stopped (killed, frozen or cut off).
+    pub fn worker_stale_after(&self) -> Duration {
+        self.lease.ttl.max(self.scheduler.poll_interval) + self.lease.ttl
+    }
+
+    /// How long a replica may go unseen before the others delete its row from
+    /// `agentd.workers`: twice [`Settings::worker_stale_after`], so `agentd status` shows it
+    /// stale for a while first. A replica that comes back registers again.
+    pub fn worker_forget_after(&self) -> Duration {
+        2 * self.worker_stale_after()
+    }
+
     /// Loads the settings from the defaults, an optional file, and the given environment
     /// (passed in rather than read, so tests can give their own).
     pub fn load(

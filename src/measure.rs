@@ -69,7 +69,10 @@ pub const CATALOG: &[(&str, &str)] = &[
     (LOG_BYTES, "Bytes of run log messages stored."),
     (
         LOG_LINES_DROPPED,
-        "Run log lines not stored: over run_logs.max_lines_per_run or max_bytes_per_run.",
+        "Run log lines not stored, by reason: limit (over run_logs.max_lines_per_run or \
+         max_bytes_per_run), outage (the buffer held while the database was unreachable \
+         overflowed), lease_lost (the run was no longer this worker's), refused (the \
+         database refused the batch).",
     ),
     (ARTIFACTS, "Artifacts stored."),
     (ARTIFACT_BYTES, "Bytes of artifacts stored."),
@@ -87,7 +90,9 @@ pub const CATALOG: &[(&str, &str)] = &[
     ),
     (
         DATABASE_RECONNECTS,
-        "Times the notification connection was re-established after a failure.",
+        "Database connections opened to replace one that was lost: dropped by the server, \
+         found dead before use, or closed after a failover (pooled connections and the \
+         notification connection alike).",
     ),
     (
         DATABASE_REBUILDS,
@@ -151,7 +156,138 @@ pub fn install(worker_id: &str) -> Option<PrometheusHandle> {
     gauge!(WORKER_INFO, "version" => env!("CARGO_PKG_VERSION"), "worker_id" => worker_id.to_string())
         .set(1.0);
     gauge!(RUNS_IN_FLIGHT).set(0.0);
+    register_at_zero();
     Some(handle)
+}
+
+/// Label values of `agentd_schedules_skipped_total`'s `reason`.
+pub const SKIP_REASONS: &[&str] = &["overlap", "misfire"];
+/// Label values of the runs' `type`.
+pub const RUN_TYPES: &[&str] = &["agent", "team"];
+/// Label values of `agentd_runs_started_total`'s `trigger`.
+pub const RUN_TRIGGERS: &[&str] = &["schedule", "request", "message"];
+/// Label values of a finished run's `status`.
+pub const RUN_STATUSES: &[&str] = &["completed", "failed"];
+/// Label values of `agentd_turns_finished_total`'s `status`.
+pub const TURN_STATUSES: &[&str] = &["completed", "failed", "interrupted", "cancelled"];
+/// Label values of `agentd_database_errors_total`'s `operation`.
+pub const DATABASE_OPERATIONS: &[&str] = &[
+    "claim",
+    "start_ahead",
+    "listen",
+    "heartbeat",
+    "reap",
+    "logs",
+    "artifact",
+    "load_target",
+    "record_outcome",
+    "retention",
+    "claim_requests",
+    "claim_turns",
+    "load_history",
+    "write_reply",
+    "finish_reply",
+    "end_orphaned_turns",
+];
+/// Label values of `agentd_database_rebuilds_total`'s `reason`.
+pub const REBUILD_REASONS: &[&str] = &["read_only", "recovery", "connection_lost"];
+/// Label values of `agentd_worker_loop_restarts_total`'s `loop`.
+pub const LOOPS: &[&str] = &[
+    "scheduler",
+    "requests",
+    "conversations",
+    "listener",
+    "lease keeper",
+    "reaper",
+    "retention",
+];
+/// Label values of `agentd_retention_deleted_total`'s `kind`.
+pub const RETENTION_KINDS: &[&str] = &["run_logs", "artifacts", "runs"];
+
+/// Why run log lines were not stored (`agentd_log_lines_dropped_total`'s `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogDropReason {
+    /// Over `run_logs.max_lines_per_run` or `max_bytes_per_run`.
+    Limit,
+    /// The lines held while the database was unreachable overflowed their buffer.
+    Outage,
+    /// The run was no longer this worker's (its lease was lost or expired).
+    LeaseLost,
+    /// The database refused the batch (a data error: the same lines would fail again).
+    Refused,
+}
+
+impl LogDropReason {
+    /// Every reason, for the series registered at zero.
+    pub const ALL: [LogDropReason; 4] = [
+        LogDropReason::Limit,
+        LogDropReason::Outage,
+        LogDropReason::LeaseLost,
+        LogDropReason::Refused,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogDropReason::Limit => "limit",
+            LogDropReason::Outage => "outage",
+            LogDropReason::LeaseLost => "lease_lost",
+            LogDropReason::Refused => "refused",
+        }
+    }
+}
+
+/// Registers every series at zero, each labelled one with every value its label takes, so
+/// a fresh replica exports them all: `increase()` and absence alerts need a series before
+/// its first event.
+fn register_at_zero() {
+    for name in [
+        SCHEDULES_FIRED,
+        SCHEDULES_INVALID,
+        LOG_LINES,
+        LOG_BYTES,
+        ARTIFACTS,
+        ARTIFACT_BYTES,
+        ARTIFACTS_REJECTED,
+        DATABASE_RECONNECTS,
+        LEASES_REAPED,
+        TURNS_STARTED,
+    ] {
+        counter!(name).absolute(0);
+    }
+    for name in [SCHEDULING_LAG, CLAIM_BATCH, TURN_START_LAG, TURN_FIRST_TEXT] {
+        let _ = histogram!(name);
+    }
+    for reason in SKIP_REASONS {
+        counter!(SCHEDULES_SKIPPED, "reason" => *reason).absolute(0);
+    }
+    for kind in RUN_TYPES {
+        for trigger in RUN_TRIGGERS {
+            counter!(RUNS_STARTED, "type" => *kind, "trigger" => *trigger).absolute(0);
+        }
+        for status in RUN_STATUSES {
+            counter!(RUNS_FINISHED, "type" => *kind, "status" => *status).absolute(0);
+            let _ = histogram!(RUN_DURATION, "type" => *kind, "status" => *status);
+        }
+    }
+    for reason in LogDropReason::ALL {
+        counter!(LOG_LINES_DROPPED, "reason" => reason.as_str()).absolute(0);
+    }
+    for operation in DATABASE_OPERATIONS {
+        counter!(DATABASE_ERRORS, "operation" => *operation).absolute(0);
+    }
+    for reason in REBUILD_REASONS {
+        counter!(DATABASE_REBUILDS, "reason" => *reason).absolute(0);
+    }
+    for service in LOOPS {
+        counter!(LOOP_RESTARTS, "loop" => *service).absolute(0);
+    }
+    for kind in RETENTION_KINDS {
+        counter!(RETENTION_DELETED, "kind" => *kind).absolute(0);
+    }
+    for status in TURN_STATUSES {
+        counter!(TURNS_FINISHED, "status" => *status).absolute(0);
+    }
 }
 
 fn describe() {
@@ -233,9 +369,11 @@ pub fn log_lines_written(lines: usize, bytes: usize) {
     counter!(LOG_BYTES).increment(bytes as u64);
 }
 
-/// Log lines were dropped over the per-run limits.
-pub fn log_lines_dropped(lines: u64) {
-    counter!(LOG_LINES_DROPPED).increment(lines);
+/// Log lines of a run were not stored, for `reason`.
+pub fn log_lines_dropped(reason: LogDropReason, lines: u64) {
+    if lines > 0 {
+        counter!(LOG_LINES_DROPPED, "reason" => reason.as_str()).increment(lines);
+    }
 }
 
 /// An artifact was stored.
@@ -254,7 +392,7 @@ pub fn database_error(operation: &'static str) {
     counter!(DATABASE_ERRORS, "operation" => operation).increment(1);
 }
 
-/// The notification connection came back after failing.
+/// A connection was opened to replace a lost one (pooled or the listener's).
 pub fn database_reconnected() {
     counter!(DATABASE_RECONNECTS).increment(1);
 }

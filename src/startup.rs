@@ -150,9 +150,7 @@ pub async fn status(
     let snapshot = store::status::snapshot(&database.pool).await;
     database.close().await;
     let snapshot = snapshot?;
-    // A busy worker is seen every lease.ttl / 3, an idle one at each look at the database
-    // (every scheduler.poll_interval at the latest): past that and a ttl more, it is gone.
-    let stale_after = settings.lease.ttl.max(settings.scheduler.poll_interval) + settings.lease.ttl;
+    let stale_after = settings.worker_stale_after();
     let budget = crate::status::ConnectionBudget::of(settings, store::exec::transaction_pooler());
     match format {
         crate::status::StatusFormat::Table => {

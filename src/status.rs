@@ -111,6 +111,7 @@ pub fn to_json(
             "backlog_seconds": snapshot.oldest_due.map(|due| seconds_between(due, snapshot.now)),
             "unplanned": snapshot.schedules_unplanned,
             "invalid": snapshot.invalid_total,
+            "used_up": snapshot.used_up_total,
         },
         "requests": {
             "waiting": snapshot.requests_waiting,
@@ -265,6 +266,10 @@ pub fn to_table(
         )),
         None => out.push_str("  requested runs waiting: 0\n"),
     }
+    out.push_str(&format!(
+        "  used up (a once that has come): {}\n",
+        snapshot.used_up_total
+    ));
     out.push_str(&format!("  invalid: {}\n", snapshot.invalid_total));
     for row in &snapshot.invalid {
         out.push_str(&format!(

@@ -197,7 +197,8 @@ pub async fn serve(
     let scheduler = Scheduler {
         pool: pool.clone(),
         runner: runner.clone(),
-        worker_id: worker_id.clone(),
+        worker: info.clone(),
+        forget_after: settings.worker_forget_after(),
         settings: settings.scheduler.clone(),
         lease: settings.lease.clone(),
         max_backoff: settings.database.max_backoff,

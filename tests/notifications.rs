@@ -352,9 +352,9 @@ async fn a_listen_connection_cut_off_comes_back_checked_and_listening() {
 }
 
 /// A real PgBouncer in transaction mode: with database.listen_url on the server itself the
-/// check passes and the worker listens there; with database.listen_url through the pooler
-/// too, the check fails (the LISTENing server connection is lent to others) and the worker
-/// polls.
+/// check passes and the worker listens there; with database.listen_url the pooler's own
+/// address, the worker does not LISTEN there at all (the listening server connection would
+/// be lent to others, with its notifications) and polls.
 #[tokio::test(flavor = "multi_thread")]
 async fn through_pgbouncer_in_transaction_mode_the_listen_url_bypasses_it_and_the_check_catches_it_otherwise()
  {
@@ -395,7 +395,18 @@ async fn through_pgbouncer_in_transaction_mode_the_listen_url_bypasses_it_and_th
             SLOW_RUNS,
         ],
     );
-    through.wait_for("polling for new work instead", Duration::from_secs(30));
+    // A listen_url that is the pooler's own address is not listened on at all (LISTEN there
+    // would hand the listening server connection, and its notifications, to other clients).
+    through.wait_for("not listening through the pooler", Duration::from_secs(30));
+    assert!(
+        !through
+            .seen
+            .iter()
+            .any(|line| line.contains("cannot listen for notifications")
+                || line.contains("polling for new work instead")),
+        "{:#?}",
+        through.seen
+    );
     through.signal(Signal::SIGTERM);
     assert!(through.wait_exit(Duration::from_secs(30)).success());
 }

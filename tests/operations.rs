@@ -681,6 +681,98 @@ async fn status_shows_workers_runs_in_flight_backlog_invalid_schedules_and_the_l
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn status_counts_as_waiting_only_the_schedules_a_worker_will_plan() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let worker = InProcessWorker::start_configured(&db, "status-plan", &[]).await;
+    // An invalid schedule, and a `once` whose slot has passed: it fires, and is used up.
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone) \
+         VALUES ($1, true, 'daily', 1, '09:00', 'Mars/Olympus')",
+    )
+    .bind(agent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, timezone, next_run) \
+         VALUES ($1, true, 'once', 1, 'UTC', date_trunc('second', now()) - interval '1 second')",
+    )
+    .bind(agent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the invalid schedule reported and the once fired and used up",
+        || async {
+            count(
+                &db.pool,
+                "SELECT count(*) FROM agentd.schedule_states WHERE state = 'invalid'",
+            )
+            .await
+                == 1
+                && count(
+                    &db.pool,
+                    "SELECT count(*) FROM agentd.schedule_states WHERE state = 'exhausted'",
+                )
+                .await
+                    == 1
+                && count(
+                    &db.pool,
+                    // The invalid one's report and the once's run.
+                    "SELECT count(*) FROM runs WHERE input->>'trigger' = 'schedule'",
+                )
+                .await
+                    == 2
+        },
+    )
+    .await;
+    worker.stop().await;
+    // A new schedule, with no worker running to plan it.
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone) \
+         VALUES ($1, true, 'daily', 1, '09:00', 'UTC')",
+    )
+    .bind(agent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM agent_schedules WHERE enabled AND next_run IS NULL"
+        )
+        .await,
+        3
+    );
+
+    let status = status_json(&db, &[]);
+    let schedules = &status["schedules"];
+    assert_eq!(schedules["unplanned"], 1, "{schedules:#}");
+    assert_eq!(schedules["invalid"], 1, "{schedules:#}");
+    assert_eq!(schedules["used_up"], 1, "{schedules:#}");
+    assert_eq!(schedules["due_now"], 0, "{schedules:#}");
+    let table = agentd()
+        .arg("status")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.contains("waiting for their first next_run: 1\n"),
+        "{table}"
+    );
+    assert!(
+        table.contains("used up (a once that has come): 1\n"),
+        "{table}"
+    );
+    assert!(table.contains("invalid: 1\n"), "{table}");
+}
+
 /// `agentd status` with the budget settings of a fleet of 10 in 60 connections
 /// (docs/operations.md): its JSON document.
 fn status_json(db: &TestDb, settings: &[(&str, &str)]) -> Value {
@@ -783,6 +875,236 @@ async fn status_names_the_connection_budget_and_what_a_replica_holds() {
 
     worker.signal(Signal::SIGTERM);
     assert!(worker.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_leaves_agentd_workers_and_status_within_the_documented_bound() {
+    let db = TestDb::migrated().await;
+    // Stale after max(lease.ttl, poll_interval) + lease.ttl = 4s; deleted once not seen for
+    // twice that, 8s, by the survivor's next heartbeat (within a poll_interval more).
+    let short = [
+        ("AGENTD__LEASE__TTL", "2s"),
+        ("AGENTD__SCHEDULER__POLL_INTERVAL", "1s"),
+        ("AGENTD__HTTP__LISTEN", ""),
+    ];
+    let bound = Duration::from_secs(8 + 1);
+    let mut survivor = replica(&db.url, "survivor", &short);
+    let mut doomed = replica(&db.url, "doomed", &short);
+    survivor.wait_for("worker started", Duration::from_secs(30));
+    doomed.wait_for("worker started", Duration::from_secs(30));
+    let registered = |id: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            count(
+                &pool,
+                &format!("SELECT count(*) FROM agentd.workers WHERE id = '{id}'"),
+            )
+            .await
+        }
+    };
+    assert_eq!(registered("doomed").await, 1);
+
+    doomed.signal(Signal::SIGKILL);
+    doomed.wait_exit(Duration::from_secs(10));
+    let killed_at = std::time::Instant::now();
+    // Within the bound, it is still listed, as stale.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let status = status_json(&db, &short);
+    let listed: Vec<&Value> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|worker| worker["id"] == "doomed")
+        .collect();
+    assert_eq!(listed.len(), 1, "{status:#}");
+    assert_eq!(listed[0]["stale"], true, "{status:#}");
+    // Then gone, from the table and from status, while the survivor stays.
+    eventually(
+        bound + Duration::from_secs(3) - killed_at.elapsed(),
+        "the killed replica's row deleted",
+        || async { registered("doomed").await == 0 },
+    )
+    .await;
+    let status = status_json(&db, &short);
+    let workers = status["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 1, "{status:#}");
+    assert_eq!(workers[0]["id"], "survivor", "{status:#}");
+    assert_eq!(workers[0]["stale"], false, "{status:#}");
+    // The survivor says whom it removed.
+    let line = survivor.wait_for(
+        "worker not seen for too long: removed from agentd.workers",
+        Duration::from_secs(5),
+    );
+    assert_eq!(line["forgotten_worker_id"], "doomed", "{line}");
+    // A replica removed while alive (cut off for that long) registers again.
+    sqlx::query("DELETE FROM agentd.workers WHERE id = 'survivor'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the survivor registered again",
+        || async { registered("survivor").await == 1 },
+    )
+    .await;
+
+    survivor.signal(Signal::SIGTERM);
+    assert!(survivor.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_replica_exports_every_documented_metric_at_zero() {
+    let db = TestDb::migrated().await;
+    let mut daemon = replica(&db.url, "fresh", &[("AGENTD__HTTP__LISTEN", "127.0.0.1:0")]);
+    let base = endpoints_of(&mut daemon);
+    daemon.wait_for("worker started", Duration::from_secs(30));
+    let metrics = wait_status(&format!("{base}/metrics"), 200, "metrics").await;
+    // Each sample line as (name, labels, value).
+    let samples: Vec<(&str, &str, f64)> = metrics
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            (name, labels, value.parse::<f64>().unwrap())
+        })
+        .collect();
+    for (name, _) in agentd::measure::CATALOG {
+        let histogram = name.ends_with("_seconds") || *name == agentd::measure::CLAIM_BATCH;
+        let sampled = if histogram {
+            format!("{name}_count")
+        } else {
+            name.to_string()
+        };
+        let series: Vec<&(&str, &str, f64)> =
+            samples.iter().filter(|(n, _, _)| *n == sampled).collect();
+        assert!(!series.is_empty(), "{sampled} missing:\n{metrics}");
+        let expected = if *name == agentd::measure::WORKER_INFO {
+            1.0
+        } else {
+            0.0
+        };
+        for (_, labels, value) in series {
+            assert_eq!(*value, expected, "{sampled}{{{labels}}}");
+        }
+    }
+    // Labelled ones with each documented value, the drop counter's reasons among them.
+    for (name, label) in [
+        ("agentd_log_lines_dropped_total", "reason=\"limit\""),
+        ("agentd_log_lines_dropped_total", "reason=\"outage\""),
+        ("agentd_log_lines_dropped_total", "reason=\"lease_lost\""),
+        ("agentd_log_lines_dropped_total", "reason=\"refused\""),
+        ("agentd_schedules_skipped_total", "reason=\"misfire\""),
+        ("agentd_runs_started_total", "trigger=\"message\""),
+        ("agentd_runs_finished_total", "status=\"failed\""),
+        ("agentd_run_duration_seconds_count", "status=\"completed\""),
+        (
+            "agentd_database_errors_total",
+            "operation=\"end_orphaned_turns\"",
+        ),
+        (
+            "agentd_database_rebuilds_total",
+            "reason=\"connection_lost\"",
+        ),
+        ("agentd_worker_loop_restarts_total", "loop=\"lease keeper\""),
+        ("agentd_retention_deleted_total", "kind=\"run_logs\""),
+        ("agentd_turns_finished_total", "status=\"interrupted\""),
+    ] {
+        assert!(
+            samples
+                .iter()
+                .any(|(n, labels, value)| *n == name && labels.contains(label) && *value == 0.0),
+            "{name}{{{label}}} missing:\n{metrics}"
+        );
+    }
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_dropped_by_the_server_and_opened_again_count_as_reconnects() {
+    let db = TestDb::migrated().await;
+    let mut daemon = replica(
+        &db.url,
+        "reconnects",
+        &[
+            ("AGENTD__HTTP__LISTEN", "127.0.0.1:0"),
+            // The pool is used every second, so a dropped connection is soon found dead.
+            ("AGENTD__SCHEDULER__POLL_INTERVAL", "1s"),
+        ],
+    );
+    let base = endpoints_of(&mut daemon);
+    daemon.wait_for("worker started", Duration::from_secs(30));
+    let connections = |application: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            count(
+                &pool,
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity \
+                      WHERE datname = current_database() AND application_name = '{application}'"
+                ),
+            )
+            .await
+        }
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the pool and the listener connected",
+        || async { connections("agentd").await >= 1 && connections("agentd listener").await == 1 },
+    )
+    .await;
+    let reconnects = || async {
+        let metrics = wait_status(&format!("{base}/metrics"), 200, "metrics").await;
+        sample(&metrics, "agentd_database_reconnects_total", &[])
+    };
+    assert_eq!(reconnects().await, 0.0);
+
+    // The server drops the pool's connections; the next statements open new ones at once.
+    let terminate = |application: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                  WHERE datname = current_database() AND application_name = $1",
+            )
+            .bind(application)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let counted_above = |floor: f64, what: &'static str| {
+        let reconnects = &reconnects;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let counted = reconnects().await;
+                if counted > floor {
+                    return counted;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: agentd_database_reconnects_total still {counted}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    terminate("agentd").await;
+    let after_pool = counted_above(0.0, "pool connections replaced").await;
+    // Then the listener's: it listens again on a new connection.
+    terminate("agentd listener").await;
+    eventually(
+        Duration::from_secs(20),
+        "the listener connected again",
+        || async { connections("agentd listener").await == 1 },
+    )
+    .await;
+    counted_above(after_pool, "the listener reconnected").await;
+
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
 }
 
 /// Sends `concurrency` GET requests to `url` at once, and again as each one is answered,

@@ -27,6 +27,7 @@ use uuid::Uuid;
 use super::batch::Batcher;
 use super::control::RunControl;
 use crate::executor::{Level, LogEntry, cut_line};
+use crate::measure::LogDropReason;
 use crate::store::runs::{Fenced, LogLine, insert_log_batches};
 
 /// The replica's writer of log batches: one statement for the batches of every run that
@@ -175,6 +176,7 @@ pub async fn run_pipe(
         if control.lease_lost() {
             // Nobody may write to this run any more; drain and discard.
             totals.dropped_lines += pending.len() as u64;
+            crate::measure::log_lines_dropped(LogDropReason::LeaseLost, pending.len() as u64);
             pending.clear();
             continue;
         }
@@ -205,6 +207,7 @@ pub async fn run_pipe(
                     "the database refused a batch of log lines; dropping it"
                 );
                 totals.dropped_lines += batch_len as u64;
+                crate::measure::log_lines_dropped(LogDropReason::Refused, batch_len as u64);
                 pending.drain(..batch_len);
             }
             Err(error) => {
@@ -232,6 +235,7 @@ pub async fn run_pipe(
                                     if pending.len() >= MAX_PENDING_LINES {
                                         pending.pop_front();
                                         totals.dropped_lines += 1;
+                                        crate::measure::log_lines_dropped(LogDropReason::Outage, 1);
                                     }
                                     pending.push_back(line);
                                 }
@@ -248,7 +252,7 @@ pub async fn run_pipe(
     }
     totals.dropped_lines += intake.dropped_lines;
     totals.dropped_bytes += intake.dropped_bytes;
-    crate::measure::log_lines_dropped(totals.dropped_lines);
+    crate::measure::log_lines_dropped(LogDropReason::Limit, intake.dropped_lines);
     (totals, pending.into_iter().collect())
 }
 

@@ -65,13 +65,35 @@ pub enum ListenMode {
     PollThroughPooler,
 }
 
+/// Whether `database.listen_url` reaches the server other than through `database.url`'s
+/// endpoint: set, and naming another host or port. LISTEN through a transaction-mode pooler
+/// would not only miss notifications: the listening server connection goes back to the
+/// pooler, which lends it to other clients, and they then receive its notifications in the
+/// middle of their own statements.
+fn bypasses_pooler(settings: &Settings) -> bool {
+    let endpoint = |url: &str| {
+        crate::store::parse_url(url).ok().map(|options| {
+            (
+                options.get_host().to_string(),
+                options.get_port(),
+                options.get_socket().cloned(),
+            )
+        })
+    };
+    match (&settings.database.listen_url, &settings.database.url) {
+        (None, _) => false,
+        (Some(listen), Some(url)) => endpoint(listen) != endpoint(url),
+        (Some(_), None) => true,
+    }
+}
+
 impl ListenMode {
     /// The mode of a worker with `settings`, connected through a transaction-mode pooler
     /// or not.
     pub fn of(settings: &Settings, transaction_pooler: bool) -> ListenMode {
         match settings.database.notify {
             NotifyMode::Poll => ListenMode::PollAsked,
-            NotifyMode::Listen if transaction_pooler && settings.database.listen_url.is_none() => {
+            NotifyMode::Listen if transaction_pooler && !bypasses_pooler(settings) => {
                 ListenMode::PollThroughPooler
             }
             NotifyMode::Listen => ListenMode::Listen,
@@ -144,7 +166,7 @@ impl Listener {
             ListenMode::PollThroughPooler => {
                 tracing::warn!(
                     poll_interval_ms = POLL_INTERVAL.as_millis() as u64,
-                    "database.pooler is \"transaction\" and database.listen_url is empty: not \
+                    "database.pooler is \"transaction\" and database.listen_url is empty or the pooler's own address: not \
                      listening through the pooler (it cannot LISTEN); new work is found by \
                      polling (set database.listen_url to the direct or session-mode URL of the \
                      same database to start it at once)"
@@ -156,7 +178,8 @@ impl Listener {
         loop {
             match self.listen(&stop, &mut retry).await {
                 Ended::Stopped => return,
-                Ended::Lost => {}
+                // Its replacement counts as a reconnect when it opens.
+                Ended::Lost => crate::store::failover::connection_lost(),
                 Ended::Failed(error) => {
                     crate::measure::database_error("listen");
                     let delay = retry.failed();
@@ -244,7 +267,6 @@ impl Listener {
             }
         }
         if retry.failures() > 0 {
-            crate::measure::database_reconnected();
             tracing::info!("listening for notifications again");
         }
         retry.succeeded();

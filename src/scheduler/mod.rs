@@ -30,8 +30,9 @@ use crate::runner::slots::{Reservation, Source};
 use crate::store::StoreError;
 use crate::store::runs::{ClaimedRun, RunKind};
 use crate::store::schedules::{
-    ClaimTransaction, NewScheduledRun, due_summary, return_ahead, start_ahead,
+    ClaimTransaction, Heartbeat, NewScheduledRun, due_summary, return_ahead, start_ahead,
 };
+use crate::store::workers::{WorkerInfo, register_worker};
 use listener::MIN_NOTIFIED_GAP;
 use plan::{PlanEvent, RuleCache, plan_claim};
 
@@ -40,7 +41,10 @@ use plan::{PlanEvent, RuleCache, plan_claim};
 pub struct Scheduler {
     pub pool: PgPool,
     pub runner: Runner,
-    pub worker_id: String,
+    /// This replica, as registered (again, should the others forget it).
+    pub worker: WorkerInfo,
+    /// Other replicas not seen for this long are deleted from `agentd.workers`.
+    pub forget_after: Duration,
     pub settings: SchedulerSettings,
     pub lease: LeaseSettings,
     pub max_backoff: Duration,
@@ -189,7 +193,7 @@ impl Scheduler {
     /// refused, to be tried again later while its lease lasts.
     async fn start_ahead<'a>(&self, mut batch: Ahead<'a>) -> Option<Ahead<'a>> {
         let sent_at = Instant::now();
-        match start_ahead(&self.pool, &self.worker_id, self.lease.ttl, &batch.planned).await {
+        match start_ahead(&self.pool, &self.worker.id, self.lease.ttl, &batch.planned).await {
             Ok((now, created)) if created.is_empty() && now < batch.scheduled_for => {
                 let early = (batch.scheduled_for - now).to_std().unwrap_or_default();
                 batch.at = Instant::now() + early;
@@ -243,9 +247,30 @@ impl Scheduler {
     ) -> Result<Next, StoreError> {
         // The summary doubles as the replica's heartbeat (every lease.ttl / 3 at most).
         let heartbeat = last_heartbeat.is_none_or(|at| at.elapsed() >= self.lease.renew_interval());
-        let summary = due_summary(&self.pool, heartbeat.then_some(self.worker_id.as_str())).await?;
+        let summary = due_summary(
+            &self.pool,
+            heartbeat.then_some(Heartbeat {
+                worker_id: &self.worker.id,
+                forget_after: self.forget_after,
+            }),
+        )
+        .await?;
         if heartbeat {
             *last_heartbeat = Some(Instant::now());
+            for worker_id in &summary.forgotten {
+                tracing::warn!(
+                    forgotten_worker_id = %worker_id,
+                    forget_after = ?self.forget_after,
+                    "worker not seen for too long: removed from agentd.workers"
+                );
+            }
+            if !summary.seen {
+                tracing::warn!(
+                    forget_after = ?self.forget_after,
+                    "this worker went unseen for too long and was removed from agentd.workers; registering again"
+                );
+                register_worker(&self.pool, &self.worker).await?;
+            }
         }
         if summary.requests_waiting {
             self.requests.notify_one();
@@ -322,7 +347,7 @@ impl Scheduler {
             transaction.load_agents(&agent_ids).await?
         };
         let fired = transaction
-            .apply(&writes, &self.worker_id, self.lease.ttl)
+            .apply(&writes, &self.worker.id, self.lease.ttl)
             .await?;
         transaction.commit().await?;
         crate::measure::claim_batch(rows.len());

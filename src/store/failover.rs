@@ -27,6 +27,7 @@
 //! the database errors they are.
 
 use std::io::ErrorKind;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
@@ -190,6 +191,29 @@ pub fn observe(error: &sqlx::Error) {
 /// hooks close it otherwise).
 pub fn is_current(age: Duration) -> bool {
     state().is_current(Instant::now(), age)
+}
+
+/// Connections lost (dropped by the server, found dead, or closed as stale after a
+/// rebuild) that no new connection has replaced yet.
+static LOST: AtomicU64 = AtomicU64::new(0);
+
+/// A connection was lost, or closed because it can no longer be used: the next connection
+/// opened replaces it.
+pub fn connection_lost() {
+    LOST.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A connection was opened: one that replaces a lost connection counts as a reconnect
+/// (`agentd_database_reconnects_total`).
+pub fn connection_opened() {
+    if LOST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |lost| {
+            lost.checked_sub(1)
+        })
+        .is_ok()
+    {
+        crate::measure::database_reconnected();
+    }
 }
 
 /// Changes with every rebuild: a holder of a long-lived connection (the listener) opens a

@@ -151,24 +151,47 @@ pub fn url_with_database(url: &str, name: &str) -> String {
 /// A pool's options for connections made with `options`: each new TCP connection gets
 /// TCP_NODELAY (see [`socket`]: without it, large statements wait for the server's delayed
 /// acknowledgement), and connections opened before a failover was seen are closed, not
-/// used ([`failover`]).
+/// used ([`failover`]). A connection closed because it was dead or stale is counted as
+/// lost, and the next one opened as a reconnect ([`failover::connection_opened`]).
 pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
-    let pool = PgPoolOptions::new()
-        .before_acquire(|_connection, metadata| {
-            Box::pin(async move { Ok(failover::is_current(metadata.age)) })
+    let port = tcp_port(options);
+    PgPoolOptions::new()
+        // The ping sqlx sends before lending an idle connection, sent by the hook instead,
+        // so that a connection the server dropped is seen (and counted) as lost.
+        .test_before_acquire(false)
+        .before_acquire(|connection, metadata| {
+            Box::pin(async move {
+                if !failover::is_current(metadata.age) {
+                    failover::connection_lost();
+                    return Ok(false);
+                }
+                // An error has the pool drop the connection without a goodbye (which a dead
+                // connection would hold up), as its own ping does.
+                connection
+                    .ping()
+                    .await
+                    .inspect_err(|_| failover::connection_lost())?;
+                Ok(true)
+            })
         })
         .after_release(|_connection, metadata| {
-            Box::pin(async move { Ok(failover::is_current(metadata.age)) })
-        });
-    let Some(port) = tcp_port(options) else {
-        return pool;
-    };
-    pool.after_connect(move |_connection, _metadata| {
-        Box::pin(async move {
-            socket::disable_nagle_towards(port);
-            Ok(())
+            Box::pin(async move {
+                let current = failover::is_current(metadata.age);
+                if !current {
+                    failover::connection_lost();
+                }
+                Ok(current)
+            })
         })
-    })
+        .after_connect(move |_connection, _metadata| {
+            Box::pin(async move {
+                if let Some(port) = port {
+                    socket::disable_nagle_towards(port);
+                }
+                failover::connection_opened();
+                Ok(())
+            })
+        })
 }
 
 /// The server's port when `options` connect over TCP (`None`: a Unix socket).

@@ -24,6 +24,21 @@ pub struct DueSummary {
     pub requests_waiting: bool,
     /// User messages are waiting for a turn.
     pub messages_waiting: bool,
+    /// The heartbeat found this worker's row (false without a heartbeat, or when other
+    /// replicas deleted the row while this one went unseen: it must register again).
+    pub seen: bool,
+    /// Workers the heartbeat deleted: not seen for longer than its `forget_after`.
+    pub forgotten: Vec<String>,
+}
+
+/// The heartbeat a [`due_summary`] carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat<'a> {
+    /// The worker to mark as seen.
+    pub worker_id: &'a str,
+    /// Other workers not seen for this long are deleted from `agentd.workers`
+    /// ([`crate::config::Settings::worker_forget_after`]).
+    pub forget_after: std::time::Duration,
 }
 
 impl DueSummary {
@@ -37,12 +52,22 @@ impl DueSummary {
 
 /// One cheap query: index-only lookups on the partial indexes and the requests table.
 /// With `heartbeat`, it also marks that worker as seen (an idle replica's only sign of
-/// life: its lease keeper has nothing to renew).
-pub async fn due_summary(pool: &PgPool, heartbeat: Option<&str>) -> Result<DueSummary, StoreError> {
+/// life: its lease keeper has nothing to renew) and deletes the rows of workers not seen
+/// for its `forget_after` (killed, or cut off for that long: a clean stop deletes its own).
+pub async fn due_summary(
+    pool: &PgPool,
+    heartbeat: Option<Heartbeat<'_>>,
+) -> Result<DueSummary, StoreError> {
     let row = exec::query(
         r#"
         WITH seen AS (
           UPDATE agentd.workers SET last_seen_at = now() WHERE id = $1
+          RETURNING id
+        ), forgotten AS (
+          DELETE FROM agentd.workers
+           WHERE $1 IS NOT NULL AND id <> $1
+             AND last_seen_at < now() - $2 * interval '1 millisecond'
+          RETURNING id
         )
         SELECT now() AS now,
                -- Due now for anything at or before now (-infinity included); a time no
@@ -54,10 +79,13 @@ pub async fn due_summary(pool: &PgPool, heartbeat: Option<&str>) -> Result<DueSu
                  ORDER BY s.next_run LIMIT 1) AS next_due,
                EXISTS (SELECT 1 FROM agentd.schedules_to_plan) AS unplanned,
                EXISTS (SELECT 1 FROM agentd.requests) AS requests_waiting,
-               EXISTS (SELECT 1 FROM agentd.waiting_conversations) AS messages_waiting
+               EXISTS (SELECT 1 FROM agentd.waiting_conversations) AS messages_waiting,
+               EXISTS (SELECT 1 FROM seen) AS seen,
+               ARRAY(SELECT id FROM forgotten ORDER BY id) AS forgotten
         "#,
     )
-    .bind(heartbeat)
+    .bind(heartbeat.map(|heartbeat| heartbeat.worker_id))
+    .bind(heartbeat.map_or(0.0, |heartbeat| heartbeat.forget_after.as_millis() as f64))
     .fetch_one(exec::on(pool))
     .await?;
     Ok(DueSummary {
@@ -66,6 +94,8 @@ pub async fn due_summary(pool: &PgPool, heartbeat: Option<&str>) -> Result<DueSu
         unplanned: row.try_get("unplanned")?,
         requests_waiting: row.try_get("requests_waiting")?,
         messages_waiting: row.try_get("messages_waiting")?,
+        seen: row.try_get("seen")?,
+        forgotten: row.try_get("forgotten")?,
     })
 }
 

@@ -48,8 +48,13 @@ pub struct StatusSnapshot {
     pub in_flight: Vec<InFlightRow>,
     pub schedules_due: i64,
     pub oldest_due: Option<DateTime<Utc>>,
-    /// Enabled schedules waiting for a worker to compute their first `next_run`.
+    /// Enabled schedules waiting for a worker to compute their first `next_run`: those the
+    /// claim will plan (queued in `agentd.schedules_to_plan`), not the invalid or used-up
+    /// ones, whose `next_run` stays NULL until their definition changes.
     pub schedules_unplanned: i64,
+    /// Schedules with nothing left to fire for their current definition (a `once` whose
+    /// slot has come, fired or passed).
+    pub used_up_total: i64,
     pub requests_waiting: i64,
     pub oldest_request: Option<DateTime<Utc>>,
     /// Conversations with user messages waiting for a turn, and when the oldest arrived.
@@ -125,8 +130,14 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
     )
     .fetch_one(&mut *tx)
     .await?;
+    // What the claim's lock query plans: queued rows still enabled without a next_run.
     let schedules_unplanned: i64 = exec::query_scalar(
-        "SELECT count(*) FROM public.agent_schedules WHERE enabled AND next_run IS NULL",
+        r#"
+        SELECT count(*)
+          FROM agentd.schedules_to_plan q
+          JOIN public.agent_schedules s ON s.id = q.schedule_id
+         WHERE s.enabled AND s.next_run IS NULL
+        "#,
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -150,6 +161,17 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
           FROM agentd.schedule_states st
           JOIN public.agent_schedules s ON s.id = st.schedule_id
          WHERE st.state = 'invalid'
+           AND st.definition_hash = agentd.schedule_definition_hash(s)
+        "#,
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let used_up_total: i64 = exec::query_scalar(
+        r#"
+        SELECT count(*)
+          FROM agentd.schedule_states st
+          JOIN public.agent_schedules s ON s.id = st.schedule_id
+         WHERE st.state = 'exhausted'
            AND st.definition_hash = agentd.schedule_definition_hash(s)
         "#,
     )
@@ -219,6 +241,7 @@ pub async fn snapshot(pool: &PgPool) -> Result<StatusSnapshot, StoreError> {
         schedules_due,
         oldest_due,
         schedules_unplanned,
+        used_up_total,
         requests_waiting,
         oldest_request,
         conversations_waiting,
