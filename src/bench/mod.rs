@@ -601,8 +601,9 @@ async fn run_scenarios(bench: &mut Bench<'_>) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// The targets, checked against the report (only for scenarios that ran at the
-/// targets' sizes).
+/// The targets, checked against the report's figures for every scenario that ran.
+/// The targets are stated for the default sizes; a smaller run is judged all the same
+/// (the table's heading says so), so only a run at the default sizes meets them.
 fn targets(report: &Report) -> Vec<TargetCheck> {
     let mut checks = Vec::new();
     for scenario in Scenario::EVERY {
@@ -798,7 +799,7 @@ impl Report {
                 ));
             }
         }
-        out.push_str("\ntargets\n");
+        out.push_str("\ntargets (stated for the default sizes, judged on this run's figures)\n");
         for check in &self.targets {
             let met = match check.met {
                 Some(true) => "met",
