@@ -110,7 +110,8 @@ async fn serve(
             shutdown.clone(),
         );
     }
-    if migrate || settings.database.migrate {
+    // The embedded server is this process's own: nobody else migrates it.
+    if migrate || settings.database.migrate || database.is_embedded() {
         match store::migrate(&database.pool).await {
             Ok(report) => tracing::info!(
                 applied = report.applied.len(),
@@ -123,6 +124,12 @@ async fn serve(
                 return Err(error.into());
             }
         }
+    } else if !wait_for_migrations(&database, shutdown).await {
+        tracing::info!("agentd stopping");
+        stop_endpoints(endpoints).await;
+        database.close().await;
+        tracing::info!("agentd stopped");
+        return Ok(());
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "agentd running");
     let served = worker::serve(
@@ -140,6 +147,61 @@ async fn serve(
     served.map_err(Into::into)
 }
 
+/// How often `agentd run` without `--migrate` looks again for the migrations it waits for.
+const MIGRATIONS_RECHECK: Duration = Duration::from_secs(2);
+
+/// `agentd run` without `--migrate`: waits until every migration of this binary is applied
+/// (by `agentd migrate`, a migration Job or another replica started with `--migrate`),
+/// saying once what it waits for; `/readyz` says "migrations pending" meanwhile. A worker
+/// started on an older schema would fail at its first statement, and a replica started
+/// beside its deployment's migration step would exit and be restarted with growing delays.
+/// Returns false when shutdown came first.
+async fn wait_for_migrations(database: &Database, shutdown: &CancellationToken) -> bool {
+    let mut said = None;
+    loop {
+        match store::pending_migrations(&database.pool).await {
+            Ok(pending) if pending.is_empty() => {
+                if said.is_some() {
+                    tracing::info!("migrations applied: starting");
+                }
+                return true;
+            }
+            Ok(pending) => {
+                let what = pending
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if said.as_ref() != Some(&what) {
+                    tracing::warn!(
+                        pending = %what,
+                        "waiting for migrations: run `agentd migrate` (or start a replica with --migrate)"
+                    );
+                    said = Some(what);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot read the applied migrations; looking again");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(MIGRATIONS_RECHECK) => {}
+        }
+    }
+}
+
+/// A one-shot command's database must hold agentd's schema: without it every statement
+/// would fail with the server's "does not exist".
+async fn require_schema(database: &Database) -> anyhow::Result<()> {
+    if store::applied_versions(&database.pool).await?.is_empty() {
+        anyhow::bail!(
+            "the database holds no agentd schema (no migration applied): run `agentd migrate` first"
+        );
+    }
+    Ok(())
+}
+
 /// `agentd status`: one snapshot of the fleet, printed as a table or JSON.
 pub async fn status(
     settings: &Settings,
@@ -147,7 +209,12 @@ pub async fn status(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
-    let snapshot = store::status::snapshot(&database.pool).await;
+    let snapshot = match require_schema(&database).await {
+        Ok(()) => store::status::snapshot(&database.pool)
+            .await
+            .map_err(Into::into),
+        Err(error) => Err(error),
+    };
     database.close().await;
     let snapshot = snapshot?;
     let stale_after = settings.worker_stale_after();
@@ -203,6 +270,7 @@ pub async fn trigger(
     use crate::store::runs::{request_run, run_logs_after, run_state};
     let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
     let result = async {
+        require_schema(&database).await?;
         let run_id = request_run(&database.pool, kind, target, input.as_ref()).await?;
         println!("{run_id}");
         if !wait {
@@ -254,7 +322,12 @@ pub async fn cancel(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
-    let result = store::runs::cancel_run(&database.pool, run_id).await;
+    let result = match require_schema(&database).await {
+        Ok(()) => store::runs::cancel_run(&database.pool, run_id)
+            .await
+            .map_err(Into::into),
+        Err(error) => Err(error),
+    };
     database.close().await;
     if result? {
         println!("cancellation of run {run_id} requested");
@@ -281,7 +354,13 @@ pub async fn chat(
     use tokio::io::AsyncBufReadExt;
     let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
     let result = async {
-        store::migrate(&database.pool).await?;
+        // The embedded database is this process's own; a configured one is migrated by
+        // its deployment, as for `agentd run`.
+        if database.is_embedded() {
+            store::migrate(&database.pool).await?;
+        } else {
+            require_schema(&database).await?;
+        }
         let conversation = match conversation {
             Some(id) => {
                 if conversation_user(&database.pool, id, agent)

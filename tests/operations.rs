@@ -1383,3 +1383,102 @@ async fn a_bearer_token_guards_readyz_and_metrics_and_healthz_stays_open() {
         );
     }
 }
+
+/// `agentd run` without `--migrate` on a database its migrations have not reached (a
+/// deployment's migration step still to come) waits, not ready and saying why, then serves
+/// once `agentd migrate` has run; it neither exits nor starts a worker on a missing schema.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_waits_for_the_migrations_and_serves_once_they_are_applied() {
+    let db = TestDb::new().await;
+    let mut daemon = replica(&db.url, "waits-1", &[]);
+    let base = endpoints_of(&mut daemon);
+    let waiting = daemon.wait_for("waiting for migrations", Duration::from_secs(30));
+    assert_eq!(waiting["level"], "warn");
+    let every = agentd::store::migrator()
+        .iter()
+        .map(|migration| migration.version.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert_eq!(waiting["pending"], every.as_str());
+    let body = wait_status(&format!("{base}/readyz"), 503, "not ready while waiting").await;
+    assert!(body.contains("migrations pending"), "{body}");
+    // Still waiting a few looks later, the worker not started.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "{:#?}",
+        daemon.seen
+    );
+    assert!(
+        !daemon
+            .drain()
+            .iter()
+            .any(|line| line.contains("agentd running")),
+        "{:#?}",
+        daemon.seen
+    );
+
+    let migrated = agentd()
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    daemon.wait_for("migrations applied: starting", Duration::from_secs(20));
+    daemon.wait_for("worker started", Duration::from_secs(20));
+    wait_status(&format!("{base}/readyz"), 200, "ready once migrated").await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let run = request_agent_run(&db.pool, agent).await;
+    let finished = support::finished_run(&db.pool, run, Duration::from_secs(20)).await;
+    assert_eq!(finished.status, "completed");
+
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(20)).success());
+
+    // Stopped while waiting: a clean exit.
+    let fresh = TestDb::new().await;
+    let mut waiting = replica(&fresh.url, "waits-2", &[("AGENTD__HTTP__LISTEN", "")]);
+    waiting.wait_for("waiting for migrations", Duration::from_secs(30));
+    waiting.signal(Signal::SIGTERM);
+    assert!(waiting.wait_exit(Duration::from_secs(10)).success());
+    assert_eq!(
+        agentd::store::applied_versions(&fresh.pool).await.unwrap(),
+        Vec::<i64>::new()
+    );
+}
+
+/// `status`, `trigger`, `cancel` and `chat` on a database without agentd's schema say so in one
+/// line naming the fix, not with the server's "relation … does not exist".
+#[tokio::test]
+async fn one_shot_commands_on_a_database_without_the_schema_name_the_fix() {
+    let db = TestDb::new().await;
+    let id = Uuid::new_v4().to_string();
+    for args in [
+        vec!["status"],
+        vec!["cancel", id.as_str()],
+        vec!["trigger", "agent", id.as_str()],
+        vec!["chat", id.as_str()],
+    ] {
+        let output = agentd()
+            .args(&args)
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().last(),
+            Some(
+                "error: the database holds no agentd schema (no migration applied): run \
+                 `agentd migrate` first"
+            ),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(
+        agentd::store::applied_versions(&db.pool).await.unwrap(),
+        Vec::<i64>::new(),
+        "nothing was migrated"
+    );
+}
