@@ -205,17 +205,37 @@ pub fn descendants(root: i32) -> Vec<i32> {
     found
 }
 
-/// Processes whose environment holds `marker` (`NAME=value`): a run's processes carry
-/// `AGENTD_RUN_ID`, and keep it unless they clear their environment. Only processes whose
-/// environment agentd may read are found (its own user's, or all as root).
-pub fn processes_marked(marker: &str) -> Vec<i32> {
-    let needle = marker.as_bytes();
+/// Processes of one program of a run: their environment holds `marker`
+/// (`AGENTD_RUN_ID=<id>`, which a run's processes keep unless they clear their
+/// environment) and no other `AGENTD_ARTIFACTS_DIR` than `own` (`AGENTD_ARTIFACTS_DIR=…`).
+/// The members of a team run side by side under the team run's id, each in a folder of its
+/// own: a process carrying another member's folder is that member's, and stays while that
+/// member runs. Only processes whose environment agentd may read are found (its own
+/// user's, or all as root).
+pub fn processes_marked(marker: &[u8], own: &[u8]) -> Vec<i32> {
     processes()
         .into_iter()
         .filter(|process| !process.zombie)
-        .filter(|process| environ_has(process.pid, |entry| entry == needle) == Some(true))
+        .filter(|process| {
+            std::fs::read(format!("/proc/{}/environ", process.pid))
+                .is_ok_and(|environ| of_program(&environ, marker, own))
+        })
         .map(|process| process.pid)
         .collect()
+}
+
+/// Whether an environment block (`NAME=value` entries separated by NUL) holds `marker` and
+/// no `AGENTD_ARTIFACTS_DIR` but `own`: see [`processes_marked`].
+fn of_program(environ: &[u8], marker: &[u8], own: &[u8]) -> bool {
+    let mut marked = false;
+    for entry in environ.split(|byte| *byte == 0) {
+        if entry == marker {
+            marked = true;
+        } else if entry.starts_with(b"AGENTD_ARTIFACTS_DIR=") && entry != own {
+            return false;
+        }
+    }
+    marked
 }
 
 /// Whether an entry (`NAME=value`) of `pid`'s environment satisfies `wanted`; `None` when
@@ -350,6 +370,30 @@ pub fn is_private_folder(path: &Path, uid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_claims_the_processes_of_its_run_but_not_a_side_by_side_members() {
+        let (marker, own) = (
+            &b"AGENTD_RUN_ID=r1"[..],
+            &b"AGENTD_ARTIFACTS_DIR=/runs/a/artifacts"[..],
+        );
+        let environ = |entries: &[&str]| entries.join("\0").into_bytes();
+        let ours = environ(&[
+            "PATH=/bin",
+            "AGENTD_RUN_ID=r1",
+            "AGENTD_ARTIFACTS_DIR=/runs/a/artifacts",
+        ]);
+        assert!(of_program(&ours, marker, own));
+        // The folder variable cleared, the run id kept: still the run's.
+        assert!(of_program(&environ(&["AGENTD_RUN_ID=r1"]), marker, own));
+        // Another member of the same team run, in its own folder.
+        let sibling = environ(&["AGENTD_RUN_ID=r1", "AGENTD_ARTIFACTS_DIR=/runs/b/artifacts"]);
+        assert!(!of_program(&sibling, marker, own));
+        // Another run.
+        let other = environ(&["AGENTD_RUN_ID=r2", "AGENTD_ARTIFACTS_DIR=/runs/a/artifacts"]);
+        assert!(!of_program(&other, marker, own));
+        assert!(!of_program(b"", marker, own));
+    }
 
     #[test]
     fn descendants_are_found_through_parent_links() {

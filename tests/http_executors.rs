@@ -282,6 +282,40 @@ async fn openai_retries_429_before_the_first_token() {
 }
 
 #[tokio::test]
+async fn openai_retries_a_stream_that_breaks_off_before_the_first_token() {
+    // A 200 whose body breaks before any text, then one that ends without any: both are
+    // tried again; the third streams.
+    let (base, fake) = fake_model(vec![
+        (200, Vec::new(), true),
+        (200, Vec::new(), false),
+        (200, sse(&GOOD_STREAM), false),
+    ])
+    .await;
+    let settings = openai_settings(&base);
+    let run = run_once(&borrowed(&settings), "x", json!("y")).await;
+    assert_eq!(run.status, "completed", "{:?}", run.error);
+    assert_eq!(fake.calls.lock().unwrap().len(), 3);
+    assert_eq!(run.logs.len(), 4, "{:?}", run.logs);
+    assert_eq!(run.logs[0].0, "warn");
+    assert!(
+        run.logs[0]
+            .1
+            .starts_with("the model's stream was cut after 0 characters: "),
+        "{:?}",
+        run.logs
+    );
+    assert!(run.logs[0].1.contains("; retrying in "), "{:?}", run.logs);
+    assert!(
+        run.logs[1]
+            .1
+            .starts_with("the model's stream ended early after 0 characters; retrying in "),
+        "{:?}",
+        run.logs
+    );
+    assert_eq!(run.output.unwrap()["text"], "Hello\nWorld");
+}
+
+#[tokio::test]
 async fn openai_stream_cut_midway_fails_and_keeps_the_partial_text() {
     let (base, _) = fake_model(vec![(200, sse(&GOOD_STREAM[..2]), true)]).await;
     let settings = openai_settings(&base);

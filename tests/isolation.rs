@@ -47,6 +47,7 @@ const USERS_CANCEL: (u32, u32) = (3_100_600, 3_100_663);
 const USERS_THOUSAND: (u32, u32) = (3_100_700, 3_100_763);
 const USERS_SHUTDOWN: (u32, u32) = (3_100_800, 3_100_863);
 const USERS_STORE: (u32, u32) = (3_100_900, 3_100_963);
+const USERS_TEAM_NOT_ROOT: (u32, u32) = (3_101_000, 3_101_063);
 
 /// `executors.command.max_processes` where a test checks it: not the default.
 const MAX_PROCESSES: &str = "97";
@@ -835,9 +836,13 @@ impl Drop for SocketRelay {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn not_as_root_agentd_says_what_it_cannot_keep_apart_and_its_environment_stays_unreadable() {
-    let world = World::new(USERS_NOT_ROOT).await;
+/// Starts a replica as the unprivileged user [`NOBODY`] on `world`'s database with
+/// `settings`; returns it, the database URL it was given, and the relay to the test server's
+/// socket it connects through (keep it while the replica runs).
+fn start_as_nobody(
+    world: &World,
+    settings: &[(String, String)],
+) -> (Daemon, String, Option<SocketRelay>) {
     for folder in [world.runs_dir.path(), world.artifacts_dir.path()] {
         nix::unistd::chown(
             folder,
@@ -848,7 +853,7 @@ async fn not_as_root_agentd_says_what_it_cannot_keep_apart_and_its_environment_s
     }
     // The test server's socket is in a folder only its own user may open.
     let options = world.db.options();
-    let (url, _relay) = match options.get_socket() {
+    let (url, relay) = match options.get_socket() {
         Some(folder) => {
             let target = folder.join(format!(".s.PGSQL.{}", options.get_port()));
             let relay = SocketRelay::start(target);
@@ -863,14 +868,20 @@ async fn not_as_root_agentd_says_what_it_cannot_keep_apart_and_its_environment_s
         }
         None => (world.db.url.clone(), None),
     };
-    let agent = world.agent(&[]).await;
-    let settings = world.settings(&world.probe(), &[]);
-    let mut command = support::replica_command(&url, "isolation", &pairs(&settings));
+    let mut command = support::replica_command(&url, "isolation", &pairs(settings));
     {
         use std::os::unix::process::CommandExt;
         command.uid(NOBODY).gid(NOBODY);
     }
-    let mut daemon = Daemon::start(command);
+    (Daemon::start(command), url, relay)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_as_root_agentd_says_what_it_cannot_keep_apart_and_its_environment_stays_unreadable() {
+    let world = World::new(USERS_NOT_ROOT).await;
+    let agent = world.agent(&[]).await;
+    let settings = world.settings(&world.probe(), &[]);
+    let (mut daemon, url, _relay) = start_as_nobody(&world, &settings);
     let warning = daemon.wait_for("not running as root", Duration::from_secs(30));
     daemon.wait_for("worker started", Duration::from_secs(30));
     assert_eq!(warning["level"], "warn", "{warning}");
@@ -916,6 +927,75 @@ async fn not_as_root_agentd_says_what_it_cannot_keep_apart_and_its_environment_s
     }
     assert_eq!(facts["control_environ_readable"], true);
     assert!(!run.stored.contains(&url));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_as_root_members_of_a_collaborate_team_do_not_end_each_other() {
+    let world = World::new(USERS_TEAM_NOT_ROOT).await;
+    // Two members of one user's team, run side by side under the team run's id: the first
+    // ends at once, the second a moment later (each ending kills what its program left).
+    let user = create_user(&world.db.pool).await;
+    let (mark_name, mark_value) = world.mark.split_once('=').unwrap();
+    let mut members = Vec::new();
+    for delay in ["0", "2"] {
+        let agent = create_agent(&world.db.pool, user).await;
+        for (name, value) in [("DELAY", delay), (mark_name, mark_value)] {
+            sqlx::query(
+                "INSERT INTO agent_variables (agent_id, name, description, value) \
+                 VALUES ($1, $2, 'set by the test', $3)",
+            )
+            .bind(agent)
+            .bind(name)
+            .bind(value)
+            .execute(&world.db.pool)
+            .await
+            .unwrap();
+        }
+        members.push(agent);
+    }
+    let team: Uuid = sqlx::query_scalar(
+        "INSERT INTO teams (name, type, user_id) VALUES ('Side by side', 'collaborate', $1) \
+         RETURNING id",
+    )
+    .bind(user)
+    .fetch_one(&world.db.pool)
+    .await
+    .unwrap();
+    for (position, agent) in members.iter().enumerate() {
+        sqlx::query("INSERT INTO team_agents (team_id, agent_id, position) VALUES ($1, $2, $3)")
+            .bind(team)
+            .bind(agent)
+            .bind(position as i32)
+            .execute(&world.db.pool)
+            .await
+            .unwrap();
+    }
+    let program = [
+        "/bin/sh".to_string(),
+        "-c".into(),
+        "sleep \"$DELAY\"; echo slept $DELAY".into(),
+    ];
+    let settings = world.settings(&program, &[]);
+    let (mut daemon, _url, _relay) = start_as_nobody(&world, &settings);
+    daemon.wait_for("worker started", Duration::from_secs(30));
+    let run_id = agentd::store::runs::request_run(
+        &world.db.pool,
+        agentd::store::runs::RunKind::Team,
+        team,
+        None,
+    )
+    .await
+    .unwrap();
+    let run = finished_run(&world.db.pool, run_id, Duration::from_secs(30)).await;
+    stop(daemon);
+    assert_eq!(run.status, "completed", "{run:#?}");
+    for line in ["slept 0", "slept 2"] {
+        assert!(
+            run.logs.contains(&("info".into(), line.into())),
+            "{:#?}",
+            run.logs
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

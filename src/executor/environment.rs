@@ -26,6 +26,8 @@ pub const REFUSED_NAMES: &[&str] = &[
     "IFS",
     "CDPATH",
     "GLOBIGNORE",
+    // zsh reads $ZDOTDIR/.zshenv at every start, as bash reads BASH_ENV.
+    "ZDOTDIR",
     // glibc: the variables it ignores for set-user-id programs (unsecvars.h).
     "GCONV_PATH",
     "GETCONF_DIR",
@@ -66,6 +68,7 @@ pub const REFUSED_NAMES: &[&str] = &[
     "SSL_CERT_DIR",
     "CURL_CA_BUNDLE",
     "REQUESTS_CA_BUNDLE",
+    "NODE_TLS_REJECT_UNAUTHORIZED",
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "ALL_PROXY",
@@ -142,6 +145,8 @@ mod tests {
             "AGENTD_RUN_ID",
             "GIT_SSH_COMMAND",
             "HTTPS_PROXY",
+            "ZDOTDIR",
+            "NODE_TLS_REJECT_UNAUTHORIZED",
         ] {
             assert!(refusal(name, &[]).is_some(), "{name}");
         }

@@ -6,9 +6,10 @@
 //! message with its role, and the streamed text is also the reply). Streamed text goes into the run's logs line by line as it
 //! arrives; the output is the text plus the model and the finish reason; token usage goes
 //! to `resource_usage` (estimated with the model family's tokenizer when the server reports
-//! none, see [`super::tokens`]). Connection errors, 429 and 5xx answers are retried with backoff
-//! before the first token; a stream cut after tokens arrived fails the run with a clear
-//! error and keeps the partial text in the logs and the output.
+//! none, see [`super::tokens`]). Before the first token, connection errors, 429 and 5xx
+//! answers, and a stream that breaks off or ends without any text, are retried with
+//! backoff; a stream cut after tokens arrived fails the run with a clear error and keeps
+//! the partial text in the logs and the output.
 //!
 //! The endpoint is driven by a tenant, so what it sends is bounded: one stream event at most
 //! [`MAX_EVENT_BYTES`] (counted on the raw bytes, before the SSE parser buffers them), the
@@ -68,7 +69,7 @@ impl Executor for OpenAiExecutor {
 
 /// Why one attempt ended without a usable stream.
 enum AttemptError {
-    /// Worth another attempt (connection error, 429, 5xx).
+    /// Worth another attempt (connection error, 429, 5xx, a stream cut before any text).
     Retry(String),
     /// Not worth one (4xx other than 429).
     Fatal(String),
@@ -129,15 +130,23 @@ impl OpenAiExecutor {
         outcome
     }
 
-    /// Sends the request and reads the streamed reply.
+    /// Sends the request and reads the streamed reply. Before the first token, an attempt
+    /// that fails for a reason worth another (no connection, 429, 5xx, a stream cut or
+    /// silent before any text) is retried, [`ATTEMPTS`] in all.
     async fn stream(&self, run: &RunContext, body: &Value, model: String) -> Outcome {
         let url = format!("{}/chat/completions", self.settings.base_url);
         let mut retry = Retry::new(BEFORE_FIRST_TOKEN);
-        let response = loop {
-            match self.send(&url, body).await {
-                Ok(response) => break response,
-                Err(AttemptError::Fatal(error)) => return failed(error, None),
-                Err(AttemptError::Retry(error)) if retry.failures() + 1 < ATTEMPTS => {
+        loop {
+            let error = match self.send(&url, body).await {
+                Ok(response) => match self.read(run, response, &model).await {
+                    Ok(outcome) => return outcome,
+                    Err(cut) => AttemptError::Retry(cut),
+                },
+                Err(error) => error,
+            };
+            match error {
+                AttemptError::Fatal(error) => return failed(error, None),
+                AttemptError::Retry(error) if retry.failures() + 1 < ATTEMPTS => {
                     let delay = retry.failed();
                     run.logs
                         .log(
@@ -147,12 +156,21 @@ impl OpenAiExecutor {
                         .await;
                     tokio::time::sleep(delay).await;
                 }
-                Err(AttemptError::Retry(error)) => {
+                AttemptError::Retry(error) => {
                     return failed(format!("{error} (gave up after {ATTEMPTS} attempts)"), None);
                 }
             }
-        };
+        }
+    }
 
+    /// Reads one streamed reply to its outcome; `Err` when the stream broke off (or ended)
+    /// before any text arrived, which is worth another attempt.
+    async fn read(
+        &self,
+        run: &RunContext,
+        response: reqwest::Response,
+        model: &str,
+    ) -> Result<Outcome, String> {
         let mut boundary = EventBoundary::default();
         let mut events = response
             .bytes_stream()
@@ -168,7 +186,7 @@ impl OpenAiExecutor {
         let mut text = String::new();
         let mut line = String::new();
         let mut finish_reason: Option<String> = None;
-        let mut model_used = model.clone();
+        let mut model_used = model.to_string();
         let mut done = false;
         while let Some(event) = events.next().await {
             let event = match event {
@@ -181,15 +199,21 @@ impl OpenAiExecutor {
                             "the model sent a stream event over {MAX_EVENT_BYTES} bytes, the limit \
                              of one event; stopped after {characters} characters"
                         ),
-                        EventStreamError::Transport(StreamError::Transport(error)) => format!(
-                            "the model's stream was cut after {characters} characters: {}",
-                            describe(&error)
-                        ),
+                        EventStreamError::Transport(StreamError::Transport(error)) => {
+                            let error = format!(
+                                "the model's stream was cut after {characters} characters: {}",
+                                describe(&error)
+                            );
+                            if text.is_empty() {
+                                return Err(error);
+                            }
+                            error
+                        }
                         other => format!(
                             "the model's stream was cut after {characters} characters: {other}"
                         ),
                     };
-                    return failed(error, partial(&text, &model_used));
+                    return Ok(failed(error, partial(&text, &model_used)));
                 }
             };
             if event.data.trim() == "[DONE]" {
@@ -200,13 +224,13 @@ impl OpenAiExecutor {
                 Ok(chunk) => chunk,
                 Err(_) => {
                     flush(run, &mut line).await;
-                    return failed(
+                    return Ok(failed(
                         format!(
                             "the model sent a malformed stream event: {}",
                             excerpt(&event.data, 200)
                         ),
                         partial(&text, &model_used),
-                    );
+                    ));
                 }
             };
             if let Some(model) = chunk["model"].as_str() {
@@ -232,14 +256,14 @@ impl OpenAiExecutor {
                 }
                 if over {
                     flush(run, &mut line).await;
-                    return failed(
+                    return Ok(failed(
                         format!(
                             "the model's reply passed executors.openai.max_reply_bytes \
                              ({max_reply_bytes} bytes); stopped after {} characters",
                             text.chars().count()
                         ),
                         partial(&text, &model_used),
-                    );
+                    ));
                 }
             }
             if let Some(reason) = choice["finish_reason"].as_str() {
@@ -248,21 +272,22 @@ impl OpenAiExecutor {
         }
         flush(run, &mut line).await;
         if !done && finish_reason.is_none() {
-            return failed(
-                format!(
-                    "the model's stream ended early after {} characters",
-                    text.chars().count()
-                ),
-                partial(&text, &model_used),
+            let error = format!(
+                "the model's stream ended early after {} characters",
+                text.chars().count()
             );
+            if text.is_empty() {
+                return Err(error);
+            }
+            return Ok(failed(error, partial(&text, &model_used)));
         }
-        Outcome::Completed {
+        Ok(Outcome::Completed {
             output: json!({
                 "text": text,
                 "model": model_used,
                 "finish_reason": finish_reason,
             }),
-        }
+        })
     }
 
     async fn send(&self, url: &str, body: &Value) -> Result<reqwest::Response, AttemptError> {

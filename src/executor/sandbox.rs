@@ -14,6 +14,7 @@
 //! [`Sandbox::limitations`] says so once at start-up.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -105,7 +106,7 @@ impl Sandbox {
             folder,
             uid,
             max_processes: self.users.as_ref().map(|users| users.max_processes),
-            marker: format!("AGENTD_RUN_ID={run_id}"),
+            marker: format!("AGENTD_RUN_ID={run_id}").into_bytes(),
             _lock: lock,
         };
         space
@@ -156,7 +157,7 @@ pub struct RunSpace {
     pub uid: Option<u32>,
     max_processes: Option<u64>,
     /// `AGENTD_RUN_ID=<id>`, which the run's processes carry in their environment.
-    marker: String,
+    marker: Vec<u8>,
     _lock: Option<Flock<File>>,
 }
 
@@ -221,9 +222,12 @@ impl RunSpace {
 
     /// What kills the run's processes, for a thread of its own.
     pub fn killer(&self) -> Killer {
+        let mut own_folder = b"AGENTD_ARTIFACTS_DIR=".to_vec();
+        own_folder.extend_from_slice(self.artifacts.as_os_str().as_bytes());
         Killer {
             uid: self.uid,
             marker: self.marker.clone(),
+            own_folder,
         }
     }
 }
@@ -233,14 +237,19 @@ impl RunSpace {
 #[derive(Clone)]
 pub struct Killer {
     uid: Option<u32>,
-    marker: String,
+    /// `AGENTD_RUN_ID=<id>`.
+    marker: Vec<u8>,
+    /// `AGENTD_ARTIFACTS_DIR=<this program's folder>`: tells this program's processes from
+    /// those of a team member running beside it under the same run id.
+    own_folder: Vec<u8>,
 }
 
 impl Killer {
     /// Kills every process of the run but `program` itself (which the caller waits for):
     /// as root every process of the run's user; otherwise the program's process group, its
-    /// descendants, every process carrying the run's `AGENTD_RUN_ID`, and escaped processes
-    /// that cleared their environment.
+    /// descendants, every process carrying the run's `AGENTD_RUN_ID` (but those carrying
+    /// the folder of a team member running beside it), and escaped processes that cleared
+    /// their environment.
     pub fn kill(&self, program: i32) {
         match self.uid {
             Some(uid) => {
@@ -254,7 +263,10 @@ impl Killer {
                     nix::sys::signal::Signal::SIGKILL,
                 );
                 let mut left = crate::process::descendants(program);
-                left.extend(crate::process::processes_marked(&self.marker));
+                left.extend(crate::process::processes_marked(
+                    &self.marker,
+                    &self.own_folder,
+                ));
                 left.retain(|pid| *pid != program && *pid != std::process::id() as i32);
                 crate::process::kill_all(&left);
                 crate::process::kill_unclaimed_strays();

@@ -98,10 +98,14 @@ struct Intake {
 }
 
 impl Intake {
+    /// The line, unless a limit is reached. Once one line is dropped every later one is too,
+    /// so the stored log never has a hole with lines after it: a shorter line that would
+    /// still fit the bytes left is not stored after a longer one that did not.
     fn take(&mut self, entry: LogEntry) -> Option<LogLine> {
         let line = to_line(entry);
         let bytes = line.message.len() as u64;
-        if self.accepted_lines >= self.limits.max_lines
+        if self.dropped_lines > 0
+            || self.accepted_lines >= self.limits.max_lines
             || self.accepted_bytes + bytes > self.limits.max_bytes
         {
             self.dropped_lines += 1;
@@ -325,6 +329,29 @@ mod tests {
                 .unwrap()
                 .message
                 .ends_with("1 further lines (5 bytes) were not stored")
+        );
+
+        // Past the bytes: a line that does not fit is dropped, and so is every later one,
+        // even one that would fit what is left.
+        let mut intake = Intake {
+            limits: LogLimits {
+                max_lines: 1000,
+                max_bytes: 100,
+            },
+            accepted_lines: 0,
+            accepted_bytes: 0,
+            dropped_lines: 0,
+            dropped_bytes: 0,
+        };
+        assert!(intake.take(entry(&"a".repeat(50))).is_some());
+        assert!(intake.take(entry(&"b".repeat(80))).is_none());
+        assert!(intake.take(entry("c")).is_none());
+        assert!(
+            intake
+                .summary()
+                .unwrap()
+                .message
+                .ends_with("2 further lines (81 bytes) were not stored")
         );
     }
 }
