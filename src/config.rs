@@ -325,6 +325,7 @@ pub struct RequestSettings {
 #[serde(deny_unknown_fields)]
 pub struct ConversationSettings {
     /// Answer user messages at all (a replica with `false` claims no turns).
+    #[serde(deserialize_with = "value::flag")]
     pub enabled: bool,
     /// A user message arriving while its conversation's turn runs.
     pub multitask: Multitask,
@@ -1318,6 +1319,27 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn every_flag_is_true_or_false_and_nothing_else() {
+        for (variable, value) in [
+            ("AGENTD__CONVERSATIONS__ENABLED", "yes"),
+            ("AGENTD__CONVERSATIONS__ENABLED", "off"),
+            ("AGENTD__CONVERSATIONS__ENABLED", "0"),
+            ("AGENTD__DATABASE__MIGRATE", "yes"),
+            ("AGENTD__EXECUTORS__COMMAND__VARIABLES_IN_INPUT", "1"),
+        ] {
+            let error = load_error(None, &[(variable, value)]);
+            assert!(
+                error.contains(&format!("(from environment variable {variable}): "))
+                    && error.ends_with("expected true or false"),
+                "{variable}={value}: {error}"
+            );
+        }
+        let settings =
+            Settings::load(None, &env(&[("AGENTD__CONVERSATIONS__ENABLED", "false")])).unwrap();
+        assert!(!settings.conversations.enabled);
     }
 
     #[test]
