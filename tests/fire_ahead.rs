@@ -253,6 +253,71 @@ async fn a_schedule_disabled_edited_or_deleted_before_its_instant_does_not_fire_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_schedule_given_another_agent_before_its_instant_fires_it_for_that_agent() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    let other_agent = create_agent(&db.pool, user).await;
+    let worker =
+        InProcessWorker::start_configured(&db, "w1", &[("AGENTD__SCHEDULER__FIRE_AHEAD", "6s")])
+            .await;
+    let at = instant_in(&db, Duration::from_secs(4)).await;
+    let schedules = schedules_at(&db, agent, 2, at).await;
+    wait_claimed_ahead(&db, 2, at).await;
+    let (moved, kept) = (schedules[0], schedules[1]);
+    // The owner gives one schedule another of their agents, signed in, through RLS.
+    as_user::<i32>(
+        &db.pool,
+        user,
+        &format!(
+            "UPDATE agent_schedules SET agent_id = '{other_agent}' WHERE id = '{moved}' RETURNING 1"
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(now(&db).await < at, "the change came after the instant");
+    eventually(
+        Duration::from_secs(15),
+        "both schedules' runs of the slot",
+        || async {
+            count(
+                &db.pool,
+                "SELECT count(*) FROM runs WHERE status = 'completed'",
+            )
+            .await
+                == 2
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let targets: Vec<(Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT (input->>'schedule_id')::uuid, target_id, start_time FROM runs \
+          WHERE input->>'trigger' = 'schedule' AND (input->>'scheduled_for')::timestamptz = $1 \
+          ORDER BY (input->>'schedule_id')::uuid = $2 DESC",
+    )
+    .bind(at)
+    .bind(moved)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        targets
+            .iter()
+            .map(|(schedule, target, _)| (*schedule, *target))
+            .collect::<Vec<_>>(),
+        [(moved, other_agent), (kept, agent)],
+        "the slot fired once per schedule, the moved one's for its new agent"
+    );
+    for (schedule, _, start_time) in &targets {
+        assert!(
+            *start_time - at < chrono::Duration::seconds(2),
+            "{schedule} started at {start_time}, late for {at}"
+        );
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_replica_killed_before_the_instant_loses_no_slot() {
     let db = TestDb::migrated().await;
     let user = create_user(&db.pool).await;

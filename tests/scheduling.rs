@@ -148,6 +148,63 @@ async fn editing_a_definition_recomputes_next_run_unless_the_edit_sets_it() {
 }
 
 #[tokio::test]
+async fn a_schedule_planned_while_a_later_one_waits_fires_on_time() {
+    let db = TestDb::migrated().await;
+    let user = create_user(&db.pool).await;
+    let agent = create_agent(&db.pool, user).await;
+    // A schedule due tomorrow: an idle worker sleeps for it, up to the poll interval (60 s).
+    sqlx::query(
+        "INSERT INTO agent_schedules (agent_id, enabled, frequency, interval, time, timezone, next_run) \
+         VALUES ($1, true, 'daily', 1, '09:00', 'UTC', now() + interval '1 day')",
+    )
+    .bind(agent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let worker = InProcessWorker::start(&db, "w1", &[], quick()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A new schedule whose first slot is a few seconds away, sooner than the one the
+    // worker sleeps for: planning it is the worker's own write, which wakes nobody.
+    let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let at = chrono::SubsecRound::trunc_subsecs(now + chrono::Duration::seconds(4), 0);
+    let cron = at.format("%S %M %H * * *").to_string();
+    let schedule = create_schedule(&db.pool, agent, "cron", Some(&cron), "UTC").await;
+    eventually(
+        Duration::from_secs(10),
+        "the new schedule's first slot fires",
+        || async {
+            count(
+                &db.pool,
+                &format!(
+                    "SELECT count(*) FROM runs WHERE input->>'schedule_id' = '{schedule}' \
+                      AND input->>'scheduled_for' = '{}'",
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    let start_time: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT start_time FROM runs WHERE input->>'schedule_id' = $1")
+            .bind(schedule.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        start_time - at < chrono::Duration::seconds(2),
+        "started at {start_time}, {} after its slot",
+        start_time - at
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn invalid_rows_are_reported_once_per_definition_and_never_block_the_others() {
     let db = TestDb::migrated().await;
     let user = create_user(&db.pool).await;

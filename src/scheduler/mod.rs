@@ -279,8 +279,9 @@ impl Scheduler {
             self.messages.notify_one();
         }
         // Sleep until the earliest next_run, within the poll interval. The summary was
-        // read before this tick's claims; a claim only moves next_run later, and an
-        // earlier one arrives with a notification.
+        // read before this tick's claims: a claim moves a due schedule's next_run only
+        // later, a next_run it plans is accounted for after the claim, and an earlier one
+        // written by the application arrives with a notification.
         let fire_ahead = self.settings.fire_ahead;
         let until_due = summary
             .next_due
@@ -301,7 +302,8 @@ impl Scheduler {
             return Ok(Next::Room(self.settings.poll_interval));
         }
         let limit = reservation.len();
-        if self.claim_schedules(&mut reservation, rules, ahead).await? >= limit {
+        let claimed = self.claim_schedules(&mut reservation, rules, ahead).await?;
+        if claimed.locked >= limit {
             return Ok(Next::Again);
         }
         slots.set_waiting(Source::Schedules, false);
@@ -309,23 +311,29 @@ impl Scheduler {
         // due yet that the claim left alone (their previous run still runs: they are
         // claimed at their instant) wait for it.
         let soon = Duration::from_millis(50);
-        Ok(Next::Sleep(match summary.next_due {
+        let mut sleep_for = match summary.next_due {
             Some(due) if due > summary.now => (due - summary.now)
                 .to_std()
                 .unwrap_or(soon)
                 .clamp(soon, self.settings.poll_interval.max(soon)),
             _ => sleep_for.min(soon),
-        }))
+        };
+        // A schedule this claim planned (new, edited, enabled) may come before anything the
+        // look saw, and the claim's own write wakes no one: wake for it as for any other.
+        if let Some(until) = claimed.until_planned {
+            sleep_for = sleep_for.min(until.saturating_sub(fire_ahead).max(soon));
+        }
+        Ok(Next::Sleep(sleep_for))
     }
 
     /// One claim transaction of at most `reservation.len()` schedules of each kind (due, to
-    /// plan); returns how many schedules it locked.
+    /// plan).
     async fn claim_schedules<'a>(
         &self,
         reservation: &mut Reservation<'a>,
         rules: &mut RuleCache,
         ahead: &mut Vec<Ahead<'a>>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Claimed, StoreError> {
         let limit = reservation.len();
         let sent_at = Instant::now();
         let mut transaction = ClaimTransaction::begin(&self.pool).await?;
@@ -334,9 +342,23 @@ impl Scheduler {
             .await?;
         if rows.is_empty() {
             transaction.commit().await?;
-            return Ok(0);
+            return Ok(Claimed {
+                locked: 0,
+                until_planned: None,
+            });
         }
         let (writes, events) = plan_claim(&rows, now, &self.settings, rules, Uuid::now_v7);
+        let until_planned = events
+            .iter()
+            .filter_map(|event| match event {
+                PlanEvent::Planned { next_run, .. } => Some(*next_run),
+                PlanEvent::Fired { .. }
+                | PlanEvent::Skipped { .. }
+                | PlanEvent::Exhausted { .. }
+                | PlanEvent::Invalid { .. } => None,
+            })
+            .min()
+            .map(|next_run| (next_run - now).to_std().unwrap_or_default());
         // The agents of the runs, read here: the runs start without a round trip of their own.
         let mut agent_ids: Vec<Uuid> = writes.fires.iter().map(|fire| fire.agent_id).collect();
         agent_ids.sort_unstable();
@@ -425,8 +447,20 @@ impl Scheduler {
                 None => ahead.push(batch),
             }
         }
-        Ok(rows.len())
+        Ok(Claimed {
+            locked: rows.len(),
+            until_planned,
+        })
     }
+}
+
+/// What one claim transaction did, for the loop's next sleep.
+struct Claimed {
+    /// Schedules it locked.
+    locked: usize,
+    /// How long from the claim until the earliest `next_run` it planned for a new, edited
+    /// or enabled schedule (`None`: it planned none).
+    until_planned: Option<Duration>,
 }
 
 fn log_event(event: &PlanEvent, fired: &std::collections::HashSet<Uuid>) {
