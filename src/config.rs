@@ -622,6 +622,9 @@ impl Settings {
         if let Some(layer) = layers::database_url(env) {
             builder = builder.add_source(layer);
         }
+        if let Some(layer) = layers::rust_log(env) {
+            builder = builder.add_source(layer);
+        }
         // Our sources cannot fail, and nothing here is frozen.
         let merged = builder
             .build()
@@ -813,6 +816,30 @@ fn flatten(table: &toml::Table, defaults: &toml::Table) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rust_log_wins_over_logging_level_and_is_checked_as_it_is() {
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("AGENTD__LOGGING__LEVEL", "warn"),
+                ("RUST_LOG", "debug,sqlx=info"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.log.level, "debug,sqlx=info");
+        let settings = Settings::load(None, &env(&[("RUST_LOG", " ")])).unwrap();
+        assert_eq!(settings.log.level, "info");
+        // A misspelled level would silence every line (a filter for a module "warning").
+        let error = Settings::load(None, &env(&[("RUST_LOG", "warning")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("logging.level") && error.contains("environment variable RUST_LOG"),
+            "{error}"
+        );
+        assert!(error.contains("\"warning\" is not a level"), "{error}");
+    }
 
     #[test]
     fn a_log_level_is_a_level_or_a_filter_never_a_bare_misspelled_word() {

@@ -32,13 +32,11 @@ pub enum LogStream {
     Stderr,
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over `logging.level`. Calling
-/// it twice is harmless (the second call does nothing), which keeps tests simple.
+/// Installs the global subscriber, filtered by `logging.level` (which `RUST_LOG` sets when
+/// given, checked by the configuration as any value of it). Calling it twice is harmless
+/// (the second call does nothing), which keeps tests simple.
 pub fn init(settings: &LogSettings, worker_id: &str, stream: LogStream) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|directives| EnvFilter::try_new(directives).ok())
-        .unwrap_or_else(|| EnvFilter::new(default_directives(&settings.level)));
+    let filter = EnvFilter::new(default_directives(&settings.level));
     let json = match settings.format {
         LogFormat::Json => true,
         LogFormat::Text => false,

@@ -165,6 +165,17 @@ pub(super) fn database_url(env: &HashMap<String, String>) -> Option<Layer> {
     Some(Layer::new(table, &Source::Env(NAME.into())))
 }
 
+/// `RUST_LOG`, when set and not empty: `logging.level`, winning over every other layer, so
+/// it is checked as that setting is (a bare word that is not a level silences every line).
+pub(super) fn rust_log(env: &HashMap<String, String>) -> Option<Layer> {
+    const NAME: &str = "RUST_LOG";
+    let filter = env.get(NAME).filter(|filter| !filter.trim().is_empty())?;
+    let logging =
+        toml::Table::from_iter([("level".to_string(), toml::Value::String(filter.clone()))]);
+    let table = toml::Table::from_iter([("logging".to_string(), toml::Value::Table(logging))]);
+    Some(Layer::new(table, &Source::Env(NAME.into())))
+}
+
 /// The value at `path` in `table`, if there is one.
 pub(super) fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
     let (first, rest) = path.split_first()?;
