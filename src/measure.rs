@@ -191,7 +191,8 @@ pub const DATABASE_OPERATIONS: &[&str] = &[
 ];
 /// Label values of `agentd_database_rebuilds_total`'s `reason`.
 pub const REBUILD_REASONS: &[&str] = &["read_only", "recovery", "connection_lost"];
-/// Label values of `agentd_worker_loop_restarts_total`'s `loop`.
+/// Label values of `agentd_worker_loop_restarts_total`'s `loop`: the worker's loops and the
+/// readiness check, each supervised under this name.
 pub const LOOPS: &[&str] = &[
     "scheduler",
     "requests",
@@ -200,6 +201,7 @@ pub const LOOPS: &[&str] = &[
     "lease keeper",
     "reaper",
     "retention",
+    "readiness check",
 ];
 /// Label values of `agentd_retention_deleted_total`'s `kind`.
 pub const RETENTION_KINDS: &[&str] = &["run_logs", "artifacts", "runs"];

@@ -1007,6 +1007,10 @@ async fn a_fresh_replica_exports_every_documented_metric_at_zero() {
             "reason=\"connection_lost\"",
         ),
         ("agentd_worker_loop_restarts_total", "loop=\"lease keeper\""),
+        (
+            "agentd_worker_loop_restarts_total",
+            "loop=\"readiness check\"",
+        ),
         ("agentd_retention_deleted_total", "kind=\"run_logs\""),
         ("agentd_turns_finished_total", "status=\"interrupted\""),
     ] {
