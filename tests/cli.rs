@@ -255,6 +255,9 @@ fn an_unreachable_database_is_retried_with_backoff_until_shutdown() {
     let second = daemon.wait_for("cannot connect to the database", Duration::from_secs(20));
     assert_eq!(first["level"], "warn");
     assert!(second["attempt"].as_u64() > first["attempt"].as_u64());
+    // Why, not the pool's own "timed out while waiting for an open connection".
+    let error = first["error"].as_str().unwrap();
+    assert!(error.contains("Connection refused"), "{error}");
     daemon.signal(Signal::SIGTERM);
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
@@ -300,4 +303,35 @@ async fn run_with_migrate_applies_migrations_to_the_configured_database() {
     assert_eq!(versions.len(), agentd::store::migrator().iter().count());
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// A failed statement reads as the server's message and SQLSTATE, without sqlx's "at line
+/// N" (the line of the server's C source), once, as every command prints it.
+#[tokio::test]
+async fn a_database_error_names_the_servers_message_and_sqlstate() {
+    let db = TestDb::new().await;
+    let error = sqlx::query("SELECT 1 / 0").execute(&db.pool).await.unwrap_err();
+    assert_eq!(
+        agentd::store::StoreError::from(error).to_string(),
+        "database: division by zero (SQLSTATE 22012)"
+    );
+
+    // A migration refused by the server (a role that may not create the schema): why, once.
+    let role = support::LoginRole::create(&db, "pg_monitor").await;
+    let output = agentd()
+        .arg("migrate")
+        .env("DATABASE_URL", role.url())
+        .output()
+        .unwrap();
+    role.remove().await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: migration failed: permission denied for database")
+            && last.ends_with("(SQLSTATE 42501)")
+            && !last.contains(" at line ")
+            && last.matches("permission denied").count() == 1,
+        "{stderr}"
+    );
 }

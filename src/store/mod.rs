@@ -39,11 +39,11 @@ pub enum StoreError {
     #[error("database.url: not a valid PostgreSQL URL: {0}")]
     BadUrl(String),
     /// A query or connection failed.
-    #[error("database: {0}")]
+    #[error("database: {}", describe(.0))]
     Sql(sqlx::Error),
     /// A migration failed.
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("migration failed: {}", describe_migration(.0))]
+    Migrate(sqlx::migrate::MigrateError),
     /// Connecting kept failing until the caller's deadline.
     #[error("database: could not connect within {waited:?}: {last_error}")]
     GaveUp {
@@ -75,6 +75,48 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> StoreError {
         failover::observe(&error);
         StoreError::Sql(error)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(error: sqlx::migrate::MigrateError) -> StoreError {
+        StoreError::Migrate(error)
+    }
+}
+
+/// What an operator reads of a failed statement or connection: the server's message with
+/// its SQLSTATE (sqlx's own text adds "at line N", the line of the server's C source that
+/// raised it, which reads as a line of ours), and without the driver's source location.
+pub fn describe(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(database) => match database.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", database.message()),
+            None => database.message().to_string(),
+        },
+        sqlx::Error::Protocol(text) if text.starts_with("unexpected response from SSLRequest") => {
+            "the server did not answer as PostgreSQL does (check database.url's host and port)"
+                .to_string()
+        }
+        other => {
+            let text = other.to_string();
+            // "… (sqlx_postgres::connection::tls:95)": where in the driver, not what.
+            match text.rfind(" (sqlx_") {
+                Some(at) if text.ends_with(')') => text[..at].to_string(),
+                _ => text,
+            }
+        }
+    }
+}
+
+/// [`describe`] for a failed migration: which one, and why, once.
+fn describe_migration(error: &sqlx::migrate::MigrateError) -> String {
+    use sqlx::migrate::MigrateError;
+    match error {
+        MigrateError::Execute(error) => describe(error),
+        MigrateError::ExecuteMigration(error, version) => {
+            format!("migration {version}: {}", describe(error))
+        }
+        other => other.to_string(),
     }
 }
 
@@ -246,6 +288,24 @@ pub async fn connect(
             }
             Err(error) => error,
         };
+        // The pool hides why a connection could not be opened (refused, unreachable) behind
+        // its own timeout: one connection of our own says it.
+        let cause = match error {
+            sqlx::Error::PoolTimedOut => {
+                let probe = PgConnection::connect_with(&options);
+                match tokio::time::timeout(settings.connect_timeout, probe).await {
+                    Ok(Err(cause)) => cause,
+                    Ok(Ok(connection)) => {
+                        // Reachable by now: the next attempt will tell.
+                        let _ = connection.close().await;
+                        error
+                    }
+                    Err(_) => error,
+                }
+            }
+            other => other,
+        };
+        let error = cause;
         if let Some(reason) = tls_refusal(&error) {
             return Err(StoreError::Tls(reason));
         }
@@ -255,13 +315,13 @@ pub async fn connect(
         {
             return Err(StoreError::GaveUp {
                 waited: started.elapsed(),
-                last_error: error.to_string(),
+                last_error: describe(&error),
             });
         }
         tracing::warn!(
             attempt = retry.failures(),
             retry_in_ms = delay.as_millis() as u64,
-            error = %error,
+            error = %describe(&error),
             "cannot connect to the database; retrying"
         );
         tokio::select! {
