@@ -406,7 +406,7 @@ fn path_of_file_url(url: &str) -> Option<PathBuf> {
 }
 
 /// A file name that stays inside its folder: path separators and control
-/// characters become `_`, and `.`/`..`/empty names get a neutral one.
+/// characters become `_`, `.`/`..`/empty names get a neutral one, and long ones are cut.
 pub fn safe_name(name: &str) -> String {
     let cleaned: String = name
         .chars()
@@ -422,9 +422,18 @@ pub fn safe_name(name: &str) -> String {
     if cleaned.is_empty() || cleaned == "." || cleaned == ".." {
         "artifact".into()
     } else {
-        cleaned.chars().take(200).collect()
+        // Bytes, not characters: the file is `<run id>-<name>` (37 bytes more, and `N-` for a
+        // repeated name), and file systems limit a name to 255 bytes.
+        let mut end = cleaned.len().min(NAME_BYTES);
+        while !cleaned.is_char_boundary(end) {
+            end -= 1;
+        }
+        cleaned[..end].to_string()
     }
 }
+
+/// The most bytes of an artifact's name kept ([`safe_name`]).
+const NAME_BYTES: usize = 200;
 
 /// `name`, or `N-name` when a run already stored one of that name.
 pub fn unique_name(name: &str, used: &mut Vec<String>) -> String {
@@ -477,6 +486,14 @@ mod tests {
     fn names_stay_in_the_folder_and_types_are_guessed() {
         assert_eq!(safe_name("../../etc/passwd"), ".._.._etc_passwd");
         assert_eq!(safe_name(".."), "artifact");
+        // 200 bytes at most, cut at a character's boundary: 150 two-byte characters become
+        // 100, and one more byte before them moves the cut back a character.
+        assert_eq!(safe_name(&"é".repeat(150)), "é".repeat(100));
+        assert_eq!(
+            safe_name(&format!("a{}", "é".repeat(150))),
+            format!("a{}", "é".repeat(99))
+        );
+        assert_eq!(safe_name(&"x".repeat(300)).len(), 200);
         let mut used = Vec::new();
         assert_eq!(unique_name("a.md", &mut used), "a.md");
         assert_eq!(unique_name("a.md", &mut used), "2-a.md");

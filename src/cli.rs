@@ -37,7 +37,8 @@ pub enum Command {
     /// Cancel a running (or requested) run.
     Cancel(CancelArgs),
     /// Try agentd: demo agents, teams and schedules, a team run at once, the worker printing
-    /// every run's logs until Ctrl-C (on the embedded PostgreSQL unless DATABASE_URL is set).
+    /// every run's logs until Ctrl-C (on the embedded PostgreSQL unless database.url or
+    /// DATABASE_URL names a database).
     /// Refuses a database that holds users or agents it did not create.
     Demo(DemoArgs),
     /// Chat with an agent in the terminal, through the database as the web app does: each

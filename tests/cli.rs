@@ -310,7 +310,10 @@ async fn run_with_migrate_applies_migrations_to_the_configured_database() {
 #[tokio::test]
 async fn a_database_error_names_the_servers_message_and_sqlstate() {
     let db = TestDb::new().await;
-    let error = sqlx::query("SELECT 1 / 0").execute(&db.pool).await.unwrap_err();
+    let error = sqlx::query("SELECT 1 / 0")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
     assert_eq!(
         agentd::store::StoreError::from(error).to_string(),
         "database: division by zero (SQLSTATE 22012)"

@@ -3,8 +3,9 @@
 //! The program gets the run as JSON on stdin (run id, agent, input; variable values only if
 //! `executors.command.variables_in_input`), the agent's variables as environment variables
 //! (except names that steer a loader, shell or interpreter: [`super::environment`]; and
-//! nothing of agentd's own environment but PATH, HOME, LANG, LC_ALL, TZ and TMPDIR, so the
-//! database URL never reaches it), and `AGENTD_RUN_ID` and `AGENTD_ARTIFACTS_DIR`.
+//! nothing of agentd's own environment but PATH, LANG, LC_ALL and TZ, so the database URL
+//! never reaches it), `HOME` and `TMPDIR` set to the run's own folders, and `AGENTD_RUN_ID`
+//! and `AGENTD_ARTIFACTS_DIR`.
 //! Each stdout line becomes an `info` log line, each stderr line a `warn` line; a stdout line
 //! that is a JSON object with an `output` key sets the run's output; files written to
 //! `$AGENTD_ARTIFACTS_DIR` become artifacts; exit status 0 means `completed`.

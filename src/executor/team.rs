@@ -28,14 +28,14 @@ use super::{BoxFuture, Executor, Executors, Outcome, ReplySink, RunContext, Usag
 use crate::domain::{AgentDefinition, ClaimedRun, RunKind, Target, TeamDefinition, TeamStrategy};
 
 /// The executor of team runs: each member runs with the executor of its own category,
-/// under that executor's timeout (`executor.timeout` when it has none), sharing the team
+/// under that executor's timeout (`execution.timeout` when it has none), sharing the team
 /// run's logs and artifacts; the members' usage figures add up in the team's.
 pub struct TeamExecutor {
     /// The executors members run with (never this one: a member is an agent).
     members: Executors,
     /// Members of a `collaborate` team running at once.
     concurrency: usize,
-    /// `executor.timeout`: a member's limit when its executor has none of its own.
+    /// `execution.timeout`: a member's limit when its executor has none of its own.
     run_timeout: Duration,
 }
 
