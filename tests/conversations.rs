@@ -279,6 +279,49 @@ async fn interrupt_stops_the_running_turn_and_keeps_its_text() {
     assert_eq!(runs[1].2["message_ids"], json!([newer]));
 }
 
+/// An interruption that comes too late to stop anything (the turn's executor already
+/// finished, its reply complete) leaves a completed turn: the run and its reply agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interruption_after_the_reply_was_complete_leaves_the_turn_completed() {
+    let db = TestDb::migrated().await;
+    let (user, _, conversation) = new_conversation(&db.pool).await;
+    let (executor, _) = Chatty::new(&["one ", "two ", "three"], Duration::from_millis(300));
+    let worker = InProcessWorker::start(
+        &db,
+        "w1",
+        &[("AGENTD__CONVERSATIONS__MULTITASK", "interrupt")],
+        executor,
+    )
+    .await;
+    say(&db.pool, user, conversation, "count to three").await;
+    eventually(Duration::from_secs(10), "the turn runs", || async {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM agentd.turns WHERE NOT ended",
+        )
+        .await
+            == 1
+    })
+    .await;
+    // What a newer message's claim writes; here without the cancellation it would send, as
+    // when the claim comes after the executor's last chunk and before the final write.
+    sqlx::query("UPDATE agentd.turns SET interrupted = true WHERE NOT ended")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let replies = final_replies(&db.pool, conversation, 1).await;
+    let runs = turn_runs(&db.pool, conversation).await;
+    worker.stop().await;
+
+    assert_eq!(replies[0].0, "one two three");
+    assert_eq!(replies[0].1["status"], "completed", "{replies:?}");
+    assert_eq!(
+        (runs[0].0.as_str(), runs[0].1.as_deref()),
+        ("completed", None),
+        "{runs:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn debounce_waits_for_the_user_to_stop_typing() {
     let db = TestDb::migrated().await;

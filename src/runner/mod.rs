@@ -555,7 +555,9 @@ impl Runner {
             )
             .await
             {
-                Ok(ReplyEnd::Ended { interrupted: true }) => {
+                // As the reply's status says: a turn interrupted is one the interruption
+                // stopped (cancelled); one that had completed or failed by itself stays so.
+                Ok(ReplyEnd::Ended { interrupted: true }) if last.status == "cancelled" => {
                     crate::measure::turn_finished("interrupted");
                     return Outcome::Failed {
                         error: "interrupted: a newer message arrived (conversations.multitask = \"interrupt\")".into(),
@@ -565,7 +567,7 @@ impl Runner {
                         },
                     };
                 }
-                Ok(ReplyEnd::Ended { interrupted: false }) => {
+                Ok(ReplyEnd::Ended { .. }) => {
                     crate::measure::turn_finished(last.status);
                     return outcome;
                 }
