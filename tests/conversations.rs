@@ -310,6 +310,10 @@ async fn an_interruption_after_the_reply_was_complete_leaves_the_turn_completed(
         .await
         .unwrap();
     let replies = final_replies(&db.pool, conversation, 1).await;
+    eventually(Duration::from_secs(10), "the turn's run ended", || async {
+        turn_runs(&db.pool, conversation).await[0].0 != "running"
+    })
+    .await;
     let runs = turn_runs(&db.pool, conversation).await;
     worker.stop().await;
 
