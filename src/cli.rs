@@ -28,7 +28,8 @@ pub struct Cli {
 /// agentd's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the worker daemon until SIGTERM or SIGINT (a second signal exits at once).
+    /// Run the worker daemon until SIGTERM or SIGINT (a second signal kills the runs'
+    /// programs and exits at once).
     Run(RunArgs),
     /// Apply pending database migrations and exit (retries an unreachable database for 60 s).
     Migrate,

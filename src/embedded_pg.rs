@@ -3,7 +3,9 @@
 //! With no database URL configured, agentd runs its own PostgreSQL from the server binaries
 //! already on the machine, so a fresh install works with one command. The server keeps its
 //! data in a folder of ours, listens only on a Unix socket (never TCP), starts with agentd
-//! and stops with it. When agentd runs as root, `initdb` and `postgres` run as the `postgres`
+//! and stops with it: a fast shutdown when agentd stops, an immediate one (SIGQUIT: no
+//! checkpoint, the next start replays the WAL) when agentd exits at once on a second
+//! signal. When agentd runs as root, `initdb` and `postgres` run as the `postgres`
 //! system user, because PostgreSQL refuses to run as root.
 //!
 //! If a server is already running on the folder (another agentd command, or a test run that
@@ -27,6 +29,8 @@ const SUPERUSER: &str = "postgres";
 const SOCKET_PORT: u16 = 5432;
 /// Unix socket paths are limited to 107 bytes on Linux; keep a margin.
 const MAX_SOCKET_PATH: usize = 100;
+/// How long an immediate shutdown is waited for (it takes milliseconds).
+const IMMEDIATE_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Why the embedded server could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,9 @@ pub struct EmbeddedPostgres {
     /// The postmaster's pid when this process owns the server.
     owned_pid: Option<Pid>,
     child: Option<tokio::process::Child>,
+    /// While this process owns the server: its immediate shutdown, should agentd exit at
+    /// once.
+    forced_exit: Option<crate::process::ForcedExitDuty>,
 }
 
 impl EmbeddedPostgres {
@@ -116,6 +123,7 @@ impl EmbeddedPostgres {
             socket_dir: socket_dir.clone(),
             owned_pid: None,
             child: None,
+            forced_exit: None,
         };
 
         if server.accepts_connections().await {
@@ -133,6 +141,7 @@ impl EmbeddedPostgres {
         if options.keep_running {
             server.owned_pid = None;
             server.child = None;
+            server.forced_exit = None;
         }
         Ok(server)
     }
@@ -167,6 +176,7 @@ impl EmbeddedPostgres {
     /// Shuts the server down (fast shutdown: open sessions are ended) if this process
     /// started it, and waits for it to exit.
     pub async fn stop(mut self) {
+        let forced_exit = self.forced_exit.take();
         let (Some(pid), Some(mut child)) = (self.owned_pid.take(), self.child.take()) else {
             return;
         };
@@ -180,6 +190,7 @@ impl EmbeddedPostgres {
             let _ = child.wait().await;
         }
         crate::process::forget(pid.as_raw() as u32);
+        drop(forced_exit);
         tracing::info!("embedded PostgreSQL stopped");
     }
 
@@ -227,6 +238,8 @@ impl EmbeddedPostgres {
         let mut child = crate::process::spawn_tokio(&mut command)
             .map_err(|error| io_error("start postgres", error))?;
         let pid = child.id().map(|raw| Pid::from_raw(raw as i32));
+        let forced_exit =
+            pid.map(|pid| crate::process::at_forced_exit(move || stop_immediately(pid)));
 
         let deadline = Instant::now() + options.start_timeout;
         loop {
@@ -255,6 +268,7 @@ impl EmbeddedPostgres {
         }
         self.owned_pid = pid;
         self.child = Some(child);
+        self.forced_exit = forced_exit;
         Ok(())
     }
 
@@ -330,6 +344,18 @@ impl Drop for EmbeddedPostgres {
         if let Some(pid) = self.owned_pid.take() {
             let _ = kill(pid, Signal::SIGINT);
         }
+    }
+}
+
+/// An immediate shutdown of the postmaster `pid` (SIGQUIT: its processes end at once,
+/// without a checkpoint; the data stays consistent and the next start replays the WAL),
+/// waited for up to [`IMMEDIATE_SHUTDOWN_WAIT`]. For an exit of agentd at once: a fast
+/// shutdown would wait for sessions and a checkpoint.
+fn stop_immediately(pid: Pid) {
+    let _ = kill(pid, Signal::SIGQUIT);
+    let deadline = Instant::now() + IMMEDIATE_SHUTDOWN_WAIT;
+    while crate::process::is_running(pid.as_raw()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

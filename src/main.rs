@@ -139,6 +139,7 @@ fn main() -> ExitCode {
             Command::Schedule(_) => Ok(true),
         }
     });
+    shutdown::wait_if_exiting_at_once();
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(startup::EXIT_RUN_FAILED),

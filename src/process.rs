@@ -11,12 +11,15 @@
 //!   subreaper or the container's PID 1.
 //! - [`kill_user`], [`descendants`], [`processes_marked`]: find and kill every process of a
 //!   run when it ends.
+//! - [`at_forced_exit`], [`end_before_forced_exit`]: when agentd exits at once (a second
+//!   signal), what must not outlive it (the processes of its runs, the embedded server it
+//!   started) is ended first, each the way its owner ends it normally.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
@@ -171,20 +174,23 @@ pub fn processes() -> Vec<ProcessInfo> {
     entries
         .filter_map(|entry| entry.ok())
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The command name may hold spaces and parentheses: fields follow the last ')'.
-            let rest = &stat[stat.rfind(')')? + 1..];
-            let mut fields = rest.split_whitespace();
-            let state = fields.next()?;
-            let parent = fields.next()?.parse().ok()?;
-            Some(ProcessInfo {
-                pid,
-                parent,
-                zombie: state == "Z",
-            })
-        })
+        .filter_map(process)
         .collect()
+}
+
+/// Process `pid`, unless it is gone.
+pub fn process(pid: i32) -> Option<ProcessInfo> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    let parent = fields.next()?.parse().ok()?;
+    Some(ProcessInfo {
+        pid,
+        parent,
+        zombie: state == "Z",
+    })
 }
 
 /// The living descendants of `root` (not `root` itself), found through parent links.
@@ -357,6 +363,128 @@ pub fn kill_unclaimed_strays() {
         })
         .collect();
     kill_all(&unclaimed);
+}
+
+/// What must be ended before agentd exits at once: one action per running program or
+/// server, registered by its owner for as long as it may live.
+static FORCED_EXIT: Mutex<ForcedExit> = Mutex::new(ForcedExit {
+    next: 0,
+    duties: None,
+    exiting: false,
+});
+
+type Duty = Arc<dyn Fn() + Send + Sync>;
+
+struct ForcedExit {
+    next: u64,
+    duties: Option<HashMap<u64, Duty>>,
+    /// [`end_before_forced_exit`] has begun: a duty registered now is done at once.
+    exiting: bool,
+}
+
+fn forced_exit() -> std::sync::MutexGuard<'static, ForcedExit> {
+    FORCED_EXIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A registered [`at_forced_exit`] action; dropping it withdraws the action (what it ends
+/// has been ended, or waited for, the normal way).
+#[must_use = "the action is withdrawn when this is dropped"]
+pub struct ForcedExitDuty(u64);
+
+impl Drop for ForcedExitDuty {
+    fn drop(&mut self) {
+        if let Some(duties) = forced_exit().duties.as_mut() {
+            duties.remove(&self.0);
+        }
+    }
+}
+
+/// Registers `end`, which kills something agentd started (a run's processes, its embedded
+/// server) and may block briefly, to be done if agentd exits at once
+/// ([`end_before_forced_exit`]). Registered once that exit has begun, it is done at once,
+/// here: nothing started meanwhile escapes it.
+pub fn at_forced_exit(end: impl Fn() + Send + Sync + 'static) -> ForcedExitDuty {
+    let end: Duty = Arc::new(end);
+    let mut state = forced_exit();
+    let id = state.next;
+    state.next += 1;
+    state
+        .duties
+        .get_or_insert_with(HashMap::new)
+        .insert(id, end.clone());
+    let exiting = state.exiting;
+    drop(state);
+    if exiting {
+        end();
+    }
+    ForcedExitDuty(id)
+}
+
+/// Does every registered [`at_forced_exit`] action, side by side on threads of their own,
+/// and returns when all are done or `limit` has passed, whichever comes first; returns how
+/// many were not done in time.
+pub fn end_before_forced_exit(limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    let duties: Vec<Duty> = {
+        let mut state = forced_exit();
+        state.exiting = true;
+        state
+            .duties
+            .iter()
+            .flat_map(|duties| duties.values().cloned())
+            .collect()
+    };
+    let (done, finished) = std::sync::mpsc::channel();
+    let mut pending = 0;
+    for duty in duties {
+        let done = done.clone();
+        let started = std::thread::Builder::new()
+            .name("forced-exit".into())
+            .spawn(move || {
+                duty();
+                let _ = done.send(());
+            });
+        match started {
+            Ok(_) => pending += 1,
+            Err(error) => tracing::error!(error = %error, "cannot start a thread to end a program"),
+        }
+    }
+    while pending > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if finished.recv_timeout(left).is_err() {
+            break;
+        }
+        pending -= 1;
+    }
+    pending
+}
+
+/// Whether [`end_before_forced_exit`] has begun: agentd is exiting at once, and what ends
+/// now (a program it killed) is not to be recorded.
+pub fn forced_exit_begun() -> bool {
+    forced_exit().exiting
+}
+
+/// Whether `pid` is running (exited and not yet reaped counts as gone).
+pub fn is_running(pid: i32) -> bool {
+    process(pid).is_some_and(|process| !process.zombie)
+}
+
+/// Waits until none of `pids` runs (they were sent SIGKILL: dying takes a moment), or
+/// `limit` has passed; returns whether none runs.
+pub fn wait_gone(pids: &[i32], limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if !pids.iter().any(|pid| is_running(*pid)) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Whether `path` is a folder owned by `uid` that no one else may write to.

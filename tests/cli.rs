@@ -1,13 +1,21 @@
 //! The command line and the daemon's life: version and help, configuration errors, start on
-//! the embedded default, retrying an unreachable database, and a clean stop on SIGTERM.
+//! the embedded default, retrying an unreachable database, a clean stop on SIGTERM, and an
+//! exit at once on a second signal that leaves neither a run's program nor the embedded
+//! server running.
 
 mod support;
 
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
-use support::{Daemon, TestDb, agentd};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use support::{
+    Daemon, TestDb, agentd, create_agent, create_user, environ_holds, eventually, process_table,
+    request_agent_run,
+};
 
 #[test]
 fn version_and_help_for_every_command() {
@@ -230,6 +238,159 @@ fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
     assert_eq!(applied["applied"], 0);
     again.signal(Signal::SIGINT);
     assert!(again.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// Living processes whose environment holds `marker` (`AGENTD_RUN_ID=<id>`).
+fn living_marked(marker: &str) -> Vec<i32> {
+    process_table()
+        .into_iter()
+        .filter(|process| process.state != 'Z' && environ_holds(process.pid, marker))
+        .map(|process| process.pid)
+        .collect()
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn running(pid: i32) -> bool {
+    process_table()
+        .iter()
+        .any(|process| process.pid == pid && process.state != 'Z')
+}
+
+/// Kills what a failed test left: a run's processes and an embedded server.
+struct Leftovers {
+    marker: Option<String>,
+    postmaster: Option<i32>,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let mut pids = self
+            .marker
+            .as_deref()
+            .map(living_marked)
+            .unwrap_or_default();
+        pids.extend(self.postmaster);
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The embedded server's postmaster pid and socket folder, from its `postmaster.pid`.
+fn postmaster_of(data_dir: &Path) -> (i32, String) {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    (
+        lines[0].trim().parse().unwrap(),
+        lines[4].trim().to_string(),
+    )
+}
+
+async fn embedded_pool(socket_dir: &str) -> PgPool {
+    PgPool::connect_with(
+        PgConnectOptions::new()
+            .socket(socket_dir)
+            .port(5432)
+            .username("postgres")
+            .database("agentd"),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_kills_the_runs_programs_and_stops_the_embedded_server() {
+    let folder = tempfile::tempdir().unwrap();
+    let data_dir = folder.path().join(".agentd/postgres");
+    // Plain `agentd run` on the embedded default; the test agents' category runs a program
+    // that never ends on its own.
+    let start = || {
+        let mut command = agentd();
+        command
+            .arg("run")
+            .current_dir(folder.path())
+            .env("AGENTD__EXECUTION__BY_CATEGORY", r#"{ test = "command" }"#)
+            .env("AGENTD__EXECUTORS__COMMAND__PROGRAM", r#"["sleep", "611"]"#)
+            .env("AGENTD__LEASE__TTL", "3s");
+        Daemon::start(command)
+    };
+    let mut daemon = start();
+    daemon.wait_for("worker started", Duration::from_secs(90));
+    let (postmaster, socket_dir) = postmaster_of(&data_dir);
+    let mut leftovers = Leftovers {
+        marker: None,
+        postmaster: Some(postmaster),
+    };
+    let pool = embedded_pool(&socket_dir).await;
+    let agent = create_agent(&pool, create_user(&pool).await).await;
+    let run_id = request_agent_run(&pool, agent).await;
+    pool.close().await;
+    let marker = format!("AGENTD_RUN_ID={run_id}");
+    leftovers.marker = Some(marker.clone());
+    eventually(
+        Duration::from_secs(30),
+        "the run's program runs",
+        || async { !living_marked(&marker).is_empty() },
+    )
+    .await;
+
+    daemon.signal(Signal::SIGTERM);
+    daemon.wait_for("shutdown requested", Duration::from_secs(5));
+    let second = Instant::now();
+    daemon.signal(Signal::SIGINT);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    let took = second.elapsed();
+    assert_eq!(status.code(), Some(130), "{:#?}", daemon.seen);
+    assert!(
+        took < agentd::shutdown::FORCED_EXIT_LIMIT + Duration::from_secs(1),
+        "agentd exited {took:?} after the second signal"
+    );
+    let living = living_marked(&marker);
+    assert!(
+        living.is_empty(),
+        "the run's program outlived agentd: {living:?}"
+    );
+    // Stopped at once (SIGQUIT), not left running.
+    let pid_file = data_dir.join("postmaster.pid");
+    eventually(
+        Duration::from_secs(3),
+        "the embedded server is gone",
+        || async { !pid_file.exists() || !running(postmaster) },
+    )
+    .await;
+    assert!(!running(postmaster), "the postmaster still runs");
+    let server_log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap();
+    assert!(
+        server_log.contains("received immediate shutdown request"),
+        "{server_log}"
+    );
+
+    // The next start recovers the server and fails the run its lost predecessor left.
+    let mut again = start();
+    again.wait_for("worker started", Duration::from_secs(90));
+    let (postmaster, socket_dir) = postmaster_of(&data_dir);
+    leftovers.postmaster = Some(postmaster);
+    let pool = embedded_pool(&socket_dir).await;
+    let mut ended = (String::new(), String::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        ended = sqlx::query_as("SELECT status, coalesce(error, '') FROM runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if ended.0 != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pool.close().await;
+    assert_eq!(ended.0, "failed", "{ended:?}");
+    assert!(ended.1.starts_with("worker lost: "), "{ended:?}");
+    again.signal(Signal::SIGTERM);
+    let status = again.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}: {:#?}", again.seen);
+    assert!(!pid_file.exists(), "the embedded server was not stopped");
 }
 
 #[test]

@@ -10,8 +10,9 @@
 //!   stored artifacts, and a hard link to a file it does not own is not stored. Not as root: agentd says at
 //!   start-up what it cannot keep apart, and its environment stays unreadable.
 //! - No process outlives its run: setsid and double-forked children, a cancelled run that
-//!   ignores SIGTERM, a run stopped by agentd's shutdown, and a thousand runs leaving
-//!   orphans without a zombie left behind.
+//!   ignores SIGTERM, a run stopped by agentd's shutdown, a run cut short by a second
+//!   signal (as root and not), and a thousand runs leaving orphans without a zombie left
+//!   behind.
 //!
 //! Each test has a range of uids of its own (see [`World::new`]), so that what it finds of
 //! "its" users on the host is its own even while other tests run beside it.
@@ -48,6 +49,8 @@ const USERS_THOUSAND: (u32, u32) = (3_100_700, 3_100_763);
 const USERS_SHUTDOWN: (u32, u32) = (3_100_800, 3_100_863);
 const USERS_STORE: (u32, u32) = (3_100_900, 3_100_963);
 const USERS_TEAM_NOT_ROOT: (u32, u32) = (3_101_000, 3_101_063);
+const USERS_SECOND_SIGNAL: (u32, u32) = (3_101_100, 3_101_163);
+const USERS_SECOND_SIGNAL_NOT_ROOT: (u32, u32) = (3_101_200, 3_101_263);
 
 /// `executors.command.max_processes` where a test checks it: not the default.
 const MAX_PROCESSES: &str = "97";
@@ -1221,4 +1224,101 @@ async fn a_run_stopped_by_shutdown_leaves_no_process_running() {
         (run.status.as_str(), run.error.as_deref()),
         ("failed", Some("worker shutting down"))
     );
+}
+
+/// A program that runs until killed (`sleep <seconds>`), with a child that escaped its
+/// process group and session (`setsid`, `sleep <seconds + 1>`): says its uid, then
+/// "started". Each test has its own `seconds`, so that it finds its own sleeps.
+fn long_running(seconds: u32) -> Vec<String> {
+    let escaped = seconds + 1;
+    let script = format!(
+        "echo \"uid=$(id -u)\"\n\
+         setsid sh -c 'exec sleep {escaped}' &\n\
+         echo started\n\
+         exec sleep {seconds}\n"
+    );
+    vec!["/bin/sh".into(), "-c".into(), script]
+}
+
+/// Living processes carrying `AGENTD_RUN_ID=<run_id>`, or running one of the sleeps of
+/// [`long_running`]`(seconds)`.
+fn living_of_run(run_id: Uuid, seconds: u32) -> Vec<ProcessEntry> {
+    let marker = format!("AGENTD_RUN_ID={run_id}");
+    let sleeps = [format!("sleep {seconds}"), format!("sleep {}", seconds + 1)];
+    process_table()
+        .into_iter()
+        .filter(|process| process.state != 'Z')
+        .filter(|process| environ_holds(process.pid, &marker) || sleeps.contains(&process.command))
+        .collect()
+}
+
+/// Sends agentd a first and a second signal while `run_id`'s program
+/// ([`long_running`]`(seconds)`) runs; asserts it exits 130 within
+/// `shutdown::FORCED_EXIT_LIMIT` and a margin, with no process of the run left running, and
+/// the run's row untouched (its lease expires; a reaper fails it).
+async fn assert_second_signal_kills_the_run(
+    world: &World,
+    mut daemon: Daemon,
+    run_id: Uuid,
+    seconds: u32,
+) {
+    let living = living_of_run(run_id, seconds);
+    assert!(
+        living.len() >= 2,
+        "the program and its escaped child run: {living:#?}"
+    );
+    daemon.signal(Signal::SIGTERM);
+    daemon.wait_for("shutdown requested", Duration::from_secs(5));
+    let second = Instant::now();
+    daemon.signal(Signal::SIGINT);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    let took = second.elapsed();
+    assert_eq!(status.code(), Some(130), "{:#?}", daemon.seen);
+    assert!(
+        took < agentd::shutdown::FORCED_EXIT_LIMIT + Duration::from_secs(1),
+        "agentd exited {took:?} after the second signal"
+    );
+    let living = living_of_run(run_id, seconds);
+    assert!(
+        living.is_empty(),
+        "still running after agentd exited: {living:#?}"
+    );
+    let run = support::run_record(&world.db.pool, run_id).await;
+    assert_eq!(run.status, "running", "{run:#?}");
+    assert_eq!(
+        count(
+            &world.db.pool,
+            &format!("SELECT count(*) FROM agentd.leases WHERE run_id = '{run_id}'")
+        )
+        .await,
+        1,
+        "the run keeps its lease until it expires"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_kills_every_process_of_the_running_runs_before_agentd_exits() {
+    let world = World::new(USERS_SECOND_SIGNAL).await;
+    let agent = world.agent(&[]).await;
+    let daemon = world.start(&long_running(607), &[]);
+    let run_id = world.request(agent, None).await;
+    let uid = wait_started(&world, run_id).await;
+    assert!(
+        world.owns(uid),
+        "the program runs as a user of its own: {uid}"
+    );
+    assert_second_signal_kills_the_run(&world, daemon, run_id, 607).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_as_root_a_second_signal_kills_every_process_of_the_running_runs_before_agentd_exits() {
+    let world = World::new(USERS_SECOND_SIGNAL_NOT_ROOT).await;
+    let agent = world.agent(&[]).await;
+    let settings = world.settings(&long_running(609), &[]);
+    let (mut daemon, _url, _relay) = start_as_nobody(&world, &settings);
+    daemon.wait_for("worker started", Duration::from_secs(30));
+    let run_id = world.request(agent, None).await;
+    let uid = wait_started(&world, run_id).await;
+    assert_eq!(uid, NOBODY, "the program runs as agentd's own user");
+    assert_second_signal_kills_the_run(&world, daemon, run_id, 609).await;
 }

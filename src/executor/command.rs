@@ -14,7 +14,8 @@
 //! cancellation, shutdown) the runner drops this executor's future, and the guard sends
 //! SIGTERM to the whole group, then SIGKILL after `kill_grace`; when the program exits on
 //! its own, whatever it left running in its group is killed too, so no child outlives the
-//! run. Lines are read with a bounded buffer: a 10 MiB line costs 64 KiB of memory.
+//! run; if agentd exits at once (a second signal), every process of the run is killed before
+//! it does. Lines are read with a bounded buffer: a 10 MiB line costs 64 KiB of memory.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 
 use super::environment::refusal;
-use super::sandbox::{RunSpace, Sandbox};
+use super::sandbox::{Killer, RunSpace, Sandbox};
 use super::{
     ArtifactFile, BoxFuture, Executor, Level, LogSink, MAX_LINE_BYTES, Outcome, RunContext,
 };
@@ -88,12 +89,14 @@ impl Executor for CommandExecutor {
 /// Ends the run's processes when dropped (run stopped, or finished), and with them its
 /// place: after the program exited, everything it left behind is killed at once; when the
 /// run is stopped early, its process group gets SIGTERM, then `kill_grace` later every
-/// process of the run SIGKILL. The run's folder (and, as root, its user) goes last.
+/// process of the run SIGKILL. The run's folder (and, as root, its user) goes last. Until
+/// then, an exit of agentd at once kills them all first (`forced_exit`).
 struct Guard {
     program: Pid,
     kill_grace: Duration,
     exited: bool,
     space: Option<RunSpace>,
+    forced_exit: Option<crate::process::ForcedExitDuty>,
 }
 
 impl Drop for Guard {
@@ -102,6 +105,7 @@ impl Drop for Guard {
             return;
         };
         let program = self.program;
+        let forced_exit = self.forced_exit.take();
         let grace = if self.exited {
             Duration::ZERO
         } else {
@@ -110,12 +114,21 @@ impl Drop for Guard {
         };
         std::thread::spawn(move || {
             std::thread::sleep(grace);
-            let _ = killpg(program, Signal::SIGKILL);
-            space.killer().kill(program.as_raw());
+            kill_run(program, &space.killer());
+            drop(forced_exit);
             drop(space);
         });
     }
 }
+
+/// SIGKILL to every process of the run: the program's group, then what [`Killer`] finds.
+fn kill_run(program: Pid, killer: &Killer) {
+    let _ = killpg(program, Signal::SIGKILL);
+    killer.kill(program.as_raw());
+}
+
+/// How long an exit of agentd at once waits for the killed program to be gone.
+const FORCED_EXIT_GONE_WAIT: Duration = Duration::from_secs(1);
 
 /// After the program exits, how long its output may take to drain; a descendant that
 /// escaped and still holds the streams cannot keep the run open longer.
@@ -171,11 +184,16 @@ impl CommandExecutor {
         let pid = Pid::from_raw(child.id() as i32);
         let artifacts_dir = space.artifacts.clone();
         let owner = space.owner();
+        let killer = space.killer();
         let mut guard = Guard {
             program: pid,
             kill_grace: self.settings.kill_grace,
             exited: false,
             space: Some(space),
+            forced_exit: Some(crate::process::at_forced_exit(move || {
+                kill_run(pid, &killer);
+                crate::process::wait_gone(&[pid.as_raw()], FORCED_EXIT_GONE_WAIT);
+            })),
         };
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -225,6 +243,11 @@ impl CommandExecutor {
         };
         let ((), (output, _), (_, last_error), waited) = tokio::join!(feed, out, err, waited);
         drop(child);
+        if crate::process::forced_exit_begun() {
+            // Killed as agentd exits at once: nothing is recorded; the lease expires and a
+            // reaper fails the run ("worker lost").
+            std::future::pending::<()>().await;
+        }
         let (status, cpu_ms, max_rss_kib) = waited
             .map_err(|error| format!("waiting for the program failed: {error}"))?
             .map_err(|error| format!("waiting for the program failed: {error}"))?;

@@ -24,6 +24,9 @@ use nix::unistd::{Gid, Uid, chown};
 
 use crate::config::CommandExecutorSettings;
 
+/// How long [`Killer::kill`] waits, not as root, for the processes it killed to be gone.
+const KILLED_GONE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Folders any user may write to, where a program may leave files behind its own.
 const SHARED_TEMPORARY_FOLDERS: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
 
@@ -249,7 +252,8 @@ impl Killer {
     /// as root every process of the run's user; otherwise the program's process group, its
     /// descendants, every process carrying the run's `AGENTD_RUN_ID` (but those carrying
     /// the folder of a team member running beside it), and escaped processes that cleared
-    /// their environment.
+    /// their environment. Returns once those it found are gone (a second at most, not as
+    /// root).
     pub fn kill(&self, program: i32) {
         match self.uid {
             Some(uid) => {
@@ -270,6 +274,7 @@ impl Killer {
                 left.retain(|pid| *pid != program && *pid != std::process::id() as i32);
                 crate::process::kill_all(&left);
                 crate::process::kill_unclaimed_strays();
+                crate::process::wait_gone(&left, KILLED_GONE_WAIT);
             }
         }
     }
