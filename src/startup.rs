@@ -42,8 +42,8 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     // The executors first: a command executor whose runs cannot get places of their own
-    // stops start-up with one line.
-    let executors = crate::executor::from_settings(settings).map_err(anyhow::Error::msg)?;
+    // stops start-up with one line (exit 2).
+    let executors = crate::executor::from_settings(settings).map_err(Refusal)?;
     // So does an artifact bucket whose client cannot be built: otherwise every artifact
     // would be refused, the first one long after start-up.
     if let crate::artifact_store::ArtifactBackend::Unavailable(reason) =
@@ -352,6 +352,13 @@ pub async fn chat(
     use std::io::IsTerminal;
     use store::conversations::{conversation_user, post_user_message, start_conversation};
     use tokio::io::AsyncBufReadExt;
+    // The local worker's executors before anything else, as for `agentd run`; the embedded
+    // database (no `database.url`) is reached by no other replica.
+    let executors = if worker || settings.database.url.is_none() {
+        Some(crate::executor::from_settings(settings).map_err(Refusal)?)
+    } else {
+        None
+    };
     let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
     let result = async {
         // The embedded database is this process's own; a configured one is migrated by
@@ -384,12 +391,10 @@ pub async fn chat(
         };
         eprintln!("conversation {conversation} (end with Ctrl-D)");
         let answering = CancellationToken::new();
-        let local = (worker || database.is_embedded()).then(|| {
+        let local = executors.map(|executors| {
             let (pool, settings, stop) =
                 (database.pool.clone(), settings.clone(), answering.clone());
             tokio::spawn(async move {
-                let executors =
-                    crate::executor::from_settings(&settings).map_err(anyhow::Error::msg)?;
                 worker::serve(pool, &settings, executors, Health::new(), stop)
                     .await
                     .map_err(anyhow::Error::from)
@@ -438,8 +443,9 @@ pub async fn chat(
     result
 }
 
-/// A command declined what it was asked, as asked: nothing failed and nothing was written.
-/// `main` prints its one line and exits 2, as for a bad setting.
+/// A command declined what it was asked, before doing it: nothing failed and nothing was
+/// written (a setup its executors or artifact store cannot work with, a database the demo
+/// did not fill). `main` prints its one line and exits 2, as for a bad setting.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Refusal(pub String);
@@ -453,7 +459,21 @@ pub async fn demo(
     into_existing_database: bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let database = Database::open(settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
+    let mut settings = settings.clone();
+    // The "system" agent runs a real program when one is there.
+    if let Some(uname) = find_program("uname") {
+        settings.executors.command.program = vec![uname, "-a".into()];
+        settings
+            .executor
+            .by_category
+            .insert("system".into(), crate::config::ExecutorKind::Command);
+    }
+    if settings.executors.builtin.step_delay.is_zero() {
+        settings.executors.builtin.step_delay = Duration::from_millis(300);
+    }
+    // Before anything is written, as for `agentd run`.
+    let executors = crate::executor::from_settings(&settings).map_err(Refusal)?;
+    let database = Database::open(&settings, Some(MIGRATE_CONNECT_PATIENCE), shutdown).await?;
     let result = async {
         if !into_existing_database {
             refuse_other_data(store::demo::other_rows(&database.pool).await?)?;
@@ -464,18 +484,6 @@ pub async fn demo(
             println!("demo data created: a user, 3 agents, 3 teams (route, coordinate, collaborate), 2 schedules firing every minute, a conversation");
         } else {
             println!("demo data already present");
-        }
-        let mut settings = settings.clone();
-        // The "system" agent runs a real program when one is there.
-        if let Some(uname) = find_program("uname") {
-            settings.executors.command.program = vec![uname, "-a".into()];
-            settings
-                .executor
-                .by_category
-                .insert("system".into(), crate::config::ExecutorKind::Command);
-        }
-        if settings.executors.builtin.step_delay.is_zero() {
-            settings.executors.builtin.step_delay = Duration::from_millis(300);
         }
         // Lines are stamped by the worker's clock when emitted: everything from now on.
         let since: (chrono::DateTime<chrono::Utc>, uuid::Uuid) = (chrono::Utc::now(), uuid::Uuid::nil());
@@ -511,7 +519,6 @@ pub async fn demo(
             })
         };
         let printer = tokio::spawn(print_logs(database.pool.clone(), since, shutdown.clone()));
-        let executors = crate::executor::from_settings(&settings).map_err(anyhow::Error::msg)?;
         let orphans_stop = CancellationToken::new();
         let orphans = tokio::spawn(crate::process::reap_orphans(orphans_stop.clone()));
         let served = worker::serve(

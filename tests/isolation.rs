@@ -9,6 +9,9 @@
 //!   cannot read agentd's environment or memory, nor another run's environment, folder or
 //!   stored artifacts, and a hard link to a file it does not own is not stored. Not as root: agentd says at
 //!   start-up what it cannot keep apart, and its environment stays unreadable.
+//! - Capabilities, as root: without CHOWN, DAC_OVERRIDE, SETUID or SETGID, `agentd run`,
+//!   `demo` and `chat` refuse to start (exit 2, one line naming the missing ones); with
+//!   exactly those four a run gets its user, and what it left is swept.
 //! - No process outlives its run: setsid and double-forked children, a cancelled run that
 //!   ignores SIGTERM, a run stopped by agentd's shutdown, a run cut short by a second
 //!   signal (as root and not), and a thousand runs leaving orphans without a zombie left
@@ -51,6 +54,13 @@ const USERS_STORE: (u32, u32) = (3_100_900, 3_100_963);
 const USERS_TEAM_NOT_ROOT: (u32, u32) = (3_101_000, 3_101_063);
 const USERS_SECOND_SIGNAL: (u32, u32) = (3_101_100, 3_101_163);
 const USERS_SECOND_SIGNAL_NOT_ROOT: (u32, u32) = (3_101_200, 3_101_263);
+const USERS_NO_CAPABILITIES: (u32, u32) = (3_101_300, 3_101_363);
+const USERS_FOUR_CAPABILITIES: (u32, u32) = (3_101_400, 3_101_463);
+
+/// The capabilities a root agentd needs to give runs users of their own, as a mask of
+/// their numbers in `linux/capability.h`: CHOWN (0), DAC_OVERRIDE (1), SETGID (6),
+/// SETUID (7).
+const FOUR_CAPABILITIES: u64 = 1 << 0 | 1 << 1 | 1 << 6 | 1 << 7;
 
 /// `executors.command.max_processes` where a test checks it: not the default.
 const MAX_PROCESSES: &str = "97";
@@ -930,6 +940,197 @@ async fn not_as_root_agentd_says_what_it_cannot_keep_apart_and_its_environment_s
     }
     assert_eq!(facts["control_environ_readable"], true);
     assert!(!run.stored.contains(&url));
+}
+
+/// Makes `command`, started by root, hold only the capabilities in the mask `keep`, as a
+/// Kubernetes container with `allowPrivilegeEscalation: false`, `drop: ["ALL"]` and `add`
+/// does: in the child, every other capability leaves the bounding set, the inheritable
+/// and ambient sets are emptied and `no_new_privs` is set, so that what it executes as
+/// root has exactly `keep`.
+fn with_only_capabilities(command: &mut std::process::Command, keep: u64) {
+    use nix::libc;
+    use std::os::unix::process::CommandExt;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Sets {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: the closure runs in the child between fork and exec and makes only prctl,
+    // capget and capset system calls on values of its own stack.
+    unsafe {
+        command.pre_exec(move || {
+            let failed = |result: libc::c_long| {
+                if result == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            for capability in (0..=last).filter(|capability| keep & (1 << capability) == 0) {
+                let dropped =
+                    libc::prctl(libc::PR_CAPBSET_DROP, capability as libc::c_ulong, 0, 0, 0);
+                failed(dropped.into())?;
+            }
+            let cleared = libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            failed(cleared.into())?;
+            let mut header = Header {
+                version: VERSION_3,
+                pid: 0,
+            };
+            let mut sets = [Sets {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
+            failed(libc::syscall(
+                libc::SYS_capget,
+                &mut header,
+                sets.as_mut_ptr(),
+            ))?;
+            for set in &mut sets {
+                set.inheritable = 0;
+            }
+            failed(libc::syscall(libc::SYS_capset, &mut header, sets.as_ptr()))?;
+            let no_new_privs = libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            failed(no_new_privs.into())
+        });
+    }
+}
+
+/// The effective capabilities of process `pid`, as a mask.
+fn effective_capabilities(pid: Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .unwrap();
+    u64::from_str_radix(mask.trim(), 16).unwrap()
+}
+
+/// The refusal of a root agentd lacking `missing` (its one line on stderr).
+fn capabilities_refusal(missing: &str) -> String {
+    format!(
+        "executors.command: agentd runs as root without {missing}: each run's own user cannot be made; grant CHOWN, DAC_OVERRIDE, SETUID and SETGID (Kubernetes: securityContext.capabilities.add; systemd: CapabilityBoundingSet=) or run agentd as a user that is not root"
+    )
+}
+
+/// Starts `command` with only the capabilities `keep`; returns its exit status and the
+/// lines it wrote on stderr.
+fn refused(
+    mut command: std::process::Command,
+    keep: u64,
+) -> (std::process::ExitStatus, Vec<String>) {
+    with_only_capabilities(&mut command, keep);
+    command.stdin(std::process::Stdio::null());
+    let mut daemon = Daemon::start(command);
+    let status = daemon.wait_exit(Duration::from_secs(30));
+    let stderr = daemon
+        .seen
+        .iter()
+        .filter_map(|line| {
+            let line: Value = serde_json::from_str(line).unwrap();
+            line["stderr"].as_str().map(str::to_string)
+        })
+        .collect();
+    (status, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_without_the_capabilities_runs_users_need_agentd_refuses_to_start() {
+    let world = World::new(USERS_NO_CAPABILITIES).await;
+    let settings = world.settings(&["/bin/true".to_string()], &[]);
+    let chown_and_dac_override = FOUR_CAPABILITIES & !(1 << 6 | 1 << 7);
+    // Kubernetes' `drop: ["ALL"]`, systemd's empty `CapabilityBoundingSet=`; and a set
+    // that lacks only the two that change users.
+    for (keep, missing) in [
+        (0, "CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_SETUID, CAP_SETGID"),
+        (chown_and_dac_override, "CAP_SETUID, CAP_SETGID"),
+    ] {
+        let command = support::replica_command(&world.db.url, "capabilities", &pairs(&settings));
+        let (status, stderr) = refused(command, keep);
+        assert_eq!(status.code(), Some(2), "agentd run: {stderr:#?}");
+        assert_eq!(stderr, [capabilities_refusal(missing)], "agentd run");
+    }
+    // The demo (whose "system" agent runs uname with the command executor) and a chat
+    // answering in this process refuse the same way, before writing anything.
+    let mut demo = support::agentd();
+    demo.arg("demo").env("DATABASE_URL", &world.db.url);
+    let mut chat = support::agentd();
+    chat.args(["chat", &Uuid::new_v4().to_string(), "--worker"])
+        .env("DATABASE_URL", &world.db.url);
+    for (name, mut command) in [("agentd demo", demo), ("agentd chat", chat)] {
+        command.envs(settings.iter().map(|(name, value)| (name, value)));
+        let (status, stderr) = refused(command, chown_and_dac_override);
+        assert_eq!(status.code(), Some(2), "{name}: {stderr:#?}");
+        assert_eq!(
+            stderr,
+            [capabilities_refusal("CAP_SETUID, CAP_SETGID")],
+            "{name}"
+        );
+    }
+    assert_eq!(
+        count(&world.db.pool, "SELECT count(*) FROM agents").await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn as_root_with_only_chown_dac_override_setuid_and_setgid_a_run_gets_its_own_user() {
+    let world = World::new(USERS_FOUR_CAPABILITIES).await;
+    let agent = world.agent(&[]).await;
+    let program = "echo \"uid=$(id -u)\"\n\
+                   echo stored > \"$AGENTD_ARTIFACTS_DIR/report.txt\"\n\
+                   mkdir \"/tmp/left-$AGENTD_RUN_ID\"\n\
+                   echo left > \"/tmp/left-$AGENTD_RUN_ID/file\"\n\
+                   setsid sleep 604 &\n";
+    let settings = world.settings(&["/bin/sh".into(), "-c".into(), program.into()], &[]);
+    let mut command = support::replica_command(&world.db.url, "capabilities", &pairs(&settings));
+    with_only_capabilities(&mut command, FOUR_CAPABILITIES);
+    let mut daemon = Daemon::start(command);
+    daemon.wait_for("worker started", Duration::from_secs(30));
+    assert_eq!(
+        effective_capabilities(daemon.pid()),
+        FOUR_CAPABILITIES,
+        "agentd holds exactly the four"
+    );
+    let run_id = world.request(agent, None).await;
+    let run = finished_run(&world.db.pool, run_id, Duration::from_secs(30)).await;
+    assert_eq!(run.status, "completed", "{run:#?}");
+    let uid = printed_uid(&run);
+    assert!(world.owns(uid), "the run ran as uid {uid}");
+    assert_eq!(run.artifacts.len(), 1, "{run:#?}");
+    assert!(run.stored.contains("stored"), "{run:#?}");
+    // Its escaped process is killed and what it left in /tmp removed.
+    let left = PathBuf::from(format!("/tmp/left-{run_id}"));
+    eventually(
+        Duration::from_secs(10),
+        "the run's leftovers are gone",
+        || {
+            let gone = processes_of_run(run_id, uid, &["sleep 604"]).is_empty() && !left.exists();
+            async move { gone }
+        },
+    )
+    .await;
+    stop(daemon);
 }
 
 #[tokio::test(flavor = "multi_thread")]

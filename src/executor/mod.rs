@@ -34,7 +34,9 @@ pub use crate::domain::{AgentDefinition, ClaimedRun, Conversation, RunKind, Targ
 
 /// The executors the settings ask for: `builtin` always, `command` when a program is
 /// configured, chosen per agent category by `execution.default` and `execution.by_category`.
-/// Fails when the command executor's runs cannot be given places of their own.
+/// Fails, with one line naming the setting, when the command executor's runs cannot be
+/// given places of their own (as root: capabilities missing, `uid_range` outside the user
+/// namespace; a `runs_dir` that is not private).
 pub fn from_settings(settings: &crate::config::Settings) -> Result<Executors, String> {
     use crate::config::ExecutorKind;
     let limits = &settings.executors;

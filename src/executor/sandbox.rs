@@ -8,6 +8,11 @@
 //! alone. When the run ends, every process of that user is killed and what it left in the
 //! shared temporary folders is removed, so the next run with the same user finds nothing.
 //!
+//! As root, agentd needs four capabilities for that: `CAP_CHOWN` (the run's folder becomes
+//! its user's), `CAP_DAC_OVERRIDE` (to read its artifacts and remove its folder),
+//! `CAP_SETUID` and `CAP_SETGID` (to start its program and kill its processes as its
+//! user). [`Sandbox::prepare`] refuses to start without them rather than fail every run.
+//!
 //! Not as root, runs share agentd's own user: a program could signal agentd, read the
 //! environment and folders of the runs beside it, and reach whatever agentd's user may (the
 //! artifacts every run stored, configuration files, an embedded database).
@@ -30,6 +35,15 @@ const KILLED_GONE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Folders any user may write to, where a program may leave files behind its own.
 const SHARED_TEMPORARY_FOLDERS: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
 
+/// The capabilities root needs to give runs users of their own (see the module
+/// documentation), with their numbers in `linux/capability.h`.
+const NEEDED_CAPABILITIES: [(u32, &str); 4] = [
+    (0, "CAP_CHOWN"),
+    (1, "CAP_DAC_OVERRIDE"),
+    (7, "CAP_SETUID"),
+    (6, "CAP_SETGID"),
+];
+
 /// How the runs of one replica are kept apart.
 pub struct Sandbox {
     /// Holds one folder per running run.
@@ -47,9 +61,9 @@ struct Users {
 }
 
 impl Sandbox {
-    /// Prepares the runs' folder, and as root checks that the users of
-    /// `executors.command.uid_range` exist in this user namespace. The error names the
-    /// setting to change.
+    /// Prepares the runs' folder, and as root checks that agentd holds the capabilities
+    /// runs' users need and that the users of `executors.command.uid_range` exist in this
+    /// user namespace. The error names the setting to change.
     pub fn prepare(settings: &CommandExecutorSettings) -> Result<Sandbox, String> {
         let base = settings
             .runs_dir
@@ -57,6 +71,9 @@ impl Sandbox {
             .unwrap_or_else(|| std::env::temp_dir().join("agentd-runs"));
         let me = Uid::effective();
         let root = me.is_root();
+        if root {
+            check_capabilities()?;
+        }
         // Others may pass through (as root, to reach their own run's folder), never list.
         private_folder(&base, me.as_raw(), if root { 0o711 } else { 0o700 })
             .map_err(|error| format!("executors.command.runs_dir: {}: {error}", base.display()))?;
@@ -317,6 +334,38 @@ fn private_folder(path: &Path, owner: u32, mode: u32) -> Result<(), String> {
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|error| error.to_string())
+}
+
+/// Refuses, naming the missing ones, when agentd's effective capabilities (`CapEff` in
+/// `/proc/self/status`) lack one of [`NEEDED_CAPABILITIES`]: every run would then fail
+/// with `cannot prepare user`. Without `/proc` it cannot tell, and lets start-up go on.
+fn check_capabilities() -> Result<(), String> {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return Ok(());
+    };
+    let Some(effective) = effective_capabilities(&status) else {
+        return Ok(());
+    };
+    let missing: Vec<&str> = NEEDED_CAPABILITIES
+        .iter()
+        .filter(|(number, _)| effective & (1 << number) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "executors.command: agentd runs as root without {}: each run's own user cannot be made; grant CHOWN, DAC_OVERRIDE, SETUID and SETGID (Kubernetes: securityContext.capabilities.add; systemd: CapabilityBoundingSet=) or run agentd as a user that is not root",
+        missing.join(", ")
+    ))
+}
+
+/// The effective capability set of a `/proc/<pid>/status` text.
+fn effective_capabilities(status: &str) -> Option<u64> {
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(line.trim(), 16).ok()
 }
 
 /// Whether uids `first..=last` exist in this user namespace (`/proc/self/uid_map`).
