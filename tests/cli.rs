@@ -334,17 +334,7 @@ async fn a_second_signal_kills_the_runs_programs_and_stops_the_embedded_server()
     )
     .await;
 
-    daemon.signal(Signal::SIGTERM);
-    daemon.wait_for("shutdown requested", Duration::from_secs(5));
-    let second = Instant::now();
-    daemon.signal(Signal::SIGINT);
-    let status = daemon.wait_exit(Duration::from_secs(10));
-    let took = second.elapsed();
-    assert_eq!(status.code(), Some(130), "{:#?}", daemon.seen);
-    assert!(
-        took < agentd::shutdown::FORCED_EXIT_LIMIT + Duration::from_secs(1),
-        "agentd exited {took:?} after the second signal"
-    );
+    daemon.stop_at_once();
     let living = living_marked(&marker);
     assert!(
         living.is_empty(),

@@ -1468,17 +1468,7 @@ async fn assert_second_signal_kills_the_run(
         living.len() >= 2,
         "the program and its escaped child run: {living:#?}"
     );
-    daemon.signal(Signal::SIGTERM);
-    daemon.wait_for("shutdown requested", Duration::from_secs(5));
-    let second = Instant::now();
-    daemon.signal(Signal::SIGINT);
-    let status = daemon.wait_exit(Duration::from_secs(10));
-    let took = second.elapsed();
-    assert_eq!(status.code(), Some(130), "{:#?}", daemon.seen);
-    assert!(
-        took < agentd::shutdown::FORCED_EXIT_LIMIT + Duration::from_secs(1),
-        "agentd exited {took:?} after the second signal"
-    );
+    daemon.stop_at_once();
     let living = living_of_run(run_id, seconds);
     assert!(
         living.is_empty(),

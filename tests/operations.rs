@@ -1408,8 +1408,17 @@ async fn run_waits_for_the_migrations_and_serves_once_they_are_applied() {
         .collect::<Vec<_>>()
         .join(", ");
     assert_eq!(waiting["pending"], every.as_str());
-    let body = wait_status(&format!("{base}/readyz"), 503, "not ready while waiting").await;
-    assert!(body.contains("migrations pending"), "{body}");
+    // Not ready, and once the readiness check has looked, saying why.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = get(&format!("{base}/readyz")).await;
+        assert_eq!(status, 503, "{body}");
+        if body.contains("migrations pending") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Still waiting a few looks later, the worker not started.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(

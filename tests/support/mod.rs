@@ -259,6 +259,22 @@ impl Daemon {
     }
 
     /// Waits for the exit status; fails the test after `limit`.
+    /// SIGTERM, then a second signal once the first was seen: agentd must exit with 130
+    /// within its forced-exit limit (and a second of slack).
+    pub fn stop_at_once(&mut self) {
+        self.signal(Signal::SIGTERM);
+        self.wait_for("shutdown requested", Duration::from_secs(5));
+        let second = Instant::now();
+        self.signal(Signal::SIGINT);
+        let status = self.wait_exit(Duration::from_secs(10));
+        let took = second.elapsed();
+        assert_eq!(status.code(), Some(130), "{:#?}", self.seen);
+        assert!(
+            took < agentd::shutdown::FORCED_EXIT_LIMIT + Duration::from_secs(1),
+            "agentd exited {took:?} after the second signal"
+        );
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
