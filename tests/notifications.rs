@@ -50,15 +50,7 @@ async fn new_work_is_picked_up(db: &TestDb) {
     )
     .await
     .unwrap();
-    eventually(PICKED_UP, "the requested run is claimed", || async {
-        count(
-            &db.pool,
-            &format!("SELECT count(*) FROM runs WHERE id = '{run_id}' AND status = 'running'"),
-        )
-        .await
-            == 1
-    })
-    .await;
+    support::wait_running(&db.pool, run_id, PICKED_UP, "the requested run is claimed").await;
 
     let taken: bool = as_user(
         &db.pool,
@@ -152,15 +144,7 @@ async fn with_polling_only_every_kind_of_new_work_is_picked_up() {
     .await;
     settled(&db, "poller").await;
     assert_eq!(
-        count(
-            &db.pool,
-            &format!(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
-                 AND application_name = 'agentd listener'",
-                db.name
-            ),
-        )
-        .await,
+        listener_connections(&db).await,
         0,
         "a polling worker opens no listen connection"
     );
@@ -270,15 +254,7 @@ async fn through_a_transaction_pooler_without_a_listen_url_the_worker_polls_and_
     assert_eq!(line["level"], "warn", "{line}");
     settled(&db, "pooled").await;
     assert_eq!(
-        count(
-            &db.pool,
-            &format!(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
-                 AND application_name = 'agentd listener'",
-                db.name
-            ),
-        )
-        .await,
+        listener_connections(&db).await,
         0,
         "no listen connection through the pooler"
     );
@@ -409,4 +385,17 @@ async fn through_pgbouncer_in_transaction_mode_the_listen_url_bypasses_it_and_th
     );
     through.signal(Signal::SIGTERM);
     assert!(through.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// The test database's connections named as agentd's listener.
+async fn listener_connections(db: &TestDb) -> i64 {
+    count(
+        &db.pool,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+             AND application_name = 'agentd listener'",
+            db.name
+        ),
+    )
+    .await
 }

@@ -189,14 +189,12 @@ async fn the_worker_does_its_work(db: &TestDb, wakeups: Wakeups) {
     )
     .await
     .unwrap();
-    eventually(Duration::from_secs(15), "the slow run runs", || async {
-        count(
-            &db.pool,
-            &format!("SELECT count(*) FROM runs WHERE id = '{cancelled}' AND status = 'running'"),
-        )
-        .await
-            == 1
-    })
+    support::wait_running(
+        &db.pool,
+        cancelled,
+        Duration::from_secs(15),
+        "the slow run runs",
+    )
     .await;
     let accepted: bool = as_user(
         &db.pool,

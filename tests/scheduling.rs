@@ -720,14 +720,12 @@ async fn cancel_run_stops_a_long_run_for_its_owner_only() {
     )
     .await
     .unwrap();
-    eventually(Duration::from_secs(5), "the run is running", || async {
-        count(
-            &db.pool,
-            &format!("SELECT count(*) FROM runs WHERE id = '{run_id}' AND status = 'running'"),
-        )
-        .await
-            == 1
-    })
+    support::wait_running(
+        &db.pool,
+        run_id,
+        Duration::from_secs(5),
+        "the run is running",
+    )
     .await;
     let by_bob: bool = as_user(
         &db.pool,
@@ -852,15 +850,7 @@ async fn a_runs_slot_is_free_while_its_outcome_is_still_being_written() {
     )
     .await;
     let a = support::request_agent_run(&db.pool, agent).await;
-    support::eventually(Duration::from_secs(10), "run A runs", || async {
-        count(
-            &db.pool,
-            &format!("SELECT count(*) FROM runs WHERE id = '{a}' AND status = 'running'"),
-        )
-        .await
-            == 1
-    })
-    .await;
+    support::wait_running(&db.pool, a, Duration::from_secs(10), "run A runs").await;
     let mut lock = db.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
         .bind(a)

@@ -443,6 +443,12 @@ where
     }
 }
 
+/// Waits until run `run_id` is `running` (claimed, its executor started), within `limit`.
+pub async fn wait_running(pool: &sqlx::PgPool, run_id: uuid::Uuid, limit: Duration, what: &str) {
+    let sql = format!("SELECT count(*) FROM runs WHERE id = '{run_id}' AND status = 'running'");
+    eventually(limit, what, || async { count(pool, &sql).await == 1 }).await;
+}
+
 /// Scheduled runs as (schedule_id, scheduled_for, status, error, missed).
 pub async fn scheduled_runs(
     pool: &sqlx::PgPool,
