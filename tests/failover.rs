@@ -205,6 +205,10 @@ async fn connections_terminated_by_the_server_are_replaced() {
     let before = agentd_backends(&pool).await;
     assert!(!before.is_empty());
 
+    // pg_terminate_backend returns false for a connection that ended between the read
+    // of pg_stat_activity and the signal (agentd may close its others on seeing the
+    // first one dropped), so what is asserted here is that the server ended some, and
+    // below that every connection of before is gone and replaced.
     let terminated: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
           WHERE application_name IN ('agentd', 'agentd listener')",
@@ -212,7 +216,10 @@ async fn connections_terminated_by_the_server_are_replaced() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert!(terminated.iter().all(|done| *done));
+    assert!(
+        terminated.contains(&true),
+        "none terminated: {terminated:?}"
+    );
     let terminated_at = now(&pool).await;
 
     fired_after(
