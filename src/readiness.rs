@@ -4,8 +4,9 @@
 //!
 //! The check asks which of this binary's migrations the database has not applied, once at
 //! start, then only when a request needs a fresh answer: the last one is "not ready", or
-//! older than [`MAX_AGE`]; never within [`MIN_INTERVAL`] of the previous check. So an
-//! idle replica nobody probes sends the database nothing. A request that finds a ready
+//! older than [`MAX_AGE`]; or when the worker rebuilt its connections after a failover
+//! (the check then reconnects too); never within [`MIN_INTERVAL`] of the previous check.
+//! So an idle replica nobody probes sends the database nothing. A request that finds a ready
 //! answer older than [`MAX_AGE`] waits (up to [`CHECK_TIMEOUT`]) for the fresh one; one
 //! that finds "not ready" answers at once. A failed check drops the connection; the next
 //! attempt reconnects after the store's backoff, and no sooner than [`MIN_INTERVAL`]. The
@@ -21,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::Retry;
-use crate::store::{self, StoreError};
+use crate::store::{self, StoreError, failover};
 
 /// Oldest ready answer given without a fresh check.
 pub const MAX_AGE: Duration = Duration::from_secs(5);
@@ -199,11 +200,19 @@ pub struct DatabaseCheck {
 }
 
 impl DatabaseCheck {
-    /// Checks until `stop` fires.
+    /// Checks until `stop` fires. When the worker rebuilds its connections (a failover,
+    /// see [`failover`]), the check's own connection is dropped too and a check made on a
+    /// new one, so the answer is about the server the pool reaches now.
     pub async fn run(self, stop: CancellationToken) {
         let mut connection = None;
         let mut retry = Retry::up_to(self.max_backoff);
+        let mut rebuilds = failover::rebuilds();
+        rebuilds.borrow_and_update();
         loop {
+            if rebuilds.has_changed().unwrap_or(false) {
+                rebuilds.borrow_and_update();
+                connection = None;
+            }
             let checked = tokio::select! {
                 checked = self.check_once(&mut connection) => checked,
                 _ = stop.cancelled() => return,
@@ -215,6 +224,7 @@ impl DatabaseCheck {
                     self.readiness.record(state, None);
                     tokio::select! {
                         _ = self.readiness.shared.wanted.notified() => {}
+                        Ok(()) = rebuilds.changed() => connection = None,
                         _ = stop.cancelled() => return,
                     }
                     finished + MIN_INTERVAL

@@ -52,6 +52,18 @@ async fn agentd_backends(pool: &PgPool) -> BTreeSet<i32> {
     .collect()
 }
 
+/// The backend pids of the replica's readiness check.
+async fn readiness_backends(pool: &PgPool) -> BTreeSet<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'agentd readiness'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
 /// Whether the replica listens for notifications on a connection not in `old`.
 async fn listens_anew(pool: &PgPool, old: &BTreeSet<i32>) -> bool {
     let listeners: Vec<i32> = sqlx::query_scalar(
@@ -134,6 +146,10 @@ async fn a_read_only_spell_rebuilds_the_connections_and_every_slot_fires_once() 
     fired_after(&pool, now(&pool).await, "schedules fire").await;
     let before = agentd_backends(&pool).await;
     assert!(!before.is_empty());
+    // The readiness check's connection only reads, so the read-only server never fails it:
+    // it is replaced because the worker rebuilt its connections.
+    let readiness_before = readiness_backends(&pool).await;
+    assert_eq!(readiness_before.len(), 1);
 
     // What an old primary does after a failover: every write is refused with 25006.
     sqlx::query("ALTER SYSTEM SET default_transaction_read_only = on")
@@ -173,6 +189,15 @@ async fn a_read_only_spell_rebuilds_the_connections_and_every_slot_fires_once() 
         || async {
             let after = agentd_backends(&pool).await;
             !after.is_empty() && after.is_disjoint(&before) && listens_anew(&pool, &before).await
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the readiness check reconnected",
+        || async {
+            let after = readiness_backends(&pool).await;
+            after.len() == 1 && after.is_disjoint(&readiness_before)
         },
     )
     .await;
