@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use agentd::store::runs::{RunKind, request_run};
 use serde_json::Value;
-use support::{InProcessWorker, TestDb, count, create_agent, create_user, eventually};
+use support::{
+    InProcessWorker, TestDb, count, create_agent, create_user, eventually, set_variables,
+};
 use uuid::Uuid;
 
 /// What a finished run left in the database.
@@ -80,15 +82,7 @@ async fn world(variables: &[(&str, &str)]) -> World {
     let db = TestDb::migrated().await;
     let user = create_user(&db.pool).await;
     let agent = create_agent(&db.pool, user).await;
-    for (name, value) in variables {
-        sqlx::query("INSERT INTO agent_variables (agent_id, name, description, value) VALUES ($1, $2, 'd', $3)")
-            .bind(agent)
-            .bind(name)
-            .bind(value)
-            .execute(&db.pool)
-            .await
-            .unwrap();
-    }
+    set_variables(&db.pool, agent, variables).await;
     World {
         db,
         agent,

@@ -35,7 +35,7 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 use support::{
     Daemon, ProcessEntry, RunRecord, TestDb, count, create_agent, create_user, environ_holds,
-    eventually, finished_run, process_table,
+    eventually, finished_run, process_table, set_variables,
 };
 use uuid::Uuid;
 
@@ -199,18 +199,8 @@ impl World {
         let user = create_user(&self.db.pool).await;
         let agent = create_agent(&self.db.pool, user).await;
         let (mark_name, mark_value) = self.mark.split_once('=').unwrap();
-        for (name, value) in variables.iter().chain([&(mark_name, mark_value)]) {
-            sqlx::query(
-                "INSERT INTO agent_variables (agent_id, name, description, value) \
-                 VALUES ($1, $2, 'set by the test', $3)",
-            )
-            .bind(agent)
-            .bind(name)
-            .bind(value)
-            .execute(&self.db.pool)
-            .await
-            .unwrap();
-        }
+        set_variables(&self.db.pool, agent, variables).await;
+        set_variables(&self.db.pool, agent, &[(mark_name, mark_value)]).await;
         agent
     }
 
@@ -1143,18 +1133,12 @@ async fn not_as_root_members_of_a_collaborate_team_do_not_end_each_other() {
     let mut members = Vec::new();
     for delay in ["0", "2"] {
         let agent = create_agent(&world.db.pool, user).await;
-        for (name, value) in [("DELAY", delay), (mark_name, mark_value)] {
-            sqlx::query(
-                "INSERT INTO agent_variables (agent_id, name, description, value) \
-                 VALUES ($1, $2, 'set by the test', $3)",
-            )
-            .bind(agent)
-            .bind(name)
-            .bind(value)
-            .execute(&world.db.pool)
-            .await
-            .unwrap();
-        }
+        set_variables(
+            &world.db.pool,
+            agent,
+            &[("DELAY", delay), (mark_name, mark_value)],
+        )
+        .await;
         members.push(agent);
     }
     let team: Uuid = sqlx::query_scalar(

@@ -404,6 +404,22 @@ pub async fn create_agent(pool: &sqlx::PgPool, user_id: uuid::Uuid) -> uuid::Uui
     .unwrap()
 }
 
+/// Gives `agent_id` these variables (name, value).
+pub async fn set_variables(pool: &sqlx::PgPool, agent_id: uuid::Uuid, variables: &[(&str, &str)]) {
+    for (name, value) in variables {
+        sqlx::query(
+            "INSERT INTO agent_variables (agent_id, name, description, value) \
+             VALUES ($1, $2, 'set by the test', $3)",
+        )
+        .bind(agent_id)
+        .bind(name)
+        .bind(value)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
 /// An enabled schedule of `agent_id`.
 pub async fn create_schedule(
     pool: &sqlx::PgPool,
